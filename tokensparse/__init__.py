@@ -1,0 +1,20 @@
+"""tokensparse: training-free token-level sparse attention and KV selection for transformers.
+
+Public API::
+
+    import tokensparse as ts
+    model, tokenizer = ts.load_model()                 # bundled SmolLM2-135M-Instruct, or ts.load_model(path)
+    ts.methods.names()
+    method = ts.methods.get("token_sparse")(coverage=0.005)
+    with ts.sparsify(model, method) as session:
+        model.generate(..., cache=session.new_cache())
+    ts.methods.get(name).at_full_budget()              # a config that must equal dense attention
+"""
+
+from . import methods
+from .engine import KVCache, Telemetry, cache_bytes, sparsify
+from .models import load_model, model_fingerprint
+
+__version__ = "0.1.0"
+
+__all__ = ["KVCache", "Telemetry", "cache_bytes", "load_model", "methods", "model_fingerprint", "sparsify", "__version__"]

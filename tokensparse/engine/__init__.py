@@ -1,0 +1,23 @@
+"""Shared mechanics: executors, selection helpers, cache layers, transformers integration, telemetry,
+calibration profiles. The engine knows no method names."""
+
+from .cache import EvictingLayer, KVCache, PreallocLayer, cache_bytes
+from .call import AttentionCall, CacheRequiredError
+from .session import Method, Session, exercise_sparse_paths, sparse_paths_forced, sparsify
+from .telemetry import Selection, Telemetry
+
+__all__ = [
+    "AttentionCall",
+    "CacheRequiredError",
+    "EvictingLayer",
+    "KVCache",
+    "Method",
+    "PreallocLayer",
+    "Selection",
+    "Session",
+    "Telemetry",
+    "cache_bytes",
+    "exercise_sparse_paths",
+    "sparse_paths_forced",
+    "sparsify",
+]

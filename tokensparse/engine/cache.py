@@ -1,0 +1,362 @@
+"""KV cache layers: a preallocated layer written in place, and an eviction-capable variant.
+
+Both plug into transformers through its public ``Cache(layers=[...])`` constructor and the
+``CacheLayerMixin`` contract, so ``model(..., cache=cache)`` and ``model.generate(..., cache=cache)``
+work unchanged.
+
+* :class:`PreallocLayer` keeps K/V in a buffer with spare capacity and writes new rows in place,
+  returning views. The stock ``DynamicLayer`` re-copies the whole cache with ``torch.cat`` on every
+  decode step (measured 133 → 102 ms/token at 8K on SmolLM2 with a preallocated layer).
+* :class:`EvictingLayer` can physically drop rows. Every physical row carries the absolute index
+  of the token it holds (``slots``; -1 marks an empty row: left padding, or a hole left when KV heads
+  keep different numbers of rows). ``get_seq_length`` stays absolute and ``get_mask_sizes``
+  describes the physical rows, as transformers' mask code expects. Because physical and absolute
+  indices no longer match after an eviction, the engine builds the attention mask itself from
+  ``slots`` for those calls (see ``engine.call.AttentionCall.mask``).
+
+Neither layer knows about methods: eviction policies call :meth:`EvictingLayer.keep`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+_last_update = threading.local()
+
+
+def consume_last_update(key: torch.Tensor):
+    """Return the engine cache layer whose ``update`` produced ``key`` (and forget it), else ``None``.
+
+    transformers calls ``cache.update`` right before the attention function of the same layer; the
+    identity check makes sure we never pair a tensor with the wrong layer.
+    """
+    rec = getattr(_last_update, "rec", None)
+    _last_update.rec = None
+    if rec is not None and rec[1] is key:
+        return rec[0]
+    return None
+
+
+class PreallocLayer(CacheLayerMixin):
+    """A KV cache layer with preallocated capacity, written in place (no per-step ``torch.cat``).
+
+    Parameters
+    ----------
+    capacity:
+        Initial number of rows to allocate. ``None`` allocates what the first update needs plus
+        ``headroom``.
+    headroom:
+        Extra rows allocated beyond what is needed whenever the buffer is (re)allocated.
+    growth:
+        When full, the buffer grows to ``max(needed, growth × capacity)`` rows (one copy).
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, capacity: int | None = None, headroom: int = 256, growth: float = 1.5):
+        super().__init__()
+        if capacity is not None and capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if growth < 1.0:
+            raise ValueError(f"growth must be >= 1, got {growth}")
+        self.capacity_hint = capacity
+        self.headroom = int(headroom)
+        self.growth = float(growth)
+        self.n = 0  # physical rows in use
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
+
+    # ---- CacheLayerMixin -------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        need = key_states.shape[-2]
+        cap = max(need + self.headroom, self.capacity_hint or 0)
+        self._allocate(key_states.shape[0], key_states.shape[1], cap, key_states.shape[-1], value_states.shape[-1])
+        self.is_initialized = True
+
+    def _allocate(self, b: int, h: int, cap: int, dk: int, dv: int) -> None:
+        self._kbuf = torch.empty(b, h, cap, dk, dtype=self.dtype, device=self.device)
+        self._vbuf = torch.empty(b, h, cap, dv, dtype=self.dtype, device=self.device)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._kbuf is None else self._kbuf.shape[2]
+
+    def _ensure_capacity(self, need: int) -> None:
+        if need <= self.capacity:
+            return
+        cap = max(need + self.headroom, int(self.capacity * self.growth))
+        kold, vold = self._kbuf, self._vbuf
+        b, h, _, dk = kold.shape
+        self._allocate(b, h, cap, dk, vold.shape[-1])
+        self._kbuf[:, :, : self.n].copy_(kold[:, :, : self.n])
+        self._vbuf[:, :, : self.n].copy_(vold[:, :, : self.n])
+
+    def _refresh_views(self) -> None:
+        self.keys = self._kbuf[:, :, : self.n]
+        self.values = self._vbuf[:, :, : self.n]
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self._kbuf.shape[0] or key_states.shape[1] != self._kbuf.shape[1]:
+            raise ValueError(
+                f"cache holds batch×heads {tuple(self._kbuf.shape[:2])}, got new states {tuple(key_states.shape[:2])}"
+            )
+        t = key_states.shape[-2]
+        self._ensure_capacity(self.n + t)
+        self._kbuf[:, :, self.n : self.n + t].copy_(key_states)
+        self._vbuf[:, :, self.n : self.n + t].copy_(value_states)
+        self.n += t
+        self._refresh_views()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._write(key_states, value_states)
+        _last_update.rec = (self, self.keys)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        self.n = max(0, self.n + tokens_to_remove)
+        if self.is_initialized:
+            self._refresh_views()
+
+    def reset(self) -> None:
+        self.n = 0
+        if self.is_initialized:
+            self._refresh_views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            beam_idx = beam_idx.to(self.device)
+            self._kbuf = self._kbuf.index_select(0, beam_idx)
+            self._vbuf = self._vbuf.index_select(0, beam_idx)
+            self._refresh_views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._kbuf = self._kbuf.repeat_interleave(repeats, dim=0)
+            self._vbuf = self._vbuf.repeat_interleave(repeats, dim=0)
+            self._refresh_views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._kbuf = self._kbuf[indices]
+            self._vbuf = self._vbuf[indices]
+            self._refresh_views()
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    # ---- accounting ------------------------------------------------------------------------------
+    def bytes_held(self) -> int:
+        """Bytes of K/V rows in use (what attention reads); see :meth:`bytes_allocated` for capacity."""
+        if not self.is_initialized:
+            return 0
+        return self.n * (self._kbuf[:, :, :1].numel() * self._kbuf.element_size() + self._vbuf[:, :, :1].numel() * self._vbuf.element_size())
+
+    def bytes_allocated(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self._kbuf.numel() * self._kbuf.element_size() + self._vbuf.numel() * self._vbuf.element_size()
+
+    def clone(self) -> "PreallocLayer":
+        """A deep copy (used to run several methods from one shared prefill)."""
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update(self.__dict__)
+        if self.is_initialized:
+            new._kbuf = self._kbuf[:, :, : max(self.n, 1)].clone()
+            new._vbuf = self._vbuf[:, :, : max(self.n, 1)].clone()
+            new._refresh_views()
+        return new
+
+
+class EvictingLayer(PreallocLayer):
+    """A preallocated layer that can physically drop rows, possibly a different number per KV head.
+
+    State beyond :class:`PreallocLayer`:
+
+    * ``seen``: absolute number of tokens fed to this layer (what ``get_seq_length`` returns).
+    * ``slots`` ``(B, Hkv, capacity)``: absolute token index held by each physical row, ``-1`` for an
+      empty row (left padding, or the tail of a KV head that kept fewer rows than the others).
+    * ``evicted``: whether physical and absolute indices may differ (an eviction happened).
+    """
+
+    is_croppable = False
+
+    def __init__(self, capacity: int | None = None, headroom: int = 256, growth: float = 1.5):
+        super().__init__(capacity, headroom, growth)
+        self.seen = 0
+        self.evicted = False
+        self.has_empty_rows = False
+        self._slots: torch.Tensor | None = None
+
+    def _allocate(self, b: int, h: int, cap: int, dk: int, dv: int) -> None:
+        old = self._slots
+        super()._allocate(b, h, cap, dk, dv)
+        self._slots = torch.full((b, h, cap), -1, dtype=torch.long, device=self.device)
+        if old is not None:
+            self._slots[:, :, : self.n].copy_(old[:, :, : self.n])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        t = key_states.shape[-2]
+        self._write(key_states, value_states)
+        self._slots[:, :, self.n - t : self.n] = torch.arange(self.seen, self.seen + t, device=self.device)
+        self.seen += t
+        _last_update.rec = (self, self.keys)
+        return self.keys, self.values
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """``(B, Hkv, n)`` absolute token index of each physical row (-1 = empty)."""
+        return self._slots[:, :, : self.n]
+
+    def valid_rows(self) -> torch.Tensor:
+        """``(B, Hkv, n)`` bool, True where the physical row holds a real token."""
+        return self.slots >= 0
+
+    def mark_empty(self, empty: torch.Tensor) -> None:
+        """Mark physical rows as empty (e.g. left padding). ``empty``: bool ``(B, 1 or Hkv, n)``."""
+        empty = empty.expand(self._slots.shape[0], self._slots.shape[1], -1)
+        if empty.shape[-1] != self.n:
+            raise ValueError(f"mark_empty expects {self.n} rows, got {empty.shape[-1]}")
+        if bool(empty.any()):
+            self._slots[:, :, : self.n].masked_fill_(empty, -1)
+            self.has_empty_rows = True
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n + query_length, self.seen - self.n
+
+    def keep(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Keep only the physical rows ``idx`` ``(B, Hkv, k)`` (sorted ascending), drop the rest.
+
+        ``valid`` ``(B, Hkv, k)`` marks padding entries of ``idx`` (False = this KV head keeps fewer
+        rows); those rows become empty. The buffers are reallocated to ``k + headroom`` rows, so the
+        memory is actually released.
+        """
+        if idx.dim() != 3 or idx.shape[:2] != self._kbuf.shape[:2]:
+            raise ValueError(f"keep expects idx of shape (B, Hkv, k) = {tuple(self._kbuf.shape[:2])} + (k,), got {tuple(idx.shape)}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
+            raise IndexError(f"keep indices must lie in [0, {self.n})")
+        b, h, k = idx.shape
+        rows = (idx + torch.arange(b * h, device=idx.device).view(b, h, 1) * self.n).reshape(-1)
+        dk, dv = self._kbuf.shape[-1], self._vbuf.shape[-1]
+        keys = self.keys.reshape(b * h * self.n, dk).index_select(0, rows)
+        values = self.values.reshape(b * h * self.n, dv).index_select(0, rows)
+        slots = self.slots.reshape(-1).index_select(0, rows).view(b, h, k)
+        if valid is not None:
+            slots = slots.masked_fill(~valid, -1)
+        self._slots = None
+        self.n = 0
+        super()._allocate(b, h, k + self.headroom, dk, dv)
+        self._slots = torch.full((b, h, k + self.headroom), -1, dtype=torch.long, device=self.device)
+        self._kbuf[:, :, :k].copy_(keys.view(b, h, k, dk))
+        self._vbuf[:, :, :k].copy_(values.view(b, h, k, dv))
+        self._slots[:, :, :k].copy_(slots)
+        self.n = k
+        self.evicted = True
+        self.has_empty_rows = bool((slots < 0).any())
+        self._refresh_views()
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen = 0
+        self.evicted = False
+        self.has_empty_rows = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an evicting cache cannot be rolled back (crop); assisted decoding is not supported")
+
+    def bytes_held(self) -> int:
+        if not self.is_initialized:
+            return 0
+        row = self._kbuf[0, 0, 0].numel() * self._kbuf.element_size() + self._vbuf[0, 0, 0].numel() * self._vbuf.element_size()
+        return int(self.valid_rows().sum()) * row
+
+    def clone(self) -> "EvictingLayer":
+        new = super().clone()
+        if self.is_initialized:
+            new._slots = self._slots[:, :, : max(self.n, 1)].clone()
+        return new
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.is_initialized:
+            self._slots = self._slots.index_select(0, beam_idx.to(self.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.is_initialized:
+            self._slots = self._slots.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.is_initialized:
+            self._slots = self._slots[indices]
+
+
+class KVCache(Cache):
+    """A transformers ``Cache`` made of tokensparse layers (one per decoder layer).
+
+    ``KVCache(model)`` gives preallocated dense layers; ``KVCache(model, evicting=True)`` gives
+    layers that eviction methods can shrink. ``capacity`` preallocates that many rows per layer.
+    """
+
+    def __init__(self, model_or_config, *, evicting: bool = False, capacity: int | None = None, headroom: int = 256):
+        config = getattr(model_or_config, "config", model_or_config)
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        n = config.num_hidden_layers
+        cls = EvictingLayer if evicting else PreallocLayer
+        super().__init__(layers=[cls(capacity=capacity, headroom=headroom) for _ in range(n)])
+        self.evicting = evicting
+
+    def bytes_held(self) -> int:
+        """K/V bytes in use across layers (rows attention reads)."""
+        return sum(layer.bytes_held() for layer in self.layers)
+
+    def bytes_allocated(self) -> int:
+        return sum(layer.bytes_allocated() for layer in self.layers)
+
+    def physical_lengths(self) -> list[int]:
+        return [layer.n for layer in self.layers]
+
+    def clone(self) -> "KVCache":
+        """Deep copy, so several methods can continue from one shared prefill."""
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update(self.__dict__)
+        new.layers = [layer.clone() for layer in self.layers]
+        return new
+
+
+def cache_bytes(cache) -> int:
+    """K/V bytes held by any transformers cache (tokensparse or stock)."""
+    if hasattr(cache, "bytes_held"):
+        return cache.bytes_held()
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,229 @@
+"""transformers integration: the registered attention function, ``sparsify`` and per-layer state.
+
+Integration goes only through public extension points:
+
+* ``AttentionInterface.register("tokensparse", fn)`` and ``AttentionMaskInterface.register(
+  "tokensparse", sdpa_mask)`` (without the mask registration transformers passes ``mask=None`` and
+  padding/chunking masks are silently lost), done lazily on the first :func:`sparsify`, never at
+  import time;
+* ``model.set_attn_implementation(...)`` to switch in and back out;
+* ``Cache(layers=[...])`` for the engine's cache layers (:mod:`tokensparse.engine.cache`).
+
+Per-layer state lives in the :class:`Session`, reached from the attention module through a weak
+map, never through ``generate`` kwargs (``generate`` rejects unknown kwargs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..models import check_supported
+from .cache import KVCache, consume_last_update
+from .call import AttentionCall
+from .telemetry import Selection, Telemetry
+
+ATTN_NAME = "tokensparse"
+
+_registered = False
+_register_lock = threading.Lock()
+_SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Session]" = weakref.WeakKeyDictionary()
+
+_force_sparse = threading.local()
+
+
+def sparse_paths_forced() -> bool:
+    """True inside :func:`exercise_sparse_paths` (tests): methods must not short-circuit to dense."""
+    return getattr(_force_sparse, "on", False)
+
+
+@contextlib.contextmanager
+def exercise_sparse_paths():
+    """Make methods run their sparse executors even when the selection covers every token.
+
+    Methods normally skip straight to dense attention when their budget covers everything; under
+    this context they select "all tokens" and go through the real gather/scatter/eviction code,
+    which lets the full-budget equality tests check those paths.
+    """
+    old = sparse_paths_forced()
+    _force_sparse.on = True
+    try:
+        yield
+    finally:
+        _force_sparse.on = old
+
+
+@dataclass(eq=False)
+class Method:
+    """Base class of every method config. Subclasses are ``@dataclass`` es registered by name.
+
+    Class attributes describe the method for the registry table: ``name``, ``phase``
+    (``prefill``/``decode``/``eviction``), ``kv_memory`` (effect on KV memory), ``calibration``
+    (what offline step it needs, ``"no"`` if none), ``paper``.
+    """
+
+    name: ClassVar[str] = ""
+    phase: ClassVar[str] = ""
+    kv_memory: ClassVar[str] = ""
+    calibration: ClassVar[str] = "no"
+    paper: ClassVar[str] = ""
+    needs_evicting_cache: ClassVar[bool] = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` on bad settings (called on construction)."""
+
+    @classmethod
+    def at_full_budget(cls) -> "Method":
+        """A config under which the method must reproduce dense attention."""
+        raise NotImplementedError
+
+    def setup(self, session: "Session") -> None:
+        """Called once when the method is attached to a model (resolve layers, load profiles)."""
+
+    def forward(self, call: AttentionCall) -> torch.Tensor:
+        """Attention output ``(B, Hq, Lq, D)`` for one call. The default is dense attention."""
+        return call.dense()
+
+    def config_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {"method": self.name, **asdict(self)}
+
+
+@dataclass(eq=False)
+class LayerState:
+    """Engine-owned state of one decoder layer; ``scratch`` is free for the method to use."""
+
+    layer_idx: int
+    scratch: dict = field(default_factory=dict)
+
+
+class Session:
+    """A method attached to a model (what :func:`sparsify` yields)."""
+
+    def __init__(self, model, method: Method, telemetry: Telemetry | None):
+        self.model = model
+        self.method = method
+        self.telemetry = telemetry
+        self.stats: Counter = Counter()
+        self.info: dict[str, Any] = {}  # facts worth reporting (e.g. which layers a method made sparse)
+        self.state: dict[str, Any] = {}  # method-wide state resolved in Method.setup
+        cfg = model.config.get_text_config(decoder=True)
+        self.num_layers = cfg.num_hidden_layers
+        self.layers = [LayerState(i) for i in range(self.num_layers)]
+
+    def new_cache(self, capacity: int | None = None, headroom: int = 256) -> KVCache:
+        """A cache suited to the method: evicting layers for eviction methods, else preallocated ones."""
+        return KVCache(self.model, evicting=self.method.needs_evicting_cache, capacity=capacity, headroom=headroom)
+
+    def observe(self, call: AttentionCall, selection: Selection) -> None:
+        if self.telemetry is not None:
+            self.telemetry.observe(call, selection)
+
+    def reset_state(self) -> None:
+        """Forget per-layer method state (e.g. selection caches) before an unrelated sequence."""
+        for layer in self.layers:
+            layer.scratch.clear()
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    session = _SESSIONS.get(module)
+    if session is None:
+        raise RuntimeError(
+            f"attention implementation {ATTN_NAME!r} is active on a model that is not inside ts.sparsify(...); "
+            "use the context manager, which restores the previous implementation on exit"
+        )
+    if dropout and dropout > 0:
+        raise RuntimeError("tokensparse methods are for inference; call model.eval() (attention dropout is on)")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        raise TypeError(f"tokensparse expects a boolean attention mask, got {attention_mask.dtype}")
+    call = AttentionCall(
+        module=module,
+        query=query,
+        key=key,
+        value=value,
+        hf_mask=attention_mask,
+        scale=module.scaling if scaling is None else scaling,
+        session=session,
+        layer=session.layers[module.layer_idx],
+        cache_layer=consume_last_update(key),
+        use_cache=bool(kwargs.get("use_cache", True)),
+        extra=kwargs,
+    )
+    if call.is_sliding:
+        out = call.dense()
+    else:
+        out = session.method.forward(call)
+    ev = call.evicting
+    if ev is not None and attention_mask is not None:
+        # remember which of this call's rows are padding (transformers' mask is exact for new rows)
+        rows = attention_mask[:, :, -1, -call.q_len :].any(1, keepdim=True)  # (B, 1, Lq)
+        # (only when this call did not move the physical rows; an eviction handles padding itself)
+        if not bool(rows.all()) and ev.n == call.k_len:
+            empty = torch.zeros(call.batch, 1, ev.n, dtype=torch.bool, device=query.device)
+            empty[:, :, ev.n - call.q_len :] = ~rows
+            ev.mark_empty(empty)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _ensure_registered() -> None:
+    global _registered
+    with _register_lock:
+        if _registered:
+            return
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+
+        AttentionInterface.register(ATTN_NAME, _attention)
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+        _registered = True
+
+
+def _attention_modules(model):
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "num_key_value_groups") and hasattr(module, "scaling"):
+            yield module
+
+
+@contextlib.contextmanager
+def sparsify(model, method: Method, *, telemetry: bool | Telemetry = False):
+    """Run ``model`` with ``method`` inside the block; the previous attention implementation and all
+    engine state are restored on exit, also when the block raises.
+
+    ``telemetry=True`` (or a :class:`Telemetry`) records per layer/head density and kept attention
+    mass in ``session.telemetry``. Yields the :class:`Session`; eviction methods need its
+    ``session.new_cache()`` passed as ``cache=`` to ``model(...)`` / ``model.generate(...)``.
+    """
+    if not isinstance(method, Method):
+        raise TypeError(
+            f"sparsify expects a method config (e.g. ts.methods.get('token_sparse')()), got {type(method).__name__}"
+        )
+    check_supported(model)
+    modules = list(_attention_modules(model))
+    if not modules:
+        raise ValueError("found no attention modules with layer_idx in this model")
+    if any(m in _SESSIONS for m in modules):
+        raise RuntimeError("this model is already inside ts.sparsify(...); nesting is not supported")
+    _ensure_registered()
+    tele = telemetry if isinstance(telemetry, Telemetry) else (Telemetry() if telemetry else None)
+    session = Session(model, method, tele)
+    method.setup(session)
+    previous = model.config._attn_implementation
+    for m in modules:
+        _SESSIONS[m] = session
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+        yield session
+    finally:
+        for m in modules:
+            _SESSIONS.pop(m, None)
+        model.set_attn_implementation(previous)

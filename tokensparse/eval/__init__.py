@@ -1,0 +1,1 @@
+"""Evaluation harness: task generators, the shipped natural-text corpus, and metrics."""

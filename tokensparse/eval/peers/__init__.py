@@ -1,0 +1,1 @@
+"""Peer libraries run on tokensparse's tasks with identical token ids, for side-by-side comparison."""

@@ -1,0 +1,182 @@
+"""Token Sparse Attention (compress → attend → scatter during prefill).
+
+Based on Jo, Kang, Song, Kim, "Token Sparse Attention", ICML 2026, https://arxiv.org/abs/2602.03216
+(official code: github.com/dongwonjo/Token-Sparse-Attention).
+
+In each sparse layer, the last ``window`` queries score every earlier key (mean softmax
+probability, computed in key chunks, never an L×L matrix), the scores are smoothed with an average
+pool, and *Dynamic Token Coverage* drops the lowest-scored tokens whose total (head-averaged) mass
+is below ``coverage`` (τ), keeping at least ``min_tokens``. Each head then keeps its own top
+tokens plus the window; Q, K and V are gathered to those rows, attention runs causally on the
+reduced set, and outputs are scattered back. Unselected query rows get an attention output of 0
+(the residual stream carries them); the next layer selects afresh. The KV cache stays full, so
+decoding is dense.
+
+Sparse layers come from a Representation Drift profile (``tokensparse calibrate``): the layers
+whose drift is at most the ``drift_quantile`` of all layers. Without a profile the fallback is the
+official one, the second half of the layers, and a warning says so.
+
+Parameters
+----------
+coverage: float = 0.005
+    τ, the share of attention mass that may be discarded per layer (0 = dense).
+window: int = 128
+    Observation window (last queries used for scoring); always kept.
+pool_kernel: int = 7
+    Average-pooling kernel along keys before selection (1 = off).
+min_tokens: int = 1024
+    Minimum number of non-window tokens kept; layers with ``L <= min_tokens + window`` stay dense.
+sink_tokens: int = 0
+    First tokens always kept (not in the paper; sinks usually score high anyway).
+select_per: str = "query_head"
+    ``"query_head"`` (paper: K/V rows gathered per query head) or ``"kv_head"`` (GQA-preserving:
+    scores aggregated over each query group with ``gqa_reduce``, K/V never expanded).
+gqa_reduce: str = "mean"
+    ``"mean"``, ``"max"`` or ``"sum"`` over a KV head's query group (``kv_head`` mode only).
+layers: str | list[int] = "profile"
+    ``"profile"`` (drift profile, else second half), ``"all"``, ``"second_half"`` or explicit indices.
+drift_quantile: float = 0.5
+    δ: with a profile, layers with drift ≤ this quantile are sparse (larger = more sparse layers).
+profile: str | None = None
+    Path of a drift profile; ``None`` looks up the shipped/user profile for the model fingerprint.
+score_chunk: int = 4096
+    Keys per chunk when computing window scores.
+
+Deviations from the paper/code: batches are supported (one keep count per layer = the largest
+over the batch; padding keys are never selected), the optional ``sink_tokens`` and ``kv_head``
+mode are additions, and scores use SDPA's scale ``1/sqrt(D)`` in fp32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..engine import calibration
+from ..engine.executors import compress_attend_scatter
+from ..engine.selection import (
+    GQA_REDUCTIONS,
+    aggregate_gqa,
+    coverage_keep_count,
+    pool1d,
+    topk_sorted,
+    window_scores,
+)
+from ..engine.session import Method, sparse_paths_forced
+from ..engine.telemetry import Selection
+
+
+@dataclass(eq=False)
+class TokenSparse(Method):
+    name = "token_sparse"
+    phase = "prefill"
+    kv_memory = "none (full cache; decode is dense)"
+    calibration = "optional: representation-drift layer profile"
+    paper = "[Token Sparse Attention](https://arxiv.org/abs/2602.03216)"
+
+    coverage: float = 0.005
+    window: int = 128
+    pool_kernel: int = 7
+    min_tokens: int = 1024
+    sink_tokens: int = 0
+    select_per: str = "query_head"
+    gqa_reduce: str = "mean"
+    layers: str | list[int] = "profile"
+    drift_quantile: float = 0.5
+    profile: str | None = None
+    score_chunk: int = 4096
+
+    def validate(self) -> None:
+        if not 0.0 <= self.coverage < 1.0:
+            raise ValueError(f"coverage (τ) must lie in [0, 1), got {self.coverage}")
+        for f in ("window", "pool_kernel", "score_chunk"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        for f in ("min_tokens", "sink_tokens"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if self.select_per not in ("query_head", "kv_head"):
+            raise ValueError(f"select_per must be 'query_head' or 'kv_head', got {self.select_per!r}")
+        if self.gqa_reduce not in GQA_REDUCTIONS:
+            raise ValueError(f"gqa_reduce must be one of {GQA_REDUCTIONS}, got {self.gqa_reduce!r}")
+        if isinstance(self.layers, str) and self.layers not in ("profile", "all", "second_half"):
+            raise ValueError(f"layers must be 'profile', 'all', 'second_half' or a list of indices, got {self.layers!r}")
+        if not 0.0 <= self.drift_quantile <= 1.0:
+            raise ValueError(f"drift_quantile must lie in [0, 1], got {self.drift_quantile}")
+
+    @classmethod
+    def at_full_budget(cls) -> "TokenSparse":
+        return cls(coverage=0.0, layers="all", min_tokens=0, window=4)
+
+    def setup(self, session) -> None:
+        n = session.num_layers
+        if isinstance(self.layers, str):
+            if self.layers == "all":
+                chosen = list(range(n))
+            elif self.layers == "second_half":
+                chosen = list(range(n // 2, n))
+            else:
+                path = self.profile or calibration.find_profile(session.model)
+                if path is None:
+                    warnings.warn(
+                        "token_sparse: no drift profile for this model; using the documented fallback "
+                        "(second half of the layers). Run `tokensparse calibrate` to create one.",
+                        stacklevel=4,
+                    )
+                    chosen = list(range(n // 2, n))
+                    session.info["token_sparse_layers_from"] = "fallback: second half"
+                else:
+                    prof = calibration.DriftProfile.load(path)
+                    prof.check(session.model)
+                    chosen = prof.sparse_layers(self.drift_quantile)
+                    session.info["token_sparse_layers_from"] = str(path)
+        else:
+            chosen = [int(i) for i in self.layers]
+            bad = [i for i in chosen if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"layer indices {bad} out of range for a {n}-layer model")
+        session.state["token_sparse_layers"] = frozenset(chosen)
+        session.info["token_sparse_layers"] = sorted(chosen)
+
+    def select(self, call) -> torch.Tensor | None:
+        """Per-head indices ``(B, Hq | Hkv, n)`` (sorted, window included), or None for dense."""
+        q, k = call.query, call.key
+        length = call.k_len
+        w = min(self.window, length)
+        n_cand = length - w
+        forced = sparse_paths_forced()
+        if n_cand <= 0 or (length <= self.min_tokens + self.window and not forced):
+            return None
+        valid = call.key_valid  # (B, L) or None
+        scores = window_scores(q[:, :, length - w :], k, call.scale, valid, self.score_chunk)[..., :n_cand]
+        scores = pool1d(scores, self.pool_kernel, "avg")
+        if valid is not None:
+            scores = scores * valid[:, None, :n_cand]
+        keep = coverage_keep_count(scores, self.coverage, self.min_tokens)
+        if keep >= n_cand and not forced:
+            return None
+        if self.select_per == "kv_head":
+            scores = aggregate_gqa(scores, call.n_kv_heads, self.gqa_reduce)
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, :n_cand], -1.0)  # padding: never chosen first
+        if self.sink_tokens:
+            scores[..., : self.sink_tokens] = float("inf")
+        idx = topk_sorted(scores, keep)
+        tail = torch.arange(n_cand, length, device=q.device).expand(*idx.shape[:2], w)
+        return torch.cat([idx, tail], dim=-1)
+
+    def forward(self, call) -> torch.Tensor:
+        if call.kind != "prefill" or call.layer_idx not in call.session.state["token_sparse_layers"]:
+            return call.dense()
+        idx = self.select(call)
+        if idx is None:
+            call.session.stats["token_sparse.dense_layers"] += 1
+            call.session.observe(call, Selection.dense())
+            return call.dense()
+        call.session.stats["token_sparse.sparse_layers"] += 1
+        call.session.stats["token_sparse.kept_tokens"] += idx.shape[-1]
+        call.session.stats["token_sparse.total_tokens"] += call.k_len
+        call.session.observe(call, Selection.rows(idx))
+        return compress_attend_scatter(call.query, call.key, call.value, idx, call.scale, call.key_valid)

@@ -1,0 +1,72 @@
+"""Shared test helpers: tiny random-weight models of each supported family, inputs, tolerances.
+
+Tiny models check mechanics (masks, GQA, caches, dtypes); the bundled SmolLM2 checks quality.
+Weights are drawn with a large init std so that logits are peaked and greedy decoding is not
+decided by near-ties.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: max |Δlogits| allowed against dense attention
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 6e-2}
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def tiny_config(family: str, **overrides):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        initializer_range=0.25,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "qwen2":
+        return tf.Qwen2Config(use_sliding_window=False, **common)
+    if family == "qwen3":  # q/k RMSNorm inside attention
+        return tf.Qwen3Config(use_sliding_window=False, **common)
+    if family == "mistral":
+        return tf.MistralConfig(sliding_window=None, **common)
+    raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+
+
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    return model.to(dtype).eval()
+
+
+def tiny_inputs(batch: int, length: int, pad: int = 0, seed: int = 0, vocab: int = 97):
+    """Token ids ``(batch, length)`` avoiding special ids, and a 2D mask with ``pad`` left pads on row 0."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if pad:
+        ids[0, :pad] = 0
+        mask[0, :pad] = 0
+    return ids, mask
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    d = (a.float() - b.float()).abs()
+    if mask is not None:
+        d = d[mask.bool()]
+    return float(d.max()) if d.numel() else 0.0
