@@ -7,11 +7,14 @@ from tokensparse.engine.executors import (
     compress_attend_scatter,
     dense_attention,
     gather_attend,
+    gather_rows,
     reference_attention,
+    segments_attend,
 )
 from tokensparse.engine.selection import (
     aggregate_gqa,
     coverage_keep_count,
+    grouped_dot,
     pool1d,
     resolve_budget,
     topk_sorted,
@@ -150,3 +153,39 @@ def test_coverage_keep_count():
     taus = [0.0, 0.01, 0.05, 0.2, 0.5]
     counts = [coverage_keep_count(scores, t, 1) for t in taus]
     assert counts == sorted(counts, reverse=True)
+
+
+def test_gather_rows_reads_strided_views_in_place():
+    buf = torch.randn(B, HKV, 40, D)
+    view = buf[:, :, :25]  # a cache view: prefix of a preallocated buffer (not contiguous)
+    idx = torch.tensor([[[0, 3, 24], [1, 2, 5]], [[7, 8, 9], [0, 10, 20]]])
+    expect = torch.stack([torch.stack([view[b, h, idx[b, h]] for h in range(HKV)]) for b in range(B)])
+    assert torch.equal(gather_rows(view, idx), expect)
+    q = torch.randn(B, 25, HQ, D).transpose(1, 2)  # the transposed query view transformers passes
+    qidx = idx.repeat(1, HQ // HKV, 1)
+    heads = torch.arange(HQ).flip(0)
+    got = gather_rows(q, qidx, heads)
+    expect = torch.stack([torch.stack([q[b, heads[h], qidx[b, h]] for h in range(HQ)]) for b in range(B)])
+    assert torch.equal(got, expect)
+
+
+@pytest.mark.parametrize("lq", [1, 3])
+def test_segments_attend_matches_reference_and_concatenated_dense(lq):
+    q, k, v = qkv(lq, 60)
+    top = torch.tensor([5, 9, 17, 30])
+    segs = [(k[:, :, :4], v[:, :, :4]), (k[:, :, top], v[:, :, top]), (k[:, :, 50:], v[:, :, 50:]), (k[:, :, :0], v[:, :, :0])]
+    fast = segments_attend(q, segs, 0.3)
+    ref = segments_attend(q, segs, 0.3, impl="reference")
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    kk, vv = torch.cat([s[0] for s in segs], 2), torch.cat([s[1] for s in segs], 2)
+    full = torch.ones(B, 1, lq, kk.shape[2], dtype=torch.bool)
+    torch.testing.assert_close(fast, dense_attention(q, kk, vv, full, 0.3), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="non-empty"):
+        segments_attend(q, [(k[:, :, :0], v[:, :, :0])])
+
+
+def test_grouped_dot_matches_matmul_on_views():
+    buf = torch.randn(B, HKV, 50, D)
+    k = buf[:, :, 3:41]
+    q = torch.randn(B, HKV, 3, D)
+    torch.testing.assert_close(grouped_dot(q, k), q @ k.transpose(-1, -2), atol=1e-5, rtol=1e-5)

@@ -136,6 +136,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     cache: bool = True,
+    rope_scaling: dict | None = None,
 ):
     """Load a causal LM and its tokenizer, fully offline.
 
@@ -151,6 +152,11 @@ def load_model(
     cache:
         For the bundled GGUF: reuse (or create) the converted safetensors copy in the cache directory.
         ``False`` dequantises the GGUF directly every time (~15 s).
+    rope_scaling:
+        Optional RoPE scaling to run beyond the trained context, through the model config, e.g.
+        ``{"rope_type": "yarn", "factor": 4.0}`` or ``{"rope_type": "dynamic", "factor": 4.0}``.
+        ``max_position_embeddings`` is multiplied by ``factor``; the original length is kept as
+        ``original_max_position_embeddings``.
 
     Returns ``(model, tokenizer)`` with the model in eval mode and SDPA attention.
     """
@@ -173,6 +179,8 @@ def load_model(
                 f"{src} is not a local Hugging Face model directory (no config.json). "
                 "Pass a folder written by save_pretrained, or call load_model() for the bundled model."
             )
+    if rope_scaling is not None:
+        kw["config"] = _scaled_config(src, kw, rope_scaling)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(
@@ -184,6 +192,28 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
+
+
+def _scaled_config(src, kw: dict, rope_scaling: dict):
+    """The model config with RoPE scaling set in ``rope_parameters`` (transformers 5.x layout)."""
+    from transformers import AutoConfig
+
+    rtype = rope_scaling.get("rope_type")
+    factor = rope_scaling.get("factor")
+    if rtype not in ROPE_SCALING_TYPES:
+        raise ValueError(f"rope_scaling['rope_type'] must be one of {ROPE_SCALING_TYPES}, got {rtype!r}")
+    if not isinstance(factor, (int, float)) or factor <= 1.0:
+        raise ValueError(f"rope_scaling['factor'] must be a number > 1, got {factor!r}")
+    config = AutoConfig.from_pretrained(str(src), local_files_only=True, **{k: v for k, v in kw.items() if k == "gguf_file"})
+    original = config.max_position_embeddings
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.update({"original_max_position_embeddings": original, **rope_scaling})
+    config.rope_parameters = params
+    config.max_position_embeddings = int(original * factor)
+    return config
 
 
 def model_fingerprint(model) -> str:

@@ -24,6 +24,8 @@ import threading
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .executors import gather_rows
+
 _last_update = threading.local()
 
 
@@ -261,19 +263,18 @@ class EvictingLayer(PreallocLayer):
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
             raise IndexError(f"keep indices must lie in [0, {self.n})")
         b, h, k = idx.shape
-        rows = (idx + torch.arange(b * h, device=idx.device).view(b, h, 1) * self.n).reshape(-1)
         dk, dv = self._kbuf.shape[-1], self._vbuf.shape[-1]
-        keys = self.keys.reshape(b * h * self.n, dk).index_select(0, rows)
-        values = self.values.reshape(b * h * self.n, dv).index_select(0, rows)
-        slots = self.slots.reshape(-1).index_select(0, rows).view(b, h, k)
+        keys = gather_rows(self.keys, idx)  # (B, Hkv, k, D), read in place from the buffer
+        values = gather_rows(self.values, idx)
+        slots = self.slots.gather(2, idx)
         if valid is not None:
             slots = slots.masked_fill(~valid, -1)
         self._slots = None
         self.n = 0
         super()._allocate(b, h, k + self.headroom, dk, dv)
         self._slots = torch.full((b, h, k + self.headroom), -1, dtype=torch.long, device=self.device)
-        self._kbuf[:, :, :k].copy_(keys.view(b, h, k, dk))
-        self._vbuf[:, :, :k].copy_(values.view(b, h, k, dv))
+        self._kbuf[:, :, :k].copy_(keys)
+        self._vbuf[:, :, :k].copy_(values)
         self._slots[:, :, :k].copy_(slots)
         self.n = k
         self.evicted = True

@@ -20,48 +20,68 @@ def _grouped_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Ten
     return (s * scale).view(b, hkv, g, w, c).reshape(b, hq, w, c)
 
 
+def grouped_dot(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q (B, Hkv, M, D)`` · ``k (B, Hkv, C, D)``ᵀ → ``(B, Hkv, M, C)`` in ``k``'s dtype.
+
+    One ``F.linear`` per (sequence, KV head): on CPU, a batched matmul over a strided cache view
+    (a prefix of a preallocated buffer) takes a slow path in bf16 (1.44 vs 0.21 ms for 3 heads ×
+    7.8K keys), while ``linear`` reads the view in place.
+    """
+    b, h = k.shape[:2]
+    out = torch.empty(b, h, q.shape[2], k.shape[2], dtype=k.dtype, device=k.device)
+    for i in range(b):
+        for j in range(h):
+            torch.nn.functional.linear(q[i, j], k[i, j], out=out[i, j])
+    return out
+
+
 def window_scores(
     q_win: torch.Tensor,
     k: torch.Tensor,
     scale: float,
     key_valid: torch.Tensor | None = None,
-    chunk: int = 4096,
+    chunk: int = 8192,
 ) -> torch.Tensor:
     """Mean softmax probability that the last ``W`` queries give each key: ``(B, Hq, Lk)``.
 
     ``q_win (B, Hq, W, D)`` are the queries at absolute positions ``Lk-W .. Lk-1``; the causal mask
-    only bites inside that window. Computed in two passes over key chunks (online max/sum, then
-    probabilities), so memory is ``O(W · chunk)`` per head, never ``W × Lk`` at once, let alone
-    ``Lk × Lk``. ``key_valid (B, Lk)``: False keys (padding) get probability 0.
+    only bites inside that window. Memory is ``O(W · chunk)`` per head, never ``Lk × Lk``: when
+    ``Lk <= chunk`` one fused softmax runs over the ``W × Lk`` logits; longer contexts take two
+    passes over key chunks (online max/sum, then probabilities), as the official kernel does.
+    ``key_valid (B, Lk)``: False keys (padding) get probability 0.
     """
-    b, hq, w, _ = q_win.shape
-    lk = k.shape[2]
-    dev = q_win.device
-    qpos = torch.arange(lk - w, lk, device=dev)
+    b, hq, w, d = q_win.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g = hq // hkv
     neg = torch.finfo(torch.float32).min
+    qs = (q_win.float() * scale).reshape(b, hkv, g * w, d)  # scale folded into the W queries
+    kf = k.float()
+    causal_tail = torch.ones(w, w, dtype=torch.bool, device=q_win.device).triu_(1)  # (W, W) True = masked
 
     def logits(start: int, stop: int) -> torch.Tensor:
-        s = _grouped_logits(q_win, k[:, :, start:stop], scale)
-        kpos = torch.arange(start, stop, device=dev)
-        allowed = (kpos[None, :] <= qpos[:, None])[None, None]
+        s = (qs @ kf[:, :, start:stop].transpose(-1, -2)).view(b, hkv, g, w, stop - start)
+        lo = max(start, lk - w)  # keys inside the window: causal mask
+        if lo < stop:
+            s[..., lo - start :].masked_fill_(causal_tail[:, lo - (lk - w) : stop - (lk - w)], neg)
         if key_valid is not None:
-            allowed = allowed & key_valid[:, None, None, start:stop]
-        return s.masked_fill(~allowed, neg)
+            s.masked_fill_(~key_valid[:, None, None, None, start:stop], neg)
+        return s
 
-    m = torch.full((b, hq, w, 1), neg, device=dev)
-    l = torch.zeros(b, hq, w, 1, device=dev)
+    if lk <= chunk:
+        return torch.softmax(logits(0, lk), dim=-1).mean(3).reshape(b, hq, lk)
+    m = torch.full((b, hkv, g, w, 1), neg, device=q_win.device)
+    l = torch.zeros(b, hkv, g, w, 1, device=q_win.device)
     for start in range(0, lk, chunk):
         s = logits(start, min(lk, start + chunk))
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         l = l * torch.exp(m - m_new) + torch.exp(s - m_new).sum(-1, keepdim=True)
         m = m_new
-    out = torch.empty(b, hq, lk, device=dev)
-    inv_l = 1.0 / l
+    out = torch.empty(b, hkv, g, lk, device=q_win.device)
     for start in range(0, lk, chunk):
         stop = min(lk, start + chunk)
-        p = torch.exp(logits(start, stop) - m) * inv_l
-        out[:, :, start:stop] = p.mean(2)
-    return out
+        s = logits(start, stop)
+        out[..., start:stop] = s.sub_(m).exp_().div_(l).mean(3)
+    return out.reshape(b, hq, lk)
 
 
 def window_scores_reference(q_win, k, scale, key_valid=None) -> torch.Tensor:
@@ -150,3 +170,4 @@ def validate_budget(name: str, budget) -> None:
             raise ValueError(f"{name} as a ratio must lie in (0, 1], got {budget}")
     elif budget <= 0:
         raise ValueError(f"{name} must be a positive number of tokens, got {budget}")
+

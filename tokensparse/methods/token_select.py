@@ -14,7 +14,7 @@ last tokens form one index set per layer (or per KV head). Attention then reads 
 with a flat ``index_select`` and SDPA. The cache keeps every token: this saves compute and
 bandwidth, not memory.
 
-The *Selection Cache* reuses the previous step's top-k set when the cosine similarity of
+The *Selection Cache* reuses the previous step's top-k set (and its gathered rows) when the cosine similarity of
 consecutive query fingerprints is at least ``reuse_threshold``; hits and misses are counted in
 ``session.stats`` (``token_select.reuse`` / ``token_select.select``).
 
@@ -39,12 +39,14 @@ select_per: str = "layer"
 reuse_threshold: float | None = None
     Selection Cache threshold θ on cosine similarity (paper: 0.9; off in the official release).
 impl: str = "fast"
-    ``"fast"`` (flat index_select + SDPA) or ``"reference"`` (dense attention under a key mask).
+    ``"fast"``: in decode, one softmax over cache views of the sinks and local window plus the
+    gathered top-k rows (:func:`~tokensparse.engine.executors.segments_attend`); chunks and padded
+    batches use a flat ``index_select`` + SDPA. ``"reference"``: dense attention under a key mask.
 
 Deviations: keys are scored post-RoPE at their true positions (the transformers cache stores
 post-RoPE keys) instead of the official pre-RoPE keys re-rotated at positions inside the selected
 list, so there is no length extrapolation beyond the trained context; query heads map to KV heads
-as ``h // G`` (the official kernel uses ``h % Hkv``, see the spec); the softmax is in fp32; batches
+as ``h // G`` (the official kernel uses ``h % Hkv``, see the spec); q·k of the vote runs in the cache dtype and its softmax in fp32 (official: all bf16); batches
 are supported (one set per sequence, padding never selected).
 """
 
@@ -55,8 +57,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..engine.executors import gather_attend
-from ..engine.selection import pool1d, resolve_budget, topk_sorted, validate_budget
+from ..engine.executors import gather_attend, gather_rows, segments_attend
+from ..engine.selection import grouped_dot, pool1d, resolve_budget, topk_sorted, validate_budget
 from ..engine.session import Method, sparse_paths_forced
 from ..engine.telemetry import Selection
 
@@ -108,7 +110,8 @@ class TokenSelect(Method):
         b, hq, d = q_fp.shape
         hkv, g = call.n_kv_heads, call.group
         scale = call.scale if self.logit_scale is None else self.logit_scale
-        logits = (q_fp.float().view(b, hkv, g, d) @ k.float().transpose(-1, -2)) * scale  # (B, Hkv, G, C)
+        q = (q_fp.float() * scale).view(b, hkv, g, d)
+        logits = grouped_dot(q.to(k.dtype), k).float()  # (B, Hkv, G, C), in the cache dtype
         valid = call.key_valid
         if valid is not None:
             logits = logits.masked_fill(~valid[:, None, None, lo:hi], torch.finfo(torch.float32).min)
@@ -118,27 +121,30 @@ class TokenSelect(Method):
             vote = vote.masked_fill(~valid[:, None, lo:hi], -1.0)
         return pool1d(vote, self.pool_kernel, "max") if self.pool_kernel > 1 else vote
 
-    def _topk(self, call, n_top: int, lo: int, hi: int) -> torch.Tensor:
+    def _topk(self, call, n_top: int, lo: int, hi: int):
+        """``(top, rows)``: top-k indices ``(B, 1 | Hkv, k)`` and their gathered K/V rows (or a
+        reused pair from the Selection Cache)."""
         q_fp = call.query.mean(2)  # (B, Hq, D): the chunk's query fingerprint
         scratch = call.layer.scratch
         thr = self.reuse_threshold
+        fp = q_fp.flatten(1).float()
         if thr is not None:
             prev = scratch.get("fingerprint")
-            if prev is not None and scratch["top"].shape[-1] == n_top and scratch["hi"] <= hi:
-                cos = F.cosine_similarity(q_fp.flatten(1).float(), prev, dim=-1)
-                if bool((cos >= thr).all()):
+            if prev is not None and scratch["top"].shape[-1] == n_top and scratch["lo"] == lo and scratch["hi"] <= hi:
+                if bool((F.cosine_similarity(fp, prev, dim=-1) >= thr).all()):
                     call.session.stats["token_select.reuse"] += 1
-                    return scratch["top"]
-            scratch["fingerprint"] = q_fp.flatten(1).float()
+                    return scratch["top"], scratch["rows"]
         call.session.stats["token_select.select"] += 1
         top = topk_sorted(self._vote(call, q_fp, lo, hi), n_top) + lo
+        sel = top.expand(call.batch, call.n_kv_heads, n_top)
+        rows = (gather_rows(call.key, sel), gather_rows(call.value, sel))  # (B, Hkv, k, D) each
         if thr is not None:
-            scratch["top"], scratch["hi"] = top, hi
-        return top
+            scratch.update(fingerprint=fp, top=top, rows=rows, lo=lo, hi=hi)
+        return top, rows
 
     def forward(self, call) -> torch.Tensor:
         if call.kind == "prefill":
-            call.layer.scratch.clear()  # a new sequence: forget the selection cache
+            call.layer.scratch.clear()  # a new sequence: forget the selection cache and key copy
             return call.dense()
         length, lq = call.k_len, call.q_len
         forced = sparse_paths_forced()
@@ -157,16 +163,30 @@ class TokenSelect(Method):
         if n_top >= hi - lo and not forced:
             return call.dense()  # the budget covers the whole context
         dev = call.query.device
-        top = self._topk(call, n_top, lo, hi) if n_top > 0 else torch.empty(call.batch, 1, 0, dtype=torch.long, device=dev)
+        if n_top > 0:
+            top, rows = self._topk(call, n_top, lo, hi)
+        else:
+            top, rows = torch.empty(call.batch, 1, 0, dtype=torch.long, device=dev), None
         heads = top.shape[1]
-        sinks = torch.arange(0, lo, device=dev).expand(call.batch, heads, lo)
-        local = torch.arange(hi, length, device=dev).expand(call.batch, heads, length - hi)
-        idx = torch.cat([sinks, top, local], dim=-1)  # (B, 1 | Hkv, n), sorted
+        # decode of an fp32 model without padding: sinks and the local window are read as views of
+        # the cache, only the top-k rows were gathered (and are reused with the selection). Other
+        # cases (chunks, padding, bf16/fp16, where SDPA's own rounding is the dense reference) go
+        # through index_select + SDPA.
+        segmented = self.impl == "fast" and lq == 1 and call.key_valid is None and call.query.dtype == torch.float32
+        idx = None
+        if call.session.telemetry is not None or not segmented:
+            sinks = torch.arange(0, lo, device=dev).expand(call.batch, heads, lo)
+            local = torch.arange(hi, length, device=dev).expand(call.batch, heads, length - hi)
+            idx = torch.cat([sinks, top, local], dim=-1)  # (B, 1 | Hkv, n), sorted
+            call.session.observe(call, Selection.keys(idx))
+        if segmented:
+            k, v = call.key, call.value
+            segments = [(k[:, :, :lo], v[:, :, :lo])] + ([rows] if rows is not None else []) + [(k[:, :, hi:], v[:, :, hi:])]
+            return segments_attend(call.query, segments, call.scale)
         mask = None
         if lq > 1 or call.key_valid is not None:
             qpos = torch.arange(length - lq, length, device=dev)
             mask = (idx[:, :, None, :] <= qpos[None, None, :, None])  # causal inside the local window
             if call.key_valid is not None:
                 mask = mask & call.key_valid.gather(1, idx.reshape(call.batch, -1)).view(call.batch, heads, 1, -1)
-        call.session.observe(call, Selection.keys(idx))
         return gather_attend(call.query, call.key, call.value, idx, call.scale, mask, impl=self.impl)

@@ -39,8 +39,9 @@ drift_quantile: float = 0.5
     δ: with a profile, layers with drift ≤ this quantile are sparse (larger = more sparse layers).
 profile: str | None = None
     Path of a drift profile; ``None`` looks up the shipped/user profile for the model fingerprint.
-score_chunk: int = 4096
-    Keys per chunk when computing window scores.
+score_chunk: int = 8192
+    Keys per chunk when computing window scores (memory ``W × chunk`` per head; contexts up to
+    ``chunk`` take one fused softmax, longer ones two passes over chunks).
 
 Deviations from the paper/code: batches are supported (one keep count per layer = the largest
 over the batch; padding keys are never selected), the optional ``sink_tokens`` and ``kv_head``
@@ -86,7 +87,7 @@ class TokenSparse(Method):
     layers: str | list[int] = "profile"
     drift_quantile: float = 0.5
     profile: str | None = None
-    score_chunk: int = 4096
+    score_chunk: int = 8192
 
     def validate(self) -> None:
         if not 0.0 <= self.coverage < 1.0:

@@ -1,0 +1,110 @@
+"""Decode benchmark: ms/token at long contexts for dense (stock ``DynamicCache`` and the engine's
+preallocated ``KVCache``) and TokenSelect over the preallocated cache.
+
+For each length a pass key prompt is prefilled densely once (untimed); every variant then decodes
+``steps`` greedy tokens from its own copy of that cache, one timed step at a time. Variants are
+interleaved over ``repeats`` rounds and the median step time is reported with its spread. Beyond
+the trained 8K context the model is loaded with YaRN RoPE scaling through its config.
+TokenSelect's Selection Cache hit rate (reused selections / all selections) is reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import tokensparse as ts
+from tokensparse.demo import environment
+
+from . import spread
+from .prefill import _prompt
+
+TRAINED_CONTEXT = 8192
+
+#: TokenSelect variants: label, settings (budget 1024 tokens attended per step)
+SELECT_CONFIGS = [("token_select k=1024", {"budget": 1024, "n_sink": 128, "n_local": 256})] + [
+    (f"token_select k=1024 + selection cache θ={t}", {"budget": 1024, "n_sink": 128, "n_local": 256, "reuse_threshold": t})
+    for t in (0.9, 0.8, 0.7)
+]
+
+
+def _dynamic_copy(model, kv: ts.KVCache):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(kv.layers):
+        cache.update(layer.keys.clone(), layer.values.clone(), i)
+    return cache
+
+
+def _decode(model, cache, first_token: torch.Tensor, steps: int) -> list[float]:
+    tok, times = first_token, []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits = model(input_ids=tok, cache=cache, use_cache=True).logits
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+@torch.no_grad()
+def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = None) -> dict:
+    from tqdm.auto import tqdm
+
+    out = {"env": environment(), "kind": "decode", "steps": steps, "results": []}
+    threads = torch.get_num_threads()
+    fill_threads = fill_threads or os_cpus()
+    for length in lengths:
+        rope = None
+        if length > TRAINED_CONTEXT:
+            rope = {"rope_type": "yarn", "factor": float(2 ** (length // TRAINED_CONTEXT - 1).bit_length())}
+        model, tok = ts.load_model(rope_scaling=rope)
+        ids = _prompt(tok, length)
+        kv = ts.KVCache(model, capacity=ids.shape[1] + steps * repeats + 8)
+        torch.set_num_threads(fill_threads)
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids, cache=kv, logits_to_keep=1).logits
+        fill_s = time.perf_counter() - t0
+        torch.set_num_threads(threads)
+        first = logits[:, -1].argmax(-1, keepdim=True)
+        variants = [("dense DynamicCache", None), ("dense KVCache (prealloc)", None)] + [
+            (label, ts.methods.get("token_select")(**kw)) for label, kw in SELECT_CONFIGS
+        ]
+        times = {label: [] for label, _ in variants}
+        hits = {label: [0, 0] for label, _ in variants}
+        for _ in tqdm(range(repeats), desc=f"decode @{ids.shape[1]}"):
+            for label, method in variants:
+                if method is None:
+                    cache = _dynamic_copy(model, kv) if "Dynamic" in label else kv.clone()
+                    times[label] += _decode(model, cache, first, steps)
+                else:
+                    with ts.sparsify(model, method) as s:
+                        times[label] += _decode(model, kv.clone(), first, steps)
+                        hits[label][0] += s.stats.get("token_select.reuse", 0)
+                        hits[label][1] += s.stats.get("token_select.reuse", 0) + s.stats.get("token_select.select", 0)
+        base = statistics.median(times["dense KVCache (prealloc)"])
+        for label, method in variants:
+            ms = [1000 * t for t in times[label]]
+            row = {
+                "length": int(ids.shape[1]), "rope_scaling": rope, "variant": label, "ms_per_token": spread(ms),
+                "tokens_per_s": 1000 / statistics.median(ms),
+                "speedup_vs_dense_prealloc": base / statistics.median(times[label]),
+                "fill_prefill_s": fill_s, "fill_threads": fill_threads,
+            }
+            if method is not None:
+                row["config"] = method.config_dict()
+                row["selection_cache_hit_rate"] = hits[label][0] / hits[label][1] if hits[label][1] else 0.0
+            out["results"].append(row)
+            extra = f"  hit rate {row['selection_cache_hit_rate']:.2f}" if method is not None else ""
+            print(f"{ids.shape[1]:>6} {label:<46} {statistics.median(ms):7.1f} ms/token "
+                  f"({min(ms):.1f}-{max(ms):.1f})  x{row['speedup_vs_dense_prealloc']:.2f} vs dense prealloc{extra}")
+        del model, kv
+    return out
+
+
+def os_cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,147 @@
+"""Prefill benchmark: end-to-end prefill time and attention-only time, dense SDPA vs Token Sparse.
+
+End to end: ``model(ids, cache=KVCache, logits_to_keep=1)`` on a pass key prompt of the requested
+length (the needle at depth 0.5), dense and each configuration interleaved, ``repeats`` times.
+
+Attention only: the Q/K/V each layer receives in one dense prefill are captured, then per layer
+dense SDPA, the method's selection (scoring + coverage + top-k) and its executor
+(compress → attend → scatter) are timed separately on those real tensors, and summed over layers
+(dense in the layers a configuration leaves dense).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import tokensparse as ts
+from tokensparse.demo import environment
+from tokensparse.engine import Method
+from tokensparse.engine.executors import compress_attend_scatter, dense_attention
+from tokensparse.eval import tasks
+from tokensparse.eval.harness import encode_sample
+
+from . import spread, timed
+
+#: Token Sparse configurations benchmarked (label, settings). The first is the paper's defaults
+#: (τ = 0.005, W = 128, min 1024 tokens, layers from the drift profile at δ = 0.5).
+CONFIGS = [
+    ("token_sparse (paper defaults)", {}),
+    ("token_sparse δ=0.8, τ=0.02", {"drift_quantile": 0.8, "coverage": 0.02}),
+    ("token_sparse all layers≥2, τ=0.02", {"layers": list(range(2, 30)), "coverage": 0.02}),
+]
+
+
+@dataclass(eq=False)
+class _Capture(Method):
+    """Dense attention that keeps every layer's call (benchmark only, not registered)."""
+
+    calls: dict = field(default_factory=dict)
+
+    def forward(self, call):
+        self.calls[call.layer_idx] = call
+        return call.dense()
+
+
+def _prompt(tokenizer, length: int) -> torch.Tensor:
+    sample = tasks.passkey(tokenizer, length, depth=0.5)
+    ctx, q = encode_sample(tokenizer, sample)
+    return torch.cat([ctx, q], dim=1)
+
+
+@torch.no_grad()
+def run(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, tokenizer=None) -> dict:
+    from tqdm.auto import tqdm
+
+    if model is None:
+        model, tokenizer = ts.load_model()
+    out = {"env": environment(), "kind": "prefill end-to-end", "results": []}
+    for length in lengths:
+        ids = _prompt(tokenizer, length)
+        variants = [("dense (sdpa)", None)] + [(label, ts.methods.get("token_sparse")(**kw)) for label, kw in configs]
+
+        def once(method):
+            if method is None:
+                return timed(lambda: model(input_ids=ids, cache=ts.KVCache(model), logits_to_keep=1))
+            with ts.sparsify(model, method) as s:
+                t = timed(lambda: model(input_ids=ids, cache=s.new_cache(), logits_to_keep=1))
+                once.stats = dict(s.stats)
+                once.info = dict(s.info)
+            return t
+
+        model(input_ids=ids[:, :512], logits_to_keep=1)  # warm-up
+        times = {label: [] for label, _ in variants}
+        meta = {}
+        for _ in tqdm(range(repeats), desc=f"prefill {ids.shape[1]}"):
+            for label, method in variants:
+                times[label].append(once(method))
+                if method is not None:
+                    st = once.stats
+                    meta[label] = {
+                        "layers": once.info.get("token_sparse_layers"),
+                        "kept_share": st.get("token_sparse.kept_tokens", 0) / max(st.get("token_sparse.total_tokens", 1), 1),
+                        "sparse_layers": st.get("token_sparse.sparse_layers", 0),
+                        "config": method.config_dict(),
+                    }
+        dense = spread(times["dense (sdpa)"])
+        for label, _ in variants:
+            s = spread(times[label])
+            row = {"length": int(ids.shape[1]), "variant": label, "seconds": s,
+                   "speedup_vs_dense": dense["median"] / s["median"], **meta.get(label, {})}
+            out["results"].append(row)
+            print(f"{ids.shape[1]:>6} {label:<40} {s['median']:7.2f} s  ({s['min']:.2f}-{s['max']:.2f})  "
+                  f"x{row['speedup_vs_dense']:.2f}" + (f"  kept {row['kept_share']:.2f}" if "kept_share" in row else ""))
+    return out
+
+
+@torch.no_grad()
+def run_attention_only(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, tokenizer=None) -> dict:
+    """Per-layer attention time on captured real Q/K/V: dense vs selection + executor."""
+    if model is None:
+        model, tokenizer = ts.load_model()
+    out = {"env": environment(), "kind": "prefill attention-only", "results": []}
+    for length in lengths:
+        ids = _prompt(tokenizer, length)
+        cap = _Capture()
+        with ts.sparsify(model, cap):
+            model(input_ids=ids, cache=ts.KVCache(model), logits_to_keep=1)
+        calls = [cap.calls[i] for i in sorted(cap.calls)]
+        dense_t = []
+        for call in calls:
+            ts_ = [timed(lambda: dense_attention(call.query, call.key, call.value, None, call.scale)) for _ in range(repeats)]
+            dense_t.append(min(ts_))
+        total_dense = sum(dense_t)
+        out["results"].append({"length": int(ids.shape[1]), "variant": "dense (sdpa)", "attention_s": total_dense})
+        print(f"{ids.shape[1]:>6} dense attention {total_dense:.2f} s over {len(calls)} layers")
+        for label, kw in configs:
+            method = ts.methods.get("token_sparse")(**kw)
+            with ts.sparsify(model, method) as session:  # resolves the sparse layers (profile)
+                layers = session.state["token_sparse_layers"]
+            sel_t, exe_t, kept = 0.0, 0.0, []
+            for call, td in zip(calls, dense_t):
+                if call.layer_idx not in layers:
+                    exe_t += td
+                    continue
+                idx = method.select(call)
+                if idx is None:
+                    exe_t += td
+                    continue
+                sel_t += min(timed(lambda: method.select(call)) for _ in range(repeats))
+                exe_t += min(
+                    timed(lambda: compress_attend_scatter(call.query, call.key, call.value, idx, call.scale))
+                    for _ in range(repeats)
+                )
+                kept.append(idx.shape[-1] / call.k_len)
+            row = {
+                "length": int(ids.shape[1]), "variant": label, "selection_s": sel_t, "executor_s": exe_t,
+                "attention_s": sel_t + exe_t, "speedup_vs_dense": total_dense / (sel_t + exe_t),
+                "executor_speedup_vs_dense": total_dense / exe_t,
+                "mean_kept_share_in_sparse_layers": sum(kept) / len(kept) if kept else 1.0,
+                "sparse_layers": len(kept),
+            }
+            out["results"].append(row)
+            print(f"{ids.shape[1]:>6} {label:<40} selection {sel_t:.2f} s + executor {exe_t:.2f} s "
+                  f"= x{row['speedup_vs_dense']:.2f} (executor alone x{row['executor_speedup_vs_dense']:.2f}), "
+                  f"{len(kept)} sparse layers keeping {row['mean_kept_share_in_sparse_layers']:.2f}")
+    return out

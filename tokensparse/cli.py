@@ -1,0 +1,204 @@
+"""The ``tokensparse`` command: methods | generate | calibrate | demo | bench."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import sys
+import time
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def build_method(name: str, settings: list[str] | None):
+    """A method config from ``name`` and ``key=value`` strings (values parsed as Python literals)."""
+    import tokensparse as ts
+
+    cls = ts.methods.get(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for item in settings or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        if key not in fields:
+            raise SystemExit(f"{name} has no setting {key!r}; settings: {', '.join(sorted(fields))}")
+        kwargs[key] = _parse_value(value)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"bad {name} settings: {e}") from None
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        if n < 1:
+            raise SystemExit(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def cmd_methods(args) -> int:
+    import tokensparse as ts
+
+    if args.markdown:
+        print(ts.methods.markdown_table(), end="")
+        return 0
+    rows = ts.methods.table()
+    cols = [("name", "method"), ("phase", "phase"), ("kv_memory", "KV memory"), ("calibration", "calibration"), ("paper", "paper")]
+    widths = {k: max(len(t), *(len(r[k]) for r in rows)) for k, t in cols}
+    print("  ".join(t.ljust(widths[k]) for k, t in cols))
+    print("  ".join("-" * widths[k] for k, _ in cols))
+    for r in rows:
+        print("  ".join(r[k].ljust(widths[k]) for k, _ in cols))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    import tokensparse as ts
+
+    _threads(args.threads)
+    method = build_method(args.method, args.set) if args.method != "dense" else None
+    prompt = args.prompt if args.prompt is not None else open(args.prompt_file).read()
+    model, tok = ts.load_model(args.model)
+    ids = tok(prompt, return_tensors="pt")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if method is None:
+            out = model.generate(**ids, cache=ts.KVCache(model), max_new_tokens=args.max_new_tokens, do_sample=False)
+            stats, tele = {}, None
+        else:
+            with ts.sparsify(model, method, telemetry=args.telemetry) as s:
+                out = model.generate(**ids, cache=s.new_cache(), max_new_tokens=args.max_new_tokens, do_sample=False)
+                stats, tele = dict(s.stats), (s.telemetry.overall() if s.telemetry else None)
+    dt = time.perf_counter() - t0
+    print(tok.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True))
+    print(f"\n[{args.method}: {ids.input_ids.shape[1]} prompt tokens, {dt:.2f} s]", file=sys.stderr)
+    if stats:
+        print(f"[stats: {stats}]", file=sys.stderr)
+    if tele:
+        print(f"[telemetry: density {tele['density']:.3f}, dense attention mass kept {tele['mass']:.3f}]", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import torch
+
+    import tokensparse as ts
+    from tokensparse.engine.calibration import calibrate_drift, user_profile_path
+    from tokensparse.eval.corpus import load_corpus
+
+    _threads(args.threads)
+    if args.tokens < 16:
+        raise SystemExit(f"--tokens must be >= 16, got {args.tokens}")
+    model, tok = ts.load_model(args.model)
+    text = open(args.text).read() if args.text else load_corpus("kjv")
+    ids = tok(text[: args.tokens * 8], return_tensors="pt").input_ids[:, : args.tokens]
+    if ids.shape[1] < args.tokens:
+        raise SystemExit(f"the calibration text has only {ids.shape[1]} tokens, fewer than --tokens {args.tokens}")
+    src = args.text or "tokensparse/data/kjv.txt.gz"
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        prof = calibrate_drift(model, ids, source=f"{src} (first {args.tokens} tokens)")
+    out = args.out or str(user_profile_path(prof.model_fingerprint))
+    prof.save(out)
+    layers = prof.sparse_layers(args.quantile)
+    print(f"drift profile for model {prof.model_fingerprint} ({prof.num_layers} layers, {args.tokens} tokens, "
+          f"{time.perf_counter() - t0:.1f} s) written to {out}")
+    print("drift per layer: " + " ".join(f"{d:.4f}" for d in prof.drift))
+    print(f"sparse layers at quantile {args.quantile}: {layers}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tokensparse import demo
+
+    _threads(args.threads)
+    placements = ("inside", "after") if args.placement == "both" else (args.placement,)
+    print(f"tokensparse demo: pass key retrieval at ~{args.length} tokens, {args.depths} depths, bundled "
+          "SmolLM2-135M-Instruct (fp32, plain completion prompt). Loading the model...", flush=True)
+    result = demo.run(length=args.length, n_depths=args.depths, placements=placements, seed=args.seed)
+    print()
+    print(demo.format_table(result["summary"]))
+    env = result["env"]
+    print(f"\n(torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads, fp32; "
+          "prefill/decode are medians over depths; KV = bytes held after generation)")
+    if args.json:
+        demo.save(result, args.json)
+        print(f"results written to {args.json}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from tokensparse.bench import main as bench_main
+
+    _threads(args.threads)
+    return bench_main(args)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokensparse", description="Training-free token-level sparse attention for transformers")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("methods", help="list registered methods")
+    s.add_argument("--markdown", action="store_true", help="print a Markdown table (as in docs/methods.md)")
+    s.set_defaults(func=cmd_methods)
+
+    s = sub.add_parser("generate", help="generate from a prompt with a method")
+    s.add_argument("--method", default="dense", help="method name or 'dense' (see `tokensparse methods`)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="method setting, repeatable (e.g. --set budget=0.25)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt")
+    g.add_argument("--prompt-file")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--model", help="local HF model directory (default: the bundled SmolLM2)")
+    s.add_argument("--telemetry", action="store_true", help="report density and kept dense attention mass")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("calibrate", help="measure Representation Drift and save a profile (Token Sparse Attention)")
+    s.add_argument("--model", help="local HF model directory (default: the bundled SmolLM2)")
+    s.add_argument("--tokens", type=int, default=8192, help="length of the calibration prompt")
+    s.add_argument("--text", help="plain-text file to calibrate on (default: the bundled King James Bible)")
+    s.add_argument("--out", help="profile path (default: the user cache, where lookups find it)")
+    s.add_argument("--quantile", type=float, default=0.5, help="drift quantile used to print the sparse layers")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("demo", help="pass key retrieval: dense vs the core methods on the bundled model")
+    s.add_argument("--length", type=int, default=4096)
+    s.add_argument("--depths", type=int, default=4)
+    s.add_argument("--placement", choices=("inside", "after", "both"), default="both",
+                   help="question placement for the eviction methods")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", help="also write all rows as JSON")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("bench", help="speed benchmarks (prefill, decode, attention-only)")
+    s.add_argument("what", choices=("prefill", "decode", "attention"))
+    s.add_argument("--lengths", default="8192", help="comma-separated context lengths")
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--steps", type=int, default=16, help="decode steps timed per run")
+    s.add_argument("--json", help="write results as JSON")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Run one sample with one method through the public API and measure it.
+
+Used by ``tokensparse demo`` and the benchmark scripts, so every method is measured the same way:
+
+* the prompt is ``context`` followed by ``question + answer_prefix``, tokenised as two parts and
+  concatenated (identical ids for every method and placement);
+* ``placement="inside"``: the whole prompt is one prefill (a method may compress the question too);
+  ``placement="after"``: the context is prefilled first, then the question is fed as a second chunk
+  on the (possibly compressed) cache, so the compression cannot see the question;
+* greedy decoding with a manual loop so prefill and per-token decode time are measured apart;
+  exactly ``max_new_tokens`` steps are run (no early stop), so decode timings are comparable;
+* dense runs use the engine's preallocated :class:`tokensparse.KVCache` unless ``cache="dynamic"``.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import tokensparse as ts
+
+PLACEMENTS = ("inside", "after")
+
+
+@dataclass
+class RunResult:
+    prediction: str
+    correct: bool
+    prefill_s: float
+    decode_ms_per_token: float
+    kv_bytes: int
+    prompt_tokens: int
+    new_tokens: int
+    stats: dict[str, Any] = field(default_factory=dict)
+    telemetry: dict[str, float] | None = None
+
+
+def encode_sample(tokenizer, sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(context_ids, question_ids)`` as ``(1, n)`` long tensors (question includes the answer prefix)."""
+    ctx = tokenizer(sample.context, add_special_tokens=True).input_ids
+    q = tokenizer(sample.question + sample.answer_prefix, add_special_tokens=False).input_ids
+    return torch.tensor([ctx]), torch.tensor([q])
+
+
+def _new_cache(model, session, cache: str):
+    if session is not None:
+        return session.new_cache()
+    if cache == "dynamic":
+        from transformers import DynamicCache
+
+        return DynamicCache(config=model.config)
+    if cache != "prealloc":
+        raise ValueError(f"cache must be 'prealloc' or 'dynamic', got {cache!r}")
+    return ts.KVCache(model)
+
+
+@torch.no_grad()
+def greedy(model, context_ids, question_ids, *, session=None, placement: str = "inside",
+           max_new_tokens: int = 8, cache: str = "prealloc"):
+    """Greedy decode; returns ``(new_token_ids, prefill_s, decode_s_list, cache)``."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    kv = _new_cache(model, session, cache)
+    t0 = time.perf_counter()
+    if placement == "inside":
+        ids = torch.cat([context_ids, question_ids], dim=1)
+        logits = model(input_ids=ids, cache=kv, use_cache=True, logits_to_keep=1).logits
+    else:
+        model(input_ids=context_ids, cache=kv, use_cache=True, logits_to_keep=1)
+        logits = model(input_ids=question_ids, cache=kv, use_cache=True, logits_to_keep=1).logits
+    prefill_s = time.perf_counter() - t0
+    tok = logits[:, -1].argmax(-1, keepdim=True)
+    out = [int(tok)]
+    steps = []
+    for _ in range(max_new_tokens - 1):
+        t = time.perf_counter()
+        logits = model(input_ids=tok, cache=kv, use_cache=True).logits
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        steps.append(time.perf_counter() - t)
+        out.append(int(tok))
+    return out, prefill_s, steps, kv
+
+
+def run_sample(model, tokenizer, sample, method=None, *, placement: str = "inside",
+               max_new_tokens: int | None = None, telemetry: bool = False, cache: str = "prealloc") -> RunResult:
+    """Run ``sample`` densely (``method=None``) or with a method config; score by exact match of
+    every gold answer in the generated text."""
+    ctx, q = encode_sample(tokenizer, sample)
+    n_new = max_new_tokens or sample.max_new_tokens
+    ctxmgr = ts.sparsify(model, method, telemetry=telemetry) if method is not None else nullcontext()
+    with ctxmgr as session:
+        ids, prefill_s, steps, kv = greedy(
+            model, ctx, q, session=session, placement=placement, max_new_tokens=n_new, cache=cache
+        )
+        stats = dict(session.stats) if session is not None else {}
+        if session is not None and session.info:
+            stats.update({f"info.{k}": v for k, v in session.info.items()})
+        tele = session.telemetry.overall() if (session is not None and session.telemetry) else None
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    correct = all(a in text for a in sample.answers)
+    return RunResult(
+        prediction=text,
+        correct=correct,
+        prefill_s=prefill_s,
+        decode_ms_per_token=1000 * (sum(steps) / len(steps)) if steps else float("nan"),
+        kv_bytes=ts.cache_bytes(kv),
+        prompt_tokens=int(ctx.shape[1] + q.shape[1]),
+        new_tokens=len(ids),
+        stats=stats,
+        telemetry=tele,
+    )
