@@ -1,4 +1,4 @@
-"""The ``tokensparse`` command: methods | generate | calibrate | demo | bench."""
+"""The ``tokensparse`` command: methods | generate | calibrate | demo | bench | eval | report."""
 
 from __future__ import annotations
 
@@ -192,6 +192,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write results as JSON")
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_bench)
+
+    from tokensparse.eval.commands import add_commands
+
+    add_commands(sub)  # eval, report
     return p
 
 

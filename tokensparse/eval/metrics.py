@@ -21,6 +21,7 @@ import torch.nn.functional as F
 __all__ = [
     "string_match_all",
     "string_match_part",
+    "first_word_match",
     "score",
     "answer_loglik",
     "perplexity",
@@ -54,14 +55,36 @@ def string_match_part(pred: str, answers: Sequence[str]) -> float:
     return float(any(a.lower() in p for a in answers))
 
 
+def first_word_match(pred: str, answers: Sequence[str]) -> float:
+    """1.0 if the first word of ``pred`` equals a gold string (case-insensitive), else 0.0.
+
+    For one-character answers (the character probes of tasks.py) a substring match is meaningless:
+    ``"q"`` occurs in almost any continuation (``" 3\n\nQ:"``). The first whitespace-separated word,
+    stripped of surrounding quotes and punctuation, must equal the answer instead.
+    """
+    if isinstance(answers, str):
+        answers = [answers]
+    if not answers:
+        raise ValueError("no gold answers")
+    words = pred.split()
+    if not words:
+        return 0.0
+    first = words[0].strip(".,;:!?\"'()[]").lower()
+    return float(any(first == a.lower() for a in answers))
+
+
+METRICS = {"all": string_match_all, "part": string_match_part, "first_word": first_word_match}
+
+
 def score(pred: str, answers: Sequence[str], metric: str = "all") -> float:
-    """``string_match_all`` (``metric="all"``, what every task of tasks.py records in
-    ``sample.metadata["metric"]``) or ``string_match_part`` (``"part"``)."""
-    if metric == "all":
-        return string_match_all(pred, answers)
-    if metric == "part":
-        return string_match_part(pred, answers)
-    raise ValueError(f"unknown metric {metric!r}; use 'all' or 'part'")
+    """Score one prediction with a metric named in :data:`METRICS`: ``"all"`` (RULER's
+    string_match_all, used by the retrieval and aggregation tasks), ``"part"`` (string_match_part)
+    or ``"first_word"`` (the character probes). Tasks record theirs in ``sample.metadata["metric"]``."""
+    try:
+        fn = METRICS[metric]
+    except KeyError:
+        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}") from None
+    return fn(pred, answers)
 
 
 # --------------------------------------------------------------------------------------------------

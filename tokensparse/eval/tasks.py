@@ -52,6 +52,7 @@ from .corpus import load_lines
 __all__ = [
     "Sample",
     "TASKS",
+    "DEPTH_TASKS",
     "make_samples",
     "passkey_grid",
     "needle_token_positions",
@@ -264,18 +265,27 @@ class _LazyPool:
 class _NeedleHaystack:
     """A haystack made of distractor needles (RULER's MK-NIAH-2/3). Size ``n`` means ``n // per``
     needles followed by ``n % per`` filler sentences, ``per`` being about how many filler sentences
-    one needle is worth in tokens: the few trailing sentences give the length fit its precision."""
+    one needle is worth in tokens: the few trailing sentences give the length fit its precision.
+
+    Sizes and boundaries are in filler-sentence *units* (as :func:`_assemble` assumes when it puts
+    a needle at ``depth * n``): needle ``i`` is the atom at index ``i * per``, followed by
+    ``per - 1`` empty atoms, so atom indices and units coincide."""
 
     def __init__(self, pool: _LazyPool, render: Callable[[Any], str], per: int):
         self.pool, self.render, self.per = pool, render, max(1, per)
 
     def atoms(self, n: int) -> list[str]:
         m, r = divmod(n, self.per)
-        return [self.render(self.pool.get(i)) for i in range(m)] + _Noise().atoms(r)
+        out: list[str] = []
+        for i in range(m):
+            out.append(self.render(self.pool.get(i)))
+            out.extend([""] * (self.per - 1))
+        return out + _Noise().atoms(r)
 
     def boundaries(self, n: int) -> list[int]:
         m = n // self.per
-        return list(range(m + 1)) + ([n] if n > m else [])
+        b = list(range(0, m * self.per + 1, self.per))
+        return b + ([n] if n > b[-1] else [])
 
 
 def _assemble(header: str, hay, n: int, needles: Sequence[tuple[str, float]]):
@@ -780,7 +790,8 @@ def _char_task(tokenizer, length: int, *, seed: int, index: int, depth: float | 
     return Sample(
         task=task, sample_id=sid, context=context, question=question, answer_prefix=answer_prefix,
         answers=[answer], max_new_tokens=3, length=length, seed=seed, depth=None,
-        metadata={**info, "num_shots": n_shots, "prompt_tokens": tokens, "metric": "all"},
+        # a one-character answer occurs in almost any continuation: score the first word instead
+        metadata={**info, "num_shots": n_shots, "prompt_tokens": tokens, "metric": "first_word"},
     )
 
 
@@ -825,6 +836,10 @@ TASKS: dict[str, Callable[..., Sample]] = {
     "letter_count": letter_count,
     "char_position": char_position,
 }
+
+
+#: tasks whose ``depth`` argument places a needle (the others ignore it)
+DEPTH_TASKS = frozenset(name for name in TASKS if name == "passkey" or name.startswith("niah") or name == "variable_tracking")
 
 
 def make_samples(task: str, tokenizer, length: int, n: int = 1, seed: int = 0, depth: float | None = None,

@@ -1,0 +1,111 @@
+"""The Markdown report and plots (tokensparse.eval.report / plots) from the fixed synthetic results
+in tests/data/eval_results.jsonl (written by tests/data/make_eval_fixture.py), and the pairing,
+ratio and fitting helpers on hand-made rows."""
+
+import copy
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from tokensparse.eval import plots, report
+
+FIXTURE = Path(__file__).parent / "data" / "eval_results.jsonl"
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return report.write_report(FIXTURE, out), out
+
+
+def test_markdown_has_the_tables(written):
+    md_path, _ = written
+    md = md_path.read_text()
+    assert md.startswith("# tokensparse evaluation report")
+    assert "64 runs from" in md and "1 failed run" in md
+    assert "| method (settings) | placement | n | accuracy | Δ vs dense (paired) |" in md
+    lines = [ln for ln in md.splitlines() if ln.startswith("| `")]
+    summary = lines[:8]
+    assert summary[0].startswith("| `dense` | inside | 8 |") and summary[1].startswith("| `dense` | after | 8 |")
+    assert any(ln.startswith("| `snapkv(budget=0.25)` | after | 8 |") for ln in summary)
+    assert "| `token_select(budget=16)` | inside | 1 | ValueError: token_select: budget too small |" in md
+    for text in ("**passkey**", "**niah_multikey**", "| L=1024 | L=4096 |", "torch threads: `2`",
+                 "git commit: `0000000", "tokensparse eval --suite fixture", "load average"):
+        assert text in md
+    for png in ("needle_passkey.png", "accuracy_vs_budget.png", "latency_vs_length.png", "accuracy_vs_speedup.png"):
+        assert f"]({png})" in md
+
+
+def test_summary_numbers_match_a_hand_computation():
+    rows, errors = report.load_results(FIXTURE)
+    assert len(rows) == 64 and len(errors) == 1
+    groups = {g.name: g for g in report.summarize(rows)}
+    dense = [r for r in rows if r["label"] == "dense" and r["placement"] == "inside"]
+    snap = [r for r in rows if r["label"] == "snapkv(budget=0.25)" and r["placement"] == "inside"]
+    g = groups["snapkv(budget=0.25) [inside]"]
+    assert g.stats["n"] == 8 and g.stats["accuracy"] == pytest.approx(sum(r["score"] for r in snap) / 8)
+    by_sample = {r["sample_id"]: r for r in dense}
+    ratios = sorted(by_sample[r["sample_id"]]["prefill_s"] / r["prefill_s"] for r in snap)
+    assert g.stats["prefill_speedup"] == pytest.approx((ratios[3] + ratios[4]) / 2)
+    delta = sum(r["score"] - by_sample[r["sample_id"]]["score"] for r in snap) / 8
+    assert g.stats["delta_vs_dense"] == pytest.approx(delta)
+    assert g.stats["density"] == pytest.approx(0.27) and g.stats["kv_ratio"] == pytest.approx(0.26, abs=0.01)
+
+
+def test_pngs_exist_and_are_not_blank(written):
+    _, out = written
+    for name in ("needle_passkey.png", "accuracy_vs_budget.png", "latency_vs_length.png", "accuracy_vs_speedup.png"):
+        path = out / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+        img = matplotlib.image.imread(path)
+        assert img.shape[0] > 300 and img.shape[1] > 600 and img[..., :3].std() > 0.05
+    assert not (out / "needle_niah_multikey.png").exists()  # no requested depths for that task
+
+
+def test_pairing_prefers_same_run_and_placement():
+    base = {"task": "passkey", "task_options": {}, "length": 100, "depth": 0.5, "seed": 0, "index": 0,
+            "model": {"fingerprint": "f", "dtype": "float32"}, "score": 1.0, "new_tokens": 3,
+            "decode_ms_per_token": 10.0, "kv_bytes": 1000}
+
+    def row(method, placement, run, prefill, **kw):
+        return {**copy.deepcopy(base), "method": method, "label": method, "config": {"method": method},
+                "placement": placement, "run_id": run, "prefill_s": prefill, **kw}
+
+    rows = [row("dense", "inside", "old", 9.0), row("dense", "after", "new", 4.0), row("dense", "inside", "new", 2.0),
+            row("snapkv", "after", "new", 1.0, kv_bytes=250), row("snapkv", "inside", "new", 1.0, score=0.0),
+            row("snapkv", "inside", "other", 3.0, length=200)]  # no dense row for this sample
+    paired = report.pair_with_dense(rows)
+    assert paired[id(rows[3])] is rows[1] and paired[id(rows[4])] is rows[2] and id(rows[5]) not in paired
+    groups = {g.name: g for g in report.summarize(rows)}
+    after = groups["snapkv [after]"].stats
+    assert after["prefill_speedup"] == 4.0 and after["kv_ratio"] == 0.25 and after["delta_vs_dense"] == 0.0
+    assert after["speedup"] == pytest.approx((4.0 + 0.02) / (1.0 + 0.02))  # prefill + 2 timed decode steps
+    inside = groups["snapkv [inside]"].stats
+    assert inside["n"] == 2 and inside["paired"] == 1 and inside["delta_vs_dense"] == -1.0
+
+
+def test_load_results_dedupes_and_errors(tmp_path):
+    ok = {"key": "k", "method": "dense", "label": "dense", "score": 1.0}
+    (tmp_path / "a.jsonl").write_text(json.dumps({**ok, "error": "boom"}) + "\n" + json.dumps(ok) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"key": "k2", "error": "bad"}) + "\n")
+    rows, errors = report.load_results(tmp_path)
+    assert rows == [ok] and [e["key"] for e in errors] == ["k2"]
+    with pytest.raises(FileNotFoundError, match="does not exist; pass a results directory or a .jsonl file"):
+        report.load_results(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no \\*.jsonl result files; run `tokensparse eval"):
+        report.load_results(empty)
+    (empty / "only_errors.jsonl").write_text(json.dumps({"key": "k3", "error": "bad"}) + "\n")
+    with pytest.raises(ValueError, match="no successful runs .* \\(1 failed runs\\)"):
+        report.write_report(empty, tmp_path / "out")
+
+
+def test_scaling_exponent_and_pareto_front():
+    xs = [1000, 2000, 4000, 8000]
+    assert plots.scaling_exponent(xs, [3e-7 * x ** 1.7 for x in xs]) == pytest.approx(1.7)
+    assert plots.scaling_exponent([1000, 1000], [1.0, 2.0]) is None
+    pts = [(1.0, 90.0), (2.0, 80.0), (1.5, 70.0), (3.0, 80.0), (0.5, 95.0)]
+    assert plots.pareto_front(pts) == [(0.5, 95.0), (1.0, 90.0), (3.0, 80.0)]

@@ -1,0 +1,107 @@
+"""The ``tokensparse eval`` and ``tokensparse report`` subcommands.
+
+``cli.py`` registers them with ``add_commands(sub)``; each parser sets ``func(args) -> int``.
+
+    tokensparse eval --suite smoke --out results                 # ~2 minutes on 2 cores
+    tokensparse eval --suite standard --threads 2 --out results
+    tokensparse eval --config grid.json --set lengths=[1024] --set seeds=[0,1] --out results
+    tokensparse report --results results --out results/report
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+
+def add_commands(subparsers) -> None:
+    """Register ``eval`` and ``report`` on an ``argparse`` subparsers object."""
+    from .grid import suite_names
+
+    s = subparsers.add_parser(
+        "eval", help="run an evaluation grid (a built-in suite or a JSON config); results are appended as JSONL",
+        description="Run methods × configs × tasks × lengths × depths × seeds × placements, dense always "
+                    "included. Rows already in the results file are skipped, so an interrupted run resumes.")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--suite", choices=suite_names(), help="a built-in grid (tokensparse/eval/suites/)")
+    src.add_argument("--config", metavar="FILE", help="a JSON grid config (format: tokensparse/eval/grid.py)")
+    s.add_argument("--set", action="append", dest="overrides", metavar="KEY=VALUE",
+                   help="override a config key, repeatable; dotted paths and JSON values, e.g. lengths=[1024], "
+                        "tasks.0.depths=[0.5], methods.0.configs=[{\"budget\":0.1}], telemetry=false")
+    s.add_argument("--out", default="results", metavar="DIR",
+                   help="directory of the results file <DIR>/<grid name>.jsonl, or a .jsonl path (default: results)")
+    s.add_argument("--threads", type=int, help="torch threads (default: the config's, else torch's default)")
+    s.add_argument("--model", help="local HF model directory (default: the bundled SmolLM2)")
+    s.add_argument("--dry-run", action="store_true", help="print the grid and exit without loading the model")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_eval)
+
+    r = subparsers.add_parser("report", help="Markdown summary and PNG plots from eval results",
+                              description="Turn result JSONL files into report.md and PNG plots "
+                                          "(the dense rows are the reference).")
+    r.add_argument("--results", required=True, nargs="+", metavar="DIR_OR_JSONL",
+                   help="results directories (every *.jsonl inside) or .jsonl files")
+    r.add_argument("--out", default="report", metavar="DIR", help="where report.md and the PNGs go (default: report)")
+    r.add_argument("--no-plots", action="store_true", help="only the Markdown")
+    r.set_defaults(func=cmd_report)
+
+
+def _command_line(args) -> str:
+    parts = ["tokensparse", "eval", *(["--suite", args.suite] if args.suite else ["--config", args.config])]
+    for o in args.overrides or []:
+        parts += ["--set", o]
+    parts += ["--out", str(args.out)]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    if args.model:
+        parts += ["--model", args.model]
+    return shlex.join(parts)
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    import tokensparse as ts
+
+    from .grid import ConfigError, apply_overrides, build_grid, load_config, load_suite
+    from .runner import results_path, run_grid
+
+    try:
+        raw = load_suite(args.suite) if args.suite else load_config(args.config)
+        grid = build_grid(apply_overrides(raw, args.overrides))
+    except ConfigError as e:
+        raise SystemExit(f"tokensparse eval: {e}") from None
+    threads = args.threads or grid.threads
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"tokensparse eval: --threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    n_samples, n_runs = grid.size()
+    path = results_path(args.out, grid)
+    print(f"grid {grid.name!r}: {n_samples} samples × {len(grid.methods)} method runs = {n_runs} runs "
+          f"-> {path} ({torch.get_num_threads()} torch threads)")
+    if args.dry_run:
+        for t in grid.tasks:
+            options = f", options {t.options}" if t.options else ""
+            print(f"  task {t.task}: lengths {t.lengths}, depths {t.depths}{options}")
+        for m in grid.methods:
+            print(f"  {m.label} [{m.placement}]")
+        return 0
+    model, tokenizer = ts.load_model(args.model)
+    summary = run_grid(model, tokenizer, grid, args.out, progress=not args.no_progress, command=_command_line(args))
+    print(f"{summary['ran']} runs written to {summary['path']} ({summary['skipped']} already there, "
+          f"{summary['errors']} failed).")
+    report_dir = shlex.quote(str(path.parent / "report"))
+    print(f"report: tokensparse report --results {shlex.quote(summary['path'])} --out {report_dir}")
+    return 1 if summary["errors"] else 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    try:
+        md = write_report(args.results, args.out, plots=not args.no_plots)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"tokensparse report: {e}") from None
+    print(f"report written to {md}", file=sys.stdout)
+    return 0

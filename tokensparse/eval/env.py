@@ -1,0 +1,84 @@
+"""Facts about the software and machine recorded with every evaluation row, so each number can be
+traced to the versions, commit, thread count and hardware that produced it (DESIGN.md,
+"Measurement rules"). Nothing here is slow: the git calls have a short timeout and are cached."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("tokensparse", "torch", "transformers", "numpy", "tqdm", "matplotlib")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def git_state() -> dict[str, str | bool | None]:
+    """``{"commit": sha or None, "dirty": bool or None}`` of the checkout holding this package."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args):
+        try:
+            r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(model=None) -> dict:
+    import torch
+
+    hw = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+          "device": "cpu"}
+    dev = getattr(model, "device", None)
+    if dev is not None and getattr(dev, "type", "cpu") == "cuda":
+        hw["device"] = f"cuda: {torch.cuda.get_device_name(dev)}"
+    return hw
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def environment(model=None, command: str | None = None) -> dict:
+    """Versions, git state, torch thread count, hardware and the command line, as one dict."""
+    import torch
+
+    return {
+        "versions": package_versions(),
+        "git": dict(git_state()),
+        "torch_threads": torch.get_num_threads(),
+        "hardware": hardware(model),
+        "command": command if command is not None else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }

@@ -1,0 +1,365 @@
+"""The evaluation grid: a JSON config (or a built-in suite), ``key=value`` overrides, validation,
+and its expansion into samples × method runs.
+
+Config format (every key optional except ``tasks``; defaults shown)::
+
+    {
+      "name": "my-grid",                 # recorded in every result row
+      "description": "",
+      "seeds": [0],                      # task seeds
+      "samples": 1,                      # samples per (task, length, depth, seed)
+      "lengths": [4096],                 # prompt lengths in tokens, for tasks without their own
+      "placements": ["inside"],          # question placement for methods without their own
+      "tasks": [                         # a task name, or an object:
+        "common_words",
+        {"task": "passkey", "depths": [0.1, 0.9], "lengths": [2048], "options": {}}
+      ],
+      "methods": [                       # dense is always added; one run per config × placement
+        {"method": "snapkv", "configs": [{"budget": 0.25}, {"budget": 0.5}], "placements": ["after"]}
+      ],
+      "dense_placements": null,          # null: every placement some method uses
+      "answer_loglik": true,             # teacher-forced log-likelihood of the gold answer (+ fidelity)
+      "loglik_max_length": null,         # skip that extra pass for prompts longer than this
+      "telemetry": true,                 # density / kept attention mass of sparse runs
+      "max_new_tokens": null,            # null: the task's own
+      "threads": null                    # torch threads (the CLI's --threads wins)
+    }
+
+``depths`` apply only to needle tasks (:data:`tasks.DEPTH_TASKS`); ``null`` means a random depth
+per sample, and is the default. ``options`` go to the task generator (e.g. ``{"haystack": "essay"}``).
+
+Overrides are ``key=value`` strings with a dotted path (list items by index) and a JSON value; a
+value that is not JSON is taken as a string: ``lengths=[1024]``, ``telemetry=false``,
+``tasks.0.depths=[0.5]``, ``methods.1.configs=[{"budget":0.1}]``, ``name=quick``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from . import tasks as task_lib
+from .harness import PLACEMENTS
+
+DEFAULTS: dict[str, Any] = {
+    "name": "custom",
+    "description": "",
+    "seeds": [0],
+    "samples": 1,
+    "lengths": [4096],
+    "placements": ["inside"],
+    "tasks": None,
+    "methods": [],
+    "dense_placements": None,
+    "answer_loglik": True,
+    "loglik_max_length": None,
+    "telemetry": True,
+    "max_new_tokens": None,
+    "threads": None,
+}
+TASK_KEYS = ("task", "lengths", "depths", "options")
+METHOD_KEYS = ("method", "configs", "placements")
+DENSE = "dense"
+
+
+class ConfigError(ValueError):
+    """A bad grid config or override; the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------------
+# loading and overrides
+
+
+def suite_names() -> list[str]:
+    """The built-in suites (``tokensparse/eval/suites/*.json``)."""
+    folder = resources.files("tokensparse").joinpath("eval", "suites")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_suite(name: str) -> dict:
+    """The raw config dict of a built-in suite."""
+    if name not in suite_names():
+        raise ConfigError(f"unknown suite {name!r}; built-in suites: {', '.join(suite_names())}")
+    text = resources.files("tokensparse").joinpath("eval", "suites", f"{name}.json").read_text()
+    return json.loads(text)
+
+
+def load_config(path: str | Path) -> dict:
+    """The raw config dict of a JSON file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; pass a JSON file or use --suite "
+                          f"({', '.join(suite_names())})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+
+
+def parse_value(text: str) -> Any:
+    """JSON if it parses (numbers, true/false/null, lists, objects), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(config: dict, overrides: list[str] | None) -> dict:
+    """A copy of ``config`` with each ``dotted.path=value`` override applied (see module docstring)."""
+    config = copy.deepcopy(config)
+    for item in overrides or []:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"override {item!r} must look like key=value, "
+                              "e.g. lengths=[1024] or tasks.0.depths=[0.5]")
+        keys = path.split(".")
+        if keys[0] not in DEFAULTS:
+            raise ConfigError(f"override {item!r}: unknown config key {keys[0]!r}; known keys: {', '.join(DEFAULTS)}")
+        node: Any = config
+        for depth, key in enumerate(keys):
+            last = depth == len(keys) - 1
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"override {item!r}: {where} needs an index below {len(node)}")
+                key = int(key)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(keys[:depth])} is a value, not an object or list")
+            if last:
+                node[key] = parse_value(text)
+            else:
+                if isinstance(node, dict) and node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# the validated grid
+
+
+@dataclass
+class MethodSpec:
+    """One method configuration at one placement (``name == "dense"`` for the baseline)."""
+
+    name: str
+    settings: dict[str, Any]
+    placement: str
+
+    @property
+    def label(self) -> str:
+        inner = ", ".join(f"{k}={v}" for k, v in sorted(self.settings.items()))
+        return f"{self.name}({inner})" if inner else self.name
+
+    def build(self):
+        """The method config object, ``None`` for dense."""
+        if self.name == DENSE:
+            return None
+        import tokensparse as ts
+
+        return ts.methods.get(self.name)(**self.settings)
+
+    def full_config(self) -> dict:
+        """Every field of the method config, defaults included (``{"method": "dense"}`` for dense)."""
+        method = self.build()
+        return {"method": DENSE} if method is None else _jsonable(method.config_dict())
+
+
+@dataclass
+class SampleSpec:
+    """One sample to generate: a task at a length, depth (``None`` = random), seed and index."""
+
+    task: str
+    options: dict[str, Any]
+    length: int
+    depth: float | None
+    seed: int
+    index: int
+
+    def make(self, tokenizer):
+        gen = task_lib.TASKS[self.task]
+        return gen(tokenizer, self.length, seed=self.seed, index=self.index, depth=self.depth, **self.options)
+
+
+@dataclass
+class TaskSpec:
+    task: str
+    lengths: list[int]
+    depths: list[float | None]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Grid:
+    name: str
+    description: str
+    seeds: list[int]
+    samples: int
+    tasks: list[TaskSpec]
+    methods: list[MethodSpec]  # dense first
+    answer_loglik: bool
+    loglik_max_length: int | None
+    telemetry: bool
+    max_new_tokens: int | None
+    threads: int | None
+    config: dict  # the validated raw config (recorded with the results)
+
+    def sample_specs(self) -> list[SampleSpec]:
+        """Tasks outer, then lengths, depths, seeds, sample index."""
+        return [
+            SampleSpec(t.task, dict(t.options), L, d, s, i)
+            for t in self.tasks for L in t.lengths for d in t.depths for s in self.seeds for i in range(self.samples)
+        ]
+
+    def size(self) -> tuple[int, int]:
+        """``(samples, runs)``: how many samples and method runs the grid holds."""
+        n = len(self.sample_specs())
+        return n, n * len(self.methods)
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _is_int(v, minimum: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _int_list(value, what: str, minimum: int) -> list[int]:
+    """A list of integers >= ``minimum`` (a bare integer is a list of one)."""
+    if _is_int(value, minimum):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(_is_int(v, minimum) for v in value):
+        raise ConfigError(f"{what} must be a non-empty list of integers >= {minimum}, got {value!r}")
+    return value
+
+
+def _placements(value, what: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or any(p not in PLACEMENTS for p in value):
+        raise ConfigError(f"{what} must be a list of placements from {list(PLACEMENTS)}, got {value!r}")
+    return list(dict.fromkeys(value))
+
+
+def _task_spec(entry, default_lengths: list[int], i: int) -> TaskSpec:
+    if isinstance(entry, str):
+        entry = {"task": entry}
+    if not isinstance(entry, dict) or "task" not in entry:
+        raise ConfigError(f"tasks.{i} must be a task name or an object with a 'task' key, got {entry!r}")
+    unknown = set(entry) - set(TASK_KEYS)
+    if unknown:
+        raise ConfigError(f"tasks.{i}: unknown keys {sorted(unknown)}; allowed: {', '.join(TASK_KEYS)}")
+    name = entry["task"]
+    if name not in task_lib.TASKS:
+        raise ConfigError(f"tasks.{i}: unknown task {name!r}; available: {', '.join(task_lib.TASKS)}")
+    lengths = _int_list(entry.get("lengths", default_lengths), f"tasks.{i}.lengths", 16)
+    depths = entry.get("depths", [None])
+    if not isinstance(depths, list) or not depths:
+        raise ConfigError(f"tasks.{i}.depths must be a non-empty list of numbers in [0, 1] or null, got {depths!r}")
+    for d in depths:
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1):
+            raise ConfigError(f"tasks.{i}.depths: {d!r} is not a number in [0, 1] or null")
+    if name not in task_lib.DEPTH_TASKS and depths != [None]:
+        raise ConfigError(f"tasks.{i}: {name} has no needle depth; remove 'depths' (needle tasks: "
+                          f"{', '.join(sorted(task_lib.DEPTH_TASKS))})")
+    options = entry.get("options") or {}
+    params = inspect.signature(task_lib.TASKS[name]).parameters
+    fixed = {"tokenizer", "length", "seed", "index", "depth", "task"}
+    allowed = sorted(p for p in params if p not in fixed)
+    bad = [k for k in options if k not in allowed or k in fixed]
+    if bad:
+        raise ConfigError(f"tasks.{i}.options: {name} has no option {bad[0]!r}; options: {', '.join(allowed)}")
+    return TaskSpec(name, lengths, [None if d is None else float(d) for d in depths], dict(options))
+
+
+def _method_specs(entry, default_placements: list[str], i: int) -> list[MethodSpec]:
+    import tokensparse as ts
+
+    if isinstance(entry, str):
+        entry = {"method": entry}
+    if not isinstance(entry, dict) or "method" not in entry:
+        raise ConfigError(f"methods.{i} must be a method name or an object with a 'method' key, got {entry!r}")
+    unknown = set(entry) - set(METHOD_KEYS)
+    if unknown:
+        raise ConfigError(f"methods.{i}: unknown keys {sorted(unknown)}; allowed: {', '.join(METHOD_KEYS)}")
+    name = entry["method"]
+    if name != DENSE and name not in ts.methods.names():
+        raise ConfigError(f"methods.{i}: unknown method {name!r}; "
+                          f"registered: {', '.join(ts.methods.names())} (and dense)")
+    configs = entry.get("configs", [{}])
+    if not isinstance(configs, list) or not configs or not all(isinstance(c, dict) for c in configs):
+        raise ConfigError(f"methods.{i}.configs must be a non-empty list of objects (settings), got {configs!r}")
+    placements = _placements(entry.get("placements", default_placements), f"methods.{i}.placements")
+    specs = []
+    for j, settings in enumerate(configs):
+        if name == DENSE:
+            if settings:
+                raise ConfigError(f"methods.{i}.configs.{j}: dense takes no settings")
+        else:
+            cls = ts.methods.get(name)
+            fields = {f.name for f in dataclasses.fields(cls)}
+            bad = sorted(set(settings) - fields)
+            if bad:
+                raise ConfigError(f"methods.{i}.configs.{j}: {name} has no setting {bad[0]!r}; "
+                                  f"settings: {', '.join(sorted(fields))}")
+            try:
+                cls(**settings)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"methods.{i}.configs.{j}: bad {name} settings: {e}") from None
+        specs += [MethodSpec(name, dict(settings), p) for p in placements]
+    return specs
+
+
+def build_grid(config: dict) -> Grid:
+    """Validate a raw config dict and expand it into a :class:`Grid` (dense added, duplicates dropped)."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"a grid config is a JSON object, got {type(config).__name__}")
+    unknown = set(config) - set(DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown config keys {sorted(unknown)}; known keys: {', '.join(DEFAULTS)}")
+    cfg = {**DEFAULTS, **config}
+    if not cfg["tasks"] or not isinstance(cfg["tasks"], list):
+        raise ConfigError("the config needs a non-empty 'tasks' list, e.g. \"tasks\": [\"passkey\"]")
+    if not isinstance(cfg["methods"], list):
+        raise ConfigError("'methods' must be a list of method names or objects")
+    seeds = _int_list(cfg["seeds"], "seeds", 0)
+    samples = cfg["samples"]
+    if not _is_int(samples, 1):
+        raise ConfigError(f"samples must be an integer >= 1 (samples per cell), got {samples!r}")
+    lengths = _int_list(cfg["lengths"], "lengths", 16)
+    placements = _placements(cfg["placements"], "placements")
+    task_specs = [_task_spec(t, lengths, i) for i, t in enumerate(cfg["tasks"])]
+
+    methods: list[MethodSpec] = []
+    for i, entry in enumerate(cfg["methods"]):
+        methods += _method_specs(entry, placements, i)
+    sparse = [m for m in methods if m.name != DENSE]
+    if cfg["dense_placements"] is None:
+        used = {m.placement for m in methods}
+        dense_pl = [p for p in PLACEMENTS if p in used] or placements
+    else:
+        dense_pl = _placements(cfg["dense_placements"], "dense_placements")
+    dense = [MethodSpec(DENSE, {}, p) for p in dense_pl]
+    unique: dict[str, MethodSpec] = {}  # by full config: {"budget": 0.5} and {} may be the same run
+    for m in dense + sparse:
+        unique.setdefault(json.dumps([m.full_config(), m.placement], sort_keys=True), m)
+
+    for key in ("loglik_max_length", "max_new_tokens", "threads"):
+        v = cfg[key]
+        if v is not None and not _is_int(v, 1):
+            raise ConfigError(f"{key} must be null or an integer >= 1, got {v!r}")
+    for key in ("answer_loglik", "telemetry"):
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
+    return Grid(
+        name=str(cfg["name"]), description=str(cfg["description"]), seeds=seeds, samples=samples,
+        tasks=task_specs, methods=list(unique.values()), answer_loglik=cfg["answer_loglik"],
+        loglik_max_length=cfg["loglik_max_length"], telemetry=cfg["telemetry"],
+        max_new_tokens=cfg["max_new_tokens"], threads=cfg["threads"], config=_jsonable(cfg),
+    )

@@ -1,0 +1,335 @@
+"""Turn result JSONL files of :mod:`tokensparse.eval.runner` into a Markdown report and PNG plots.
+
+Every sparse row is paired with the dense row of the *same sample* (same model, task, options,
+length, depth, seed and index), preferring one from the same run and placement, so accuracy
+deltas and speed ratios compare like with like. Speed-ups are ``dense time / method time`` per
+row, then the median over rows; accuracy is the mean score with the number of runs ``n``.
+
+The report holds: a summary per method config and placement (accuracy, paired delta vs dense,
+mean answer log-likelihood, logit fidelity vs dense, telemetry density and kept attention mass,
+median prefill seconds, decode ms/token and KV bytes with their ratios to dense), accuracy per
+task and length, failed runs, the environment that produced the numbers, and the plots of
+:mod:`tokensparse.eval.plots`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .harness import PLACEMENTS
+from .runner import read_rows
+
+DENSE = "dense"
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def result_files(sources: str | Path | Iterable[str | Path]) -> list[Path]:
+    """JSONL files named by ``sources``: files as given, directories searched for ``*.jsonl``."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    files: list[Path] = []
+    for src in sources:
+        p = Path(src)
+        if p.is_dir():
+            found = sorted(p.glob("*.jsonl"))
+            if not found:
+                raise FileNotFoundError(f"{p} holds no *.jsonl result files; run `tokensparse eval --out {p}` first")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p} does not exist; pass a results directory or a .jsonl file")
+    return files
+
+
+def load_results(sources) -> tuple[list[dict], list[dict]]:
+    """``(rows, errors)``: one row per key (the last successful one) and the failed runs that
+    never succeeded."""
+    ok: dict[str, dict] = {}
+    failed: dict[str, dict] = {}
+    for f in result_files(sources):
+        for i, row in enumerate(read_rows(f)):
+            key = row.get("key") or f"{f}:{i}"
+            if row.get("error"):
+                failed[key] = row
+            else:
+                ok[key] = row
+    return list(ok.values()), [r for k, r in failed.items() if k not in ok]
+
+
+# --------------------------------------------------------------------------------------------------
+# pairing with dense and per-group summaries
+
+
+def sample_key(row: dict) -> str:
+    m = row.get("model") or {}
+    return json.dumps([m.get("fingerprint"), m.get("dtype"), row["task"], row.get("task_options") or {},
+                       row["length"], row.get("depth"), row["seed"], row.get("index", 0)], sort_keys=True)
+
+
+def pair_with_dense(rows: list[dict]) -> dict[int, dict]:
+    """``id(row) -> dense row`` of the same sample: same run and placement first, then same run,
+    then same placement, then any."""
+    dense: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["method"] == DENSE:
+            dense[sample_key(r)].append(r)
+    out = {}
+    for r in rows:
+        cands = dense.get(sample_key(r))
+        if not cands:
+            continue
+        out[id(r)] = max(cands, key=lambda d: (d.get("run_id") == r.get("run_id"), d["placement"] == r["placement"]))
+    return out
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.median(xs) if xs else None
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def generation_seconds(row: dict) -> float | None:
+    """Prefill plus the timed decode steps (the first new token comes from the prefill)."""
+    p, d, n = row.get("prefill_s"), row.get("decode_ms_per_token"), row.get("new_tokens") or 1
+    if p is None:
+        return None
+    if n <= 1 or d is None or math.isnan(d):
+        return p
+    return p + d * (n - 1) / 1000
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) and not math.isnan(a) and not math.isnan(b) else None
+
+
+@dataclass
+class Group:
+    """All rows of one method config at one placement, with paired-dense statistics."""
+
+    label: str
+    method: str
+    placement: str
+    config: dict
+    rows: list[dict] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.label} [{self.placement}]"
+
+    @property
+    def is_dense(self) -> bool:
+        return self.method == DENSE
+
+
+def summarize(rows: list[dict]) -> list[Group]:
+    """One :class:`Group` per (method config, placement), dense groups first."""
+    paired = pair_with_dense(rows)
+    groups: dict[tuple, Group] = {}
+    for r in rows:
+        k = (json.dumps(r["config"], sort_keys=True), r["placement"])
+        if k not in groups:
+            groups[k] = Group(r["label"], r["method"], r["placement"], r["config"])
+        groups[k].rows.append(r)
+    for g in groups.values():
+        rs = g.rows
+        d = [paired.get(id(r)) for r in rs]
+        tele = [r.get("telemetry") or {} for r in rs]
+        fid = [r.get("fidelity") or {} for r in rs]
+        g.stats = {
+            "n": len(rs),
+            "accuracy": _mean([r["score"] for r in rs]),
+            "delta_vs_dense": _mean([r["score"] - x["score"] for r, x in zip(rs, d) if x is not None]),
+            "paired": sum(x is not None for x in d),
+            "loglik": _mean([r.get("answer_loglik") for r in rs]),
+            "loglik_n": sum(r.get("answer_loglik") is not None for r in rs),
+            "kl": _mean([f.get("kl") for f in fid]),
+            "top1": _mean([f.get("top1") for f in fid]),
+            "density": _mean([t.get("density") for t in tele]),
+            "mass": _mean([t.get("mass") for t in tele]),
+            "prefill_s": _median([r.get("prefill_s") for r in rs]),
+            "decode_ms": _median([r.get("decode_ms_per_token") for r in rs]),
+            "kv_mib": _median([r["kv_bytes"] / 2**20 if r.get("kv_bytes") is not None else None for r in rs]),
+            "prefill_speedup": _median([_ratio(x.get("prefill_s"), r.get("prefill_s")) for r, x in zip(rs, d) if x]),
+            "decode_speedup": _median([_ratio(x.get("decode_ms_per_token"), r.get("decode_ms_per_token"))
+                                       for r, x in zip(rs, d) if x]),
+            "speedup": _median([_ratio(generation_seconds(x), generation_seconds(r)) for r, x in zip(rs, d) if x]),
+            "kv_ratio": _median([_ratio(r.get("kv_bytes"), x.get("kv_bytes")) for r, x in zip(rs, d) if x]),
+        }
+    order = {p: i for i, p in enumerate(PLACEMENTS)}
+    return sorted(groups.values(), key=lambda g: (not g.is_dense, g.method, g.label, order.get(g.placement, 9)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _fmt(x, spec: str = ".3g", suffix: str = "") -> str:
+    return "—" if x is None else f"{x:{spec}}{suffix}"
+
+
+def summary_table(groups: list[Group]) -> str:
+    head = ("| method (settings) | placement | n | accuracy | Δ vs dense (paired) | answer loglik (nats) "
+            "| KL vs dense | top-1 vs dense | density | mass kept | prefill s (median) | prefill speed-up "
+            "| decode ms/token (median) | decode speed-up | generation speed-up | KV MiB (median) | KV vs dense |\n"
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+    lines = []
+    for g in groups:
+        s = g.stats
+        ref = g.is_dense
+        lines.append("| " + " | ".join([
+            f"`{g.label}`", g.placement, str(s["n"]), _fmt(100 * s["accuracy"], ".1f", "%"),
+            "ref" if ref else _fmt(None if s["delta_vs_dense"] is None else 100 * s["delta_vs_dense"], "+.1f", " pt"),
+            _fmt(s["loglik"], ".2f"), "ref" if ref else _fmt(s["kl"], ".3g"),
+            "ref" if ref else _fmt(None if s["top1"] is None else 100 * s["top1"], ".0f", "%"),
+            "1 (dense)" if ref else _fmt(s["density"], ".3f"), "1 (dense)" if ref else _fmt(s["mass"], ".3f"),
+            _fmt(s["prefill_s"], ".3g"), "ref" if ref else _fmt(s["prefill_speedup"], ".2f", "×"),
+            _fmt(s["decode_ms"], ".3g"), "ref" if ref else _fmt(s["decode_speedup"], ".2f", "×"),
+            "ref" if ref else _fmt(s["speedup"], ".2f", "×"),
+            _fmt(s["kv_mib"], ".3g"), "ref" if ref else _fmt(s["kv_ratio"], ".2f", "×"),
+        ]) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def task_tables(groups: list[Group]) -> str:
+    """Accuracy (n) per task, one table per task: a row per group, a column per length."""
+    out = []
+    tasks = sorted({r["task"] for g in groups for r in g.rows})
+    for task in tasks:
+        lengths = sorted({r["length"] for g in groups for r in g.rows if r["task"] == task})
+        out.append(f"**{task}**\n\n| method (settings) | placement | " + " | ".join(f"L={L}" for L in lengths)
+                   + " |\n|---|---|" + "--:|" * len(lengths))
+        for g in groups:
+            cells = []
+            for L in lengths:
+                sc = [r["score"] for r in g.rows if r["task"] == task and r["length"] == L]
+                cells.append(f"{100 * sum(sc) / len(sc):.0f}% ({len(sc)})" if sc else "—")
+            if any(c != "—" for c in cells):
+                out.append(f"| `{g.label}` | {g.placement} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _distinct(rows, get) -> list:
+    seen = []
+    for r in rows:
+        try:
+            v = get(r)
+        except (KeyError, TypeError):
+            continue
+        if v is not None and v not in seen:
+            seen.append(v)
+    return seen
+
+
+def _model(r):
+    m = r["model"]
+    return f"{m['path'] or 'model'} (fingerprint {m['fingerprint']}, {m['dtype']})"
+
+
+def _hardware(r):
+    hw = r["env"]["hardware"]
+    return f"{hw['cpu']}, {hw['cpu_count']} CPUs, {hw['device']}"
+
+
+def _git(r):
+    git = r["env"]["git"]
+    return f"{git['commit']}{' (uncommitted changes)' if git['dirty'] else ''}"
+
+
+def environment_section(rows: list[dict]) -> str:
+    """Every distinct model, thread count, hardware, version set, commit and command of the rows."""
+    items = [
+        ("suite(s)", _distinct(rows, lambda r: r["suite"])),
+        ("runs", _distinct(rows, lambda r: r["run_id"])),
+        ("model", _distinct(rows, _model)),
+        ("seeds", sorted(_distinct(rows, lambda r: r["seed"]))),
+        ("torch threads", _distinct(rows, lambda r: r["env"]["torch_threads"])),
+        ("hardware", _distinct(rows, _hardware)),
+        ("versions", _distinct(rows, lambda r: ", ".join(f"{k} {v}" for k, v in r["env"]["versions"].items() if v))),
+        ("git commit", _distinct(rows, _git)),
+        ("command", _distinct(rows, lambda r: r["env"]["command"])),
+    ]
+    loads = [r["loadavg"][0] for r in rows if r.get("loadavg")]
+    lines = [f"- {name}: " + "; ".join(f"`{v}`" for v in vals) for name, vals in items if vals]
+    if loads:
+        lines.append(f"- 1-min load average during the runs: {min(loads):.2f} to {max(loads):.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def errors_section(errors: list[dict]) -> str:
+    if not errors:
+        return ""
+    by: dict[tuple, list] = defaultdict(list)
+    for e in errors:
+        by[(e.get("label"), e.get("placement"), e.get("error"))].append(e)
+    lines = ["## Failed runs (not in the tables above)\n", "| method (settings) | placement | runs | error |",
+             "|---|---|--:|---|"]
+    for (label, placement, err), es in sorted(by.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"| `{label}` | {placement} | {len(es)} | {str(err).replace('|', '/')[:200]} |")
+    return "\n".join(lines) + "\n\n"
+
+
+NOTES = """\
+Notes: accuracy is the mean score per run (each task's metric: RULER's string_match_all, or the
+first word for the character probes); Δ vs dense is the mean paired difference on the same
+samples. Speed-ups are dense time / method time per sample, median over samples, against the
+dense run of the same sample (same run and placement when present); generation time is the
+prefill plus the timed decode steps. KL vs dense and top-1 agreement compare the teacher-forced
+logits of the gold answer; density and kept mass are the engine's telemetry (sampled query rows),
+averaged over the layers and calls the method reports (e.g. only the sparse layers of
+token_sparse, only the decode steps of token_select).
+Placement `inside`: the question is part of the prompt the method may compress; `after`: it is
+fed after the context was prefilled (and possibly compressed).
+"""
+
+
+def render_markdown(rows: list[dict], errors: list[dict], groups: list[Group], plots: dict[str, Path],
+                    sources: list[Path], out_dir: Path) -> str:
+    parts = [
+        "# tokensparse evaluation report\n",
+        f"{len(rows)} runs from " + ", ".join(f"`{s}`" for s in sources)
+        + (f"; {len(errors)} failed run{'s' if len(errors) > 1 else ''} listed below" if errors else "") + ".\n",
+        "## Environment\n", environment_section(rows),
+        "## Summary per method, config and placement\n", summary_table(groups), NOTES,
+        "## Accuracy by task and context length\n", "Accuracy (runs) per cell.\n", task_tables(groups),
+    ]
+    if plots:
+        parts.append("## Plots\n")
+        for title, path in plots.items():
+            rel = path.relative_to(out_dir) if path.is_relative_to(out_dir) else path
+            parts.append(f"### {title}\n\n![{title}]({rel})\n")
+    parts.append(errors_section(errors))
+    return "\n".join(parts)
+
+
+def write_report(sources, out_dir: str | Path, *, plots: bool = True) -> Path:
+    """Write ``out_dir/report.md`` (and the PNGs next to it); returns the Markdown path."""
+    from . import plots as plot_lib
+
+    files = result_files(sources)
+    rows, errors = load_results(files)
+    if not rows:
+        raise ValueError(f"no successful runs in {', '.join(map(str, files))}"
+                         + (f" ({len(errors)} failed runs)" if errors else ""))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = summarize(rows)
+    made = plot_lib.make_all(rows, groups, out) if plots else {}
+    md = out / "report.md"
+    md.write_text(render_markdown(rows, errors, groups, made, files, out))
+    return md
