@@ -312,3 +312,19 @@ def test_missing_profile_warns_and_uses_second_half(model):
     with pytest.warns(UserWarning, match="fallback"):
         with ts.sparsify(model, ts.methods.get("token_sparse")()) as s:
             assert s.info["token_sparse_layers"] == [1, 2]
+
+
+@pytest.mark.parametrize("evicting", [False, True])
+def test_cache_clone_is_independent_and_keeps_capacity(model, evicting):
+    ids, _ = tiny_inputs(1, 30)
+    with torch.no_grad():
+        cache = ts.KVCache(model, evicting=evicting)
+        model(ids[:, :20], cache=cache)
+        copy = cache.clone()
+        assert [lyr.capacity for lyr in copy.layers] == [lyr.capacity for lyr in cache.layers]
+        a = model(ids[:, 20:25], cache=copy).logits
+        assert cache.get_seq_length() == 20 and copy.get_seq_length() == 25  # the original is untouched
+        b = model(ids[:, 20:25], cache=cache).logits
+        ref = model(ids[:, :25], cache=ts.KVCache(model)).logits[:, 20:]
+    assert torch.equal(a, b)
+    assert max_diff(a, ref) < 1e-4

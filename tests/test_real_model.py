@@ -14,8 +14,10 @@ from tokensparse.eval.harness import run_sample
 pytestmark = pytest.mark.slow
 
 CONFIGS = {
-    "token_sparse": {"min_tokens": 256, "layers": "all", "coverage": 0.01},
-    "token_select": {"budget": 0.25, "n_sink": 64, "n_local": 128},
+    # late layers: on SmolLM2 dropping tokens in the early layers the drift profile picks loses
+    # needles placed early in the context (docs/results/README.md)
+    "token_sparse": {"layers": list(range(20, 30)), "coverage": 0.05, "window": 16, "min_tokens": 256},
+    "token_select": {"budget": 0.25, "n_sink": 64, "n_local": 128, "reuse_threshold": 0.8},
     "snapkv": {"budget": 0.5},
     "streaming_llm": {"budget": 0.5},
 }
@@ -46,7 +48,7 @@ def test_method_retrieves_at_moderate_budget(bundled, sample, name):
     method = ts.methods.get(name)(**CONFIGS[name])
     r = run_sample(*bundled, sample, method, telemetry=True)
     assert r.correct, f"{name}: {r.prediction!r}"
-    assert r.telemetry is None or r.telemetry["density"] < 1.0 or name == "token_sparse"
+    assert r.telemetry["density"] < 0.95  # the method did skip tokens
 
 
 def test_eviction_reduces_kv_bytes(bundled, sample):

@@ -20,7 +20,10 @@ def build_method(name: str, settings: list[str] | None):
     """A method config from ``name`` and ``key=value`` strings (values parsed as Python literals)."""
     import tokensparse as ts
 
-    cls = ts.methods.get(name)
+    try:
+        cls = ts.methods.get(name)
+    except KeyError as e:
+        raise SystemExit(str(e)) from None
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for item in settings or []:
@@ -126,7 +129,8 @@ def cmd_demo(args) -> int:
     placements = ("inside", "after") if args.placement == "both" else (args.placement,)
     print(f"tokensparse demo: pass key retrieval at ~{args.length} tokens, {args.depths} depths, bundled "
           "SmolLM2-135M-Instruct (fp32, plain completion prompt). Loading the model...", flush=True)
-    result = demo.run(length=args.length, n_depths=args.depths, placements=placements, seed=args.seed)
+    result = demo.run(length=args.length, n_depths=args.depths, placements=placements, seed=args.seed,
+                      extended=args.extended)
     print()
     print(demo.format_table(result["summary"]))
     env = result["env"]
@@ -181,6 +185,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="question placement for the eviction methods")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", help="also write all rows as JSON")
+    s.add_argument("--extended", action="store_true", help="add the configurations the speed benchmarks report")
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_demo)
 

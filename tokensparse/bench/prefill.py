@@ -28,8 +28,8 @@ from . import spread, timed
 #: (τ = 0.005, W = 128, min 1024 tokens, layers from the drift profile at δ = 0.5).
 CONFIGS = [
     ("token_sparse (paper defaults)", {}),
-    ("token_sparse δ=0.8, τ=0.02", {"drift_quantile": 0.8, "coverage": 0.02}),
-    ("token_sparse all layers≥2, τ=0.02", {"layers": list(range(2, 30)), "coverage": 0.02}),
+    ("token_sparse late layers τ=0.05", {"layers": list(range(20, 30)), "coverage": 0.05, "window": 16}),
+    ("token_sparse δ=0.95 τ=0.02", {"drift_quantile": 0.95, "coverage": 0.02}),
 ]
 
 

@@ -182,12 +182,15 @@ class PreallocLayer(CacheLayerMixin):
         return self._kbuf.numel() * self._kbuf.element_size() + self._vbuf.numel() * self._vbuf.element_size()
 
     def clone(self) -> "PreallocLayer":
-        """A deep copy (used to run several methods from one shared prefill)."""
+        """A deep copy with the same capacity (used to run several methods from one shared prefill;
+        keeping the spare rows means the copy's first decode steps do not reallocate)."""
         new = self.__class__.__new__(self.__class__)
         new.__dict__.update(self.__dict__)
         if self.is_initialized:
-            new._kbuf = self._kbuf[:, :, : max(self.n, 1)].clone()
-            new._vbuf = self._vbuf[:, :, : max(self.n, 1)].clone()
+            new._kbuf = torch.empty_like(self._kbuf)
+            new._vbuf = torch.empty_like(self._vbuf)
+            new._kbuf[:, :, : self.n].copy_(self._kbuf[:, :, : self.n])
+            new._vbuf[:, :, : self.n].copy_(self._vbuf[:, :, : self.n])
             new._refresh_views()
         return new
 
@@ -299,7 +302,7 @@ class EvictingLayer(PreallocLayer):
     def clone(self) -> "EvictingLayer":
         new = super().clone()
         if self.is_initialized:
-            new._slots = self._slots[:, :, : max(self.n, 1)].clone()
+            new._slots = self._slots.clone()
         return new
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
