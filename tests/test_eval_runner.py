@@ -42,7 +42,8 @@ def tok():
 def test_end_to_end_rows(model, tok, tmp_path):
     grid = G.build_grid(CONFIG)
     out = runner.run_grid(model, tok, grid, tmp_path, progress=False, command="pytest")
-    assert out == {"path": str(tmp_path / "tiny.jsonl"), "total": 4, "skipped": 0, "ran": 4, "errors": 0}
+    assert out == {"path": str(tmp_path / "tiny.jsonl"), "total": 4, "skipped": 0, "ran": 4, "errors": 0,
+                   "peer_runs": 0, "peers_skipped": 0}
     rows = runner.read_rows(out["path"])
     assert [(r["method"], r["placement"]) for r in rows] == [
         ("dense", "inside"), ("dense", "after"), ("snapkv", "after"), ("token_select", "inside")]

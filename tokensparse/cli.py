@@ -180,7 +180,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="pass key retrieval: dense vs the core methods on the bundled model")
     s.add_argument("--length", type=int, default=4096)
-    s.add_argument("--depths", type=int, default=4)
+    s.add_argument("--depths", type=int, default=3)
     s.add_argument("--placement", choices=("inside", "after", "both"), default="both",
                    help="question placement for the eviction methods")
     s.add_argument("--seed", type=int, default=0)

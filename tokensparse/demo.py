@@ -75,7 +75,7 @@ def depths_grid(n: int) -> list[float]:
     return [round(0.05 + 0.9 * i / (n - 1), 3) for i in range(n)]
 
 
-def run(length: int = 4096, n_depths: int = 4, placements=("inside", "after"), seed: int = 0,
+def run(length: int = 4096, n_depths: int = 3, placements=("inside", "after"), seed: int = 0,
         entries: list[Entry] | None = None, model=None, tokenizer=None, progress: bool = True,
         extended: bool = False) -> dict:
     """Run the comparison and return ``{"env": ..., "rows": [...], "summary": [...]}``."""

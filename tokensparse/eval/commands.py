@@ -5,6 +5,7 @@
     tokensparse eval --suite smoke --out results                 # ~2 minutes on 2 cores
     tokensparse eval --suite standard --threads 2 --out results
     tokensparse eval --config grid.json --set lengths=[1024] --set seeds=[0,1] --out results
+    tokensparse eval --suite standard --skip-peers --out results  # without the kvpress peers
     tokensparse report --results results --out results/report
 """
 
@@ -32,6 +33,9 @@ def add_commands(subparsers) -> None:
                    help="directory of the results file <DIR>/<grid name>.jsonl, or a .jsonl path (default: results)")
     s.add_argument("--threads", type=int, help="torch threads (default: the config's, else torch's default)")
     s.add_argument("--model", help="local HF model directory (default: the bundled SmolLM2)")
+    s.add_argument("--skip-peers", action="store_true",
+                   help="run no peer library (the grid's 'peers', e.g. kvpress); they are reported as skipped. "
+                        "Without it a grid with peers needs their environment (make kvpress-env)")
     s.add_argument("--dry-run", action="store_true", help="print the grid and exit without loading the model")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_eval)
@@ -55,6 +59,8 @@ def _command_line(args) -> str:
         parts += ["--threads", str(args.threads)]
     if args.model:
         parts += ["--model", args.model]
+    if getattr(args, "skip_peers", False):
+        parts += ["--skip-peers"]
     return shlex.join(parts)
 
 
@@ -64,7 +70,8 @@ def cmd_eval(args) -> int:
     import tokensparse as ts
 
     from .grid import ConfigError, apply_overrides, build_grid, load_config, load_suite
-    from .runner import results_path, run_grid
+    from .peers.kvpress import KvpressEnvMissing
+    from .runner import PeerSetupError, results_path, run_grid
 
     try:
         raw = load_suite(args.suite) if args.suite else load_config(args.config)
@@ -80,17 +87,35 @@ def cmd_eval(args) -> int:
     path = results_path(args.out, grid)
     print(f"grid {grid.name!r}: {n_samples} samples × {len(grid.methods)} method runs = {n_runs} runs "
           f"-> {path} ({torch.get_num_threads()} torch threads)")
+    skip_peers = args.skip_peers or grid.skip_peers
+    if grid.peers:
+        peer_runs = grid.peer_runs()
+        names = ", ".join(dict.fromkeys(p.peer for p in grid.peers))
+        if skip_peers:
+            print(f"peers SKIPPED (--skip-peers or skip_peers): {n_samples} samples × {len(peer_runs)} {names} runs = "
+                  f"{grid.peer_size()} runs will not be run")
+        else:
+            print(f"peers: {n_samples} samples × {len(peer_runs)} {names} runs = {grid.peer_size()} runs, "
+                  "after the tokensparse runs, in their own environment (docs/peers.md)")
     if args.dry_run:
         for t in grid.tasks:
             options = f", options {t.options}" if t.options else ""
             print(f"  task {t.task}: lengths {t.lengths}, depths {t.depths}{options}")
         for m in grid.methods:
             print(f"  {m.label} [{m.placement}]")
+        for r in grid.peer_runs():
+            print(f"  {r.label} [{r.placement}] (kv kept {r.kv_kept_share:g}){' - skipped' if skip_peers else ''}")
         return 0
     model, tokenizer = ts.load_model(args.model)
-    summary = run_grid(model, tokenizer, grid, args.out, progress=not args.no_progress, command=_command_line(args))
+    try:
+        summary = run_grid(model, tokenizer, grid, args.out, progress=not args.no_progress,
+                           command=_command_line(args), skip_peers=skip_peers)
+    except (KvpressEnvMissing, PeerSetupError) as e:
+        raise SystemExit(f"tokensparse eval: {e}") from None
     print(f"{summary['ran']} runs written to {summary['path']} ({summary['skipped']} already there, "
           f"{summary['errors']} failed).")
+    if summary.get("peers_skipped"):
+        print(f"peers skipped (--skip-peers): {summary['peers_skipped']} peer runs were not run.")
     report_dir = shlex.quote(str(path.parent / "report"))
     print(f"report: tokensparse report --results {shlex.quote(summary['path'])} --out {report_dir}")
     return 1 if summary["errors"] else 0

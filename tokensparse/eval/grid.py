@@ -22,7 +22,9 @@ Config format (every key optional except ``tasks``; defaults shown)::
       "loglik_max_length": null,         # skip that extra pass for prompts longer than this
       "telemetry": true,                 # density / kept attention mass of sparse runs
       "max_new_tokens": null,            # null: the task's own
-      "threads": null                    # torch threads (the CLI's --threads wins)
+      "threads": null,                   # torch threads (the CLI's --threads wins)
+      "peers": [],                       # peer libraries run on the same samples (below)
+      "skip_peers": false                # true (or `tokensparse eval --skip-peers`): run no peer
     }
 
 ``depths`` apply only to needle tasks (:data:`tasks.DEPTH_TASKS`); ``null`` means a random depth
@@ -31,6 +33,26 @@ per sample, and is the default. ``options`` go to the task generator (e.g. ``{"h
 Overrides are ``key=value`` strings with a dotted path (list items by index) and a JSON value; a
 value that is not JSON is taken as a string: ``lengths=[1024]``, ``telemetry=false``,
 ``tasks.0.depths=[0.5]``, ``methods.1.configs=[{"budget":0.1}]``, ``name=quick``.
+
+Peers (``docs/peers.md``): other libraries run on the same samples with identical token ids, scored
+by the same scorer, their rows appended to the same results file. One entry per library::
+
+    "peers": [
+      {"peer": "kvpress",                          # NVIDIA kvpress, in its own env (make kvpress-env)
+       "presses": [["snapkv", 0.5], "tova:0.75",   # [name, compression_ratio], "name:ratio",
+                   {"press": "knorm", "compression_ratio": 0.5},   # or an object,
+                   "expected_attention"],          # or a bare name, crossed with compression_ratios
+       "compression_ratios": [0.5, 0.75],          # for the bare names (optional otherwise)
+       "placements": ["inside", "after"],          # default: the grid's placements
+       "include_dense": true,                      # the peer's own dense run at each placement
+                                                   # (or at a list of placements; false: none)
+       "python": null,                             # the peer env's interpreter (default .venv-kvpress)
+       "timeout_s": null}                          # per worker call; null: no limit
+    ]
+
+kvpress's ``compression_ratio`` is the share of the KV cache *removed*; tokensparse's ``budget`` is
+the share *kept*. Rows record both (``kv_kept_share = 1 - compression_ratio``), so kvpress at 0.75
+matches tokensparse's eviction methods at ``budget=0.25``. Press names: :data:`PEER_PRESSES`.
 """
 
 from __future__ import annotations
@@ -62,10 +84,22 @@ DEFAULTS: dict[str, Any] = {
     "telemetry": True,
     "max_new_tokens": None,
     "threads": None,
+    "peers": [],
+    "skip_peers": False,
 }
 TASK_KEYS = ("task", "lengths", "depths", "options")
 METHOD_KEYS = ("method", "configs", "placements")
+PEER_KEYS = ("peer", "presses", "compression_ratios", "placements", "include_dense", "python", "timeout_s")
 DENSE = "dense"
+
+
+def _peer_presses() -> dict[str, tuple[str, ...]]:
+    from .peers import kvpress
+
+    return {"kvpress": kvpress.PRESSES}
+
+
+PEER_PRESSES: dict[str, tuple[str, ...]] = _peer_presses()  # peer -> press names its worker knows
 
 
 class ConfigError(ValueError):
@@ -171,6 +205,52 @@ class MethodSpec:
 
 
 @dataclass
+class PeerRunSpec:
+    """One peer-library run configuration at one placement, e.g. kvpress's SnapKV at ratio 0.5.
+
+    ``press == "dense"`` is the peer's own dense run (its driver, no press). Duck-types
+    :class:`MethodSpec` (``name``, ``label``, ``settings``, ``placement``, ``full_config``) so result
+    rows have one schema; ``name`` is ``"<peer>:<press>"``, e.g. ``"kvpress:snapkv"``.
+    """
+
+    peer: str
+    press: str
+    compression_ratio: float  # share of the KV cache removed (kvpress's convention)
+    placement: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.peer}:{self.press}"
+
+    @property
+    def kv_kept_share(self) -> float:
+        """Share of the KV cache kept: ``1 - compression_ratio`` (tokensparse's ``budget``)."""
+        return round(1.0 - self.compression_ratio, 6)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {} if self.press == DENSE else {"compression_ratio": self.compression_ratio}
+
+    @property
+    def label(self) -> str:
+        return self.name if self.press == DENSE else f"{self.name}(compression_ratio={self.compression_ratio:g})"
+
+    def full_config(self) -> dict:
+        return {"method": self.name, "peer": self.peer, "press": self.press,
+                "compression_ratio": self.compression_ratio, "kv_kept_share": self.kv_kept_share}
+
+
+@dataclass
+class PeerSpec:
+    """One ``peers`` entry: the runs of one library (dense first) and how to launch it."""
+
+    peer: str
+    runs: list[PeerRunSpec]
+    python: str | None = None
+    timeout_s: float | None = None
+
+
+@dataclass
 class SampleSpec:
     """One sample to generate: a task at a length, depth (``None`` = random), seed and index."""
 
@@ -208,6 +288,8 @@ class Grid:
     max_new_tokens: int | None
     threads: int | None
     config: dict  # the validated raw config (recorded with the results)
+    peers: list[PeerSpec] = field(default_factory=list)
+    skip_peers: bool = False
 
     def sample_specs(self) -> list[SampleSpec]:
         """Tasks outer, then lengths, depths, seeds, sample index."""
@@ -220,6 +302,14 @@ class Grid:
         """``(samples, runs)``: how many samples and method runs the grid holds."""
         n = len(self.sample_specs())
         return n, n * len(self.methods)
+
+    def peer_runs(self) -> list[PeerRunSpec]:
+        """Every peer run configuration (all entries; ``skip_peers`` is the runner's business)."""
+        return [r for p in self.peers for r in p.runs]
+
+    def peer_size(self) -> int:
+        """How many peer runs the grid holds (samples × peer run configurations)."""
+        return len(self.sample_specs()) * len(self.peer_runs())
 
 
 def _jsonable(value):
@@ -316,6 +406,107 @@ def _method_specs(entry, default_placements: list[str], i: int) -> list[MethodSp
     return specs
 
 
+def _is_ratio(r) -> bool:
+    return isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < 1
+
+
+def _ratio(r, where: str, name: str) -> float:
+    if isinstance(r, str):
+        try:
+            r = float(r)
+        except ValueError:
+            pass
+    if not _is_ratio(r):
+        raise ConfigError(f"{where}: compression_ratio of {name!r} must be a number in [0, 1) (the share of "
+                          f"the KV cache removed; kv_kept_share = 1 - ratio), got {r!r}")
+    return float(r)
+
+
+def _press_list(entry: dict, peer: str, i: int) -> list[tuple[str, float]]:
+    """The ``(press, compression_ratio)`` pairs of a peer entry, validated, in order."""
+    known = PEER_PRESSES[peer]
+    from .peers.kvpress import DENSE_NAMES
+
+    ratios = entry.get("compression_ratios")
+    if ratios is not None:
+        if not isinstance(ratios, list) or not ratios:
+            raise ConfigError(f"peers.{i}.compression_ratios must be a non-empty list of numbers in [0, 1), "
+                              f"got {ratios!r}")
+        ratios = [_ratio(r, f"peers.{i}.compression_ratios", "compression_ratios") for r in ratios]
+    presses = entry.get("presses")
+    if not isinstance(presses, list) or not presses:
+        raise ConfigError(f"peers.{i}.presses must be a non-empty list, e.g. [[\"snapkv\", 0.5], \"tova:0.5\"], "
+                          f"got {presses!r}")
+    out: list[tuple[str, float]] = []
+    for j, item in enumerate(presses):
+        where = f"peers.{i}.presses.{j}"
+        ratio: Any = None
+        if isinstance(item, str):
+            name, sep, text = item.partition(":")
+            ratio = text.strip() if sep else None
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str):
+            name, ratio = item
+        elif isinstance(item, dict) and isinstance(item.get("press"), str):
+            bad = sorted(set(item) - {"press", "compression_ratio"})
+            if bad:
+                raise ConfigError(f"{where}: unknown keys {bad}; allowed: press, compression_ratio")
+            name, ratio = item["press"], item.get("compression_ratio")
+        else:
+            raise ConfigError(f"{where} must be \"name:ratio\", [name, ratio], {{\"press\": name, "
+                              f"\"compression_ratio\": ratio}} or a bare name, got {item!r}")
+        name = name.strip().lower()
+        if name in DENSE_NAMES:
+            if ratio not in (None, "") and _ratio(ratio, where, DENSE) != 0:
+                raise ConfigError(f"{where}: dense takes no compression ratio, got {ratio!r}")
+            out.append((DENSE, 0.0))
+            continue
+        if name not in known:
+            raise ConfigError(f"{where}: unknown {peer} press {name!r}; known: dense, {', '.join(known)}")
+        if ratio is None:
+            if ratios is None:
+                raise ConfigError(f"{where}: press {name!r} needs a compression ratio: [\"{name}\", 0.5], "
+                                  f"\"{name}:0.5\", or a 'compression_ratios' list on peers.{i}")
+            out += [(name, r) for r in ratios]
+        else:
+            out.append((name, _ratio(ratio, where, name)))
+    return out
+
+
+def _peer_spec(entry, default_placements: list[str], i: int) -> PeerSpec:
+    if not isinstance(entry, dict) or "peer" not in entry:
+        raise ConfigError(f"peers.{i} must be an object with a 'peer' key, e.g. "
+                          f"{{\"peer\": \"kvpress\", \"presses\": [[\"snapkv\", 0.5]]}}, got {entry!r}")
+    unknown = set(entry) - set(PEER_KEYS)
+    if unknown:
+        raise ConfigError(f"peers.{i}: unknown keys {sorted(unknown)}; allowed: {', '.join(PEER_KEYS)}")
+    peer = entry["peer"]
+    if peer not in PEER_PRESSES:
+        raise ConfigError(f"peers.{i}: unknown peer {peer!r}; supported: {', '.join(PEER_PRESSES)}")
+    presses = _press_list(entry, peer, i)
+    placements = _placements(entry.get("placements", default_placements), f"peers.{i}.placements")
+    include_dense = entry.get("include_dense", True)
+    if include_dense is True:
+        dense_placements = placements
+    elif include_dense is False:
+        dense_placements = []
+    elif isinstance(include_dense, (list, str)):
+        dense_placements = _placements(include_dense, f"peers.{i}.include_dense")
+    else:
+        raise ConfigError(f"peers.{i}.include_dense must be true, false or a list of placements, got {include_dense!r}")
+    python = entry.get("python")
+    if python is not None and (not isinstance(python, str) or not python):
+        raise ConfigError(f"peers.{i}.python must be null or the path of the {peer} env's interpreter, got {python!r}")
+    timeout = entry.get("timeout_s")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ConfigError(f"peers.{i}.timeout_s must be null or a number of seconds > 0, got {timeout!r}")
+    if (DENSE, 0.0) in presses and not dense_placements:
+        raise ConfigError(f"peers.{i}: 'dense' is listed in presses but include_dense is false")
+    presses = [p for p in dict.fromkeys(presses) if p[0] != DENSE]  # dense runs follow include_dense
+    runs = [PeerRunSpec(peer, DENSE, 0.0, p) for p in dense_placements]
+    runs += [PeerRunSpec(peer, name, r, p) for p in placements for name, r in presses]
+    return PeerSpec(peer, runs, python, None if timeout is None else float(timeout))
+
+
 def build_grid(config: dict) -> Grid:
     """Validate a raw config dict and expand it into a :class:`Grid` (dense added, duplicates dropped)."""
     if not isinstance(config, dict):
@@ -354,12 +545,22 @@ def build_grid(config: dict) -> Grid:
         v = cfg[key]
         if v is not None and not _is_int(v, 1):
             raise ConfigError(f"{key} must be null or an integer >= 1, got {v!r}")
-    for key in ("answer_loglik", "telemetry"):
+    for key in ("answer_loglik", "telemetry", "skip_peers"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
+    if not isinstance(cfg["peers"], list):
+        raise ConfigError("'peers' must be a list of objects, e.g. [{\"peer\": \"kvpress\", \"presses\": [[\"snapkv\", 0.5]]}]")
+    peers, seen = [], set()
+    for i, entry in enumerate(cfg["peers"]):
+        spec = _peer_spec(entry, placements, i)
+        spec.runs = [r for r in spec.runs if json.dumps([r.full_config(), r.placement]) not in seen]
+        seen |= {json.dumps([r.full_config(), r.placement]) for r in spec.runs}
+        if spec.runs:
+            peers.append(spec)
     return Grid(
         name=str(cfg["name"]), description=str(cfg["description"]), seeds=seeds, samples=samples,
         tasks=task_specs, methods=list(unique.values()), answer_loglik=cfg["answer_loglik"],
         loglik_max_length=cfg["loglik_max_length"], telemetry=cfg["telemetry"],
         max_new_tokens=cfg["max_new_tokens"], threads=cfg["threads"], config=_jsonable(cfg),
+        peers=peers, skip_peers=cfg["skip_peers"],
     )

@@ -29,8 +29,8 @@ MARKERS = "osD^vP*X<>"
 def _styles(groups) -> dict[str, dict]:
     """Per group name: a colour per method (dense black), a line style per placement, a marker per config."""
     methods = sorted({g.method for g in groups if not g.is_dense})
-    cmap = plt.get_cmap("tab10")
-    color = {m: cmap(i % 10) for i, m in enumerate(methods)}
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    color = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
     configs: dict[str, list[str]] = defaultdict(list)
     out = {}
     for g in groups:
@@ -117,9 +117,12 @@ def _cell_n(panels) -> str:
 
 
 def _budget(g) -> float | None:
-    """The measured attention density (telemetry), else a ratio ``budget`` setting, else None."""
+    """The measured attention density (telemetry), else a ratio ``budget`` setting, else None; for a
+    peer (kvpress) group, its nominal KV share kept (``1 - compression_ratio``)."""
     if g.is_dense:
         return 1.0
+    if getattr(g, "peer", None) is not None:
+        return g.config.get("kv_kept_share")
     if g.stats.get("density") is not None:
         return g.stats["density"]
     b = g.config.get("budget")
@@ -152,7 +155,9 @@ def accuracy_vs_budget(groups, out: Path) -> Path | None:
                     label=f"{g.name} (n={g.stats['n']})")
     ax.set_xlim(0, 1.05)
     ax.set_ylim(-3, 103)
-    ax.set_xlabel("attention density kept (share of causal query–key pairs, from telemetry)")
+    peers = sorted({g.peer for g in groups if getattr(g, "peer", None)})
+    ax.set_xlabel("attention density kept (share of causal query–key pairs, from telemetry)"
+                  + (f"\n{', '.join(peers)}: nominal KV share kept = 1 − compression_ratio" if peers else ""))
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy vs attention budget (filled: question inside, hollow: after)", fontsize=10)
     ax.grid(alpha=0.3)

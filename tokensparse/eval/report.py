@@ -10,6 +10,13 @@ mean answer log-likelihood, logit fidelity vs dense, telemetry density and kept 
 median prefill seconds, decode ms/token and KV bytes with their ratios to dense), accuracy per
 task and length, failed runs, the environment that produced the numbers, and the plots of
 :mod:`tokensparse.eval.plots`.
+
+Peer rows (NVIDIA kvpress presses, ``method`` ``"kvpress:<press>"``, see ``docs/peers.md``) are
+groups like any other: in the summary table and the plots, paired with tokensparse's dense row of
+the same sample. A "Peer libraries" section adds what only they have: the ratios against the
+peer's own dense run (its driver differs from tokensparse's) and the share of needle tokens kept,
+and a table that lines up every method that shrinks the KV cache at the same kept share
+(kvpress ``compression_ratio`` 0.75 == tokensparse ``budget`` 0.25).
 """
 
 from __future__ import annotations
@@ -92,6 +99,22 @@ def pair_with_dense(rows: list[dict]) -> dict[int, dict]:
     return out
 
 
+def pair_with_peer_dense(rows: list[dict]) -> dict[int, dict]:
+    """``id(peer row) -> the same peer's dense row`` of the same sample (same run and placement first)."""
+    dense: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        c = r.get("config") or {}
+        if c.get("peer") and c.get("press") == DENSE:
+            dense[(c["peer"], sample_key(r))].append(r)
+    out = {}
+    for r in rows:
+        c = r.get("config") or {}
+        cands = dense.get((c.get("peer"), sample_key(r))) if c.get("peer") else None
+        if cands:
+            out[id(r)] = max(cands, key=lambda d: (d.get("run_id") == r.get("run_id"), d["placement"] == r["placement"]))
+    return out
+
+
 def _median(xs):
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return statistics.median(xs) if xs else None
@@ -135,10 +158,40 @@ class Group:
     def is_dense(self) -> bool:
         return self.method == DENSE
 
+    @property
+    def peer(self) -> str | None:
+        """The peer library of a peer group (``"kvpress"``), else ``None``."""
+        return self.config.get("peer") if isinstance(self.config, dict) else None
+
+    @property
+    def is_peer_dense(self) -> bool:
+        return self.peer is not None and self.config.get("press") == DENSE
+
+    @property
+    def kv_kept_share(self) -> float | None:
+        """The nominal share of the KV cache kept: a peer's ``1 - compression_ratio``, a tokensparse
+        eviction method's ratio ``budget``, 1 for dense; ``None`` when the method keeps the whole cache
+        (or its budget is not a ratio)."""
+        if self.is_dense:
+            return 1.0
+        if self.peer is not None:
+            return self.config.get("kv_kept_share")
+        budget = self.config.get("budget")
+        if not isinstance(budget, float) or not 0 < budget <= 1:
+            return None
+        try:
+            import tokensparse as ts
+
+            phase = ts.methods.get(self.method).phase
+        except Exception:
+            return None
+        return budget if str(phase).startswith("eviction") else None
+
 
 def summarize(rows: list[dict]) -> list[Group]:
     """One :class:`Group` per (method config, placement), dense groups first."""
     paired = pair_with_dense(rows)
+    own = pair_with_peer_dense(rows)
     groups: dict[tuple, Group] = {}
     for r in rows:
         k = (json.dumps(r["config"], sort_keys=True), r["placement"])
@@ -170,8 +223,23 @@ def summarize(rows: list[dict]) -> list[Group]:
             "speedup": _median([_ratio(generation_seconds(x), generation_seconds(r)) for r, x in zip(rs, d) if x]),
             "kv_ratio": _median([_ratio(r.get("kv_bytes"), x.get("kv_bytes")) for r, x in zip(rs, d) if x]),
         }
+        if g.peer is not None:
+            o = [own.get(id(r)) for r in rs]
+            peer = [r.get("peer") or {} for r in rs]
+            g.stats.update({
+                "own_paired": sum(x is not None for x in o),
+                "own_delta": _mean([r["score"] - x["score"] for r, x in zip(rs, o) if x is not None]),
+                "own_prefill_speedup": _median([_ratio(x.get("prefill_s"), r.get("prefill_s")) for r, x in zip(rs, o) if x]),
+                "own_decode_speedup": _median([_ratio(x.get("decode_ms_per_token"), r.get("decode_ms_per_token"))
+                                               for r, x in zip(rs, o) if x]),
+                "own_kv_ratio": _median([_ratio(r.get("kv_bytes"), x.get("kv_bytes")) for r, x in zip(rs, o) if x]),
+                "compress_s": _median([p.get("compress_s") for p in peer]),
+                "needle_kept": _mean([p.get("needle_kept_mean") for p in peer]),
+                "versions": _distinct(rs, lambda r: ", ".join(f"{k} {v}" for k, v in r["env"]["versions"].items() if v)),
+            })
     order = {p: i for i, p in enumerate(PLACEMENTS)}
-    return sorted(groups.values(), key=lambda g: (not g.is_dense, g.method, g.label, order.get(g.placement, 9)))
+    return sorted(groups.values(), key=lambda g: (not g.is_dense, g.peer is not None, g.peer or "",
+                                                  not g.is_peer_dense, g.method, g.label, order.get(g.placement, 9)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,6 +271,64 @@ def summary_table(groups: list[Group]) -> str:
             _fmt(s["kv_mib"], ".3g"), "ref" if ref else _fmt(s["kv_ratio"], ".2f", "×"),
         ]) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def peer_section(groups: list[Group]) -> str:
+    """Peer groups against their own dense run, and every KV-shrinking method lined up by kept share."""
+    peers = [g for g in groups if g.peer is not None]
+    if not peers:
+        return ""
+    out = ["## Peer libraries\n",
+           "Presses of " + ", ".join(f"`{p}`" for p in dict.fromkeys(g.peer for g in peers))
+           + " run in their own environment on the same samples (identical token ids), scored the same way. "
+           "In the summary above their Δ and ratios are against tokensparse's dense run of each sample; here "
+           "against the peer's own dense run (`<peer>:dense`, its own generation loop), so the two drivers' "
+           "difference is visible in the `<peer>:dense` row of the summary. `compression_ratio` is the share of "
+           "the KV cache the press removes; KV kept = 1 − compression_ratio.\n",
+           "| peer method | placement | compression ratio | KV kept (nominal) | n | accuracy "
+           "| Δ vs own dense | prefill speed-up vs own dense | decode speed-up vs own dense | KV vs own dense "
+           "| compress s (median) | needle tokens kept |",
+           "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for g in peers:
+        s = g.stats
+        ref = g.is_peer_dense
+        out.append("| " + " | ".join([
+            f"`{g.label}`", g.placement, _fmt(g.config.get("compression_ratio"), "g"), _fmt(g.kv_kept_share, "g"),
+            str(s["n"]), _fmt(100 * s["accuracy"], ".1f", "%"),
+            "ref" if ref else _fmt(None if s.get("own_delta") is None else 100 * s["own_delta"], "+.1f", " pt"),
+            "ref" if ref else _fmt(s.get("own_prefill_speedup"), ".2f", "×"),
+            "ref" if ref else _fmt(s.get("own_decode_speedup"), ".2f", "×"),
+            "ref" if ref else _fmt(s.get("own_kv_ratio"), ".2f", "×"),
+            _fmt(s.get("compress_s"), ".3g"), _fmt(s.get("needle_kept"), ".2f"),
+        ]) + " |")
+    out.append("\nPeer environment: " + "; ".join(
+        f"`{v}`" for v in dict.fromkeys(v for g in peers for v in g.stats.get("versions") or [])) + ".\n")
+    out.append(matched_budget_table(groups))
+    return "\n".join(out) + "\n"
+
+
+def matched_budget_table(groups: list[Group]) -> str:
+    """Methods that shrink the KV cache, side by side at the same kept share and placement."""
+    shrink = [g for g in groups if not g.is_dense and not g.is_peer_dense and g.kv_kept_share is not None]
+    if not shrink:
+        return ""
+    order = {p: i for i, p in enumerate(PLACEMENTS)}
+    shrink.sort(key=lambda g: (g.kv_kept_share, order.get(g.placement, 9), g.peer is not None, g.method, g.label))
+    lines = ["### Matched KV budgets\n",
+             "Every method that shrinks the KV cache, grouped by the nominal share of it kept "
+             "(tokensparse `budget`, kvpress 1 − `compression_ratio`) and placement; Δ and KV ratio against "
+             "tokensparse's dense run.\n",
+             "| KV kept | placement | method (settings) | n | accuracy | Δ vs dense (paired) | KV vs dense "
+             "| generation speed-up |",
+             "|--:|---|---|--:|--:|--:|--:|--:|"]
+    for g in shrink:
+        s = g.stats
+        lines.append("| " + " | ".join([
+            _fmt(g.kv_kept_share, "g"), g.placement, f"`{g.label}`", str(s["n"]), _fmt(100 * s["accuracy"], ".1f", "%"),
+            _fmt(None if s["delta_vs_dense"] is None else 100 * s["delta_vs_dense"], "+.1f", " pt"),
+            _fmt(s["kv_ratio"], ".2f", "×"), _fmt(s["speedup"], ".2f", "×"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def task_tables(groups: list[Group]) -> str:
@@ -295,6 +421,10 @@ averaged over the layers and calls the method reports (e.g. only the sparse laye
 token_sparse, only the decode steps of token_select).
 Placement `inside`: the question is part of the prompt the method may compress; `after`: it is
 fed after the context was prefilled (and possibly compressed).
+Peer rows (`kvpress:<press>`) ran in the peer's own environment on identical token ids and are
+scored the same way; they have no telemetry nor logit fidelity, their prefill time is the time to
+the first answer logits (compressed prefill plus the question tail) and their generation stops at
+EOS. `kvpress:dense` is kvpress's driver without a press: its gap to `dense` is the drivers' own.
 """
 
 
@@ -306,6 +436,7 @@ def render_markdown(rows: list[dict], errors: list[dict], groups: list[Group], p
         + (f"; {len(errors)} failed run{'s' if len(errors) > 1 else ''} listed below" if errors else "") + ".\n",
         "## Environment\n", environment_section(rows),
         "## Summary per method, config and placement\n", summary_table(groups), NOTES,
+        peer_section(groups),
         "## Accuracy by task and context length\n", "Accuracy (runs) per cell.\n", task_tables(groups),
     ]
     if plots:

@@ -24,10 +24,24 @@ null), ``answer_loglik`` (nats) with ``answer_tokens`` and ``loglik_target``, ``
 (``{"kl", "kl_max", "top1", "positions"}`` against dense, or null), ``loadavg``, ``env``
 (versions, git commit, torch threads, hardware, command). A failed run has ``error`` instead of
 the results; it is not counted as done, so a rerun retries it.
+
+Peers (the grid's ``peers``, ``docs/peers.md``): after the tokensparse runs, each peer library
+(NVIDIA kvpress) runs in its own environment on the same samples, with the same token ids
+(:func:`tokensparse.eval.peers.rows.worker_sample`), and its rows are scored with the same scorer and
+appended to the same file with the same schema and keys, so resume works the same way. A peer row
+has ``method`` ``"kvpress:<press>"``, ``config`` ``{"method", "peer", "press", "compression_ratio",
+"kv_kept_share"}`` (kvpress removes ``compression_ratio`` of the KV cache, so it keeps
+``kv_kept_share = 1 - compression_ratio``; both are also top-level fields), ``telemetry`` and
+``fidelity`` null, the peer env's versions in ``env.versions`` and the worker's own measurements
+(time split, kept KV per layer, needle tokens kept) under ``peer``. ``prefill_s`` is the time to the
+first answer logits and ``kv_bytes`` the K/V held at the end of generation, as for tokensparse runs.
+A missing peer environment is an error naming ``make kvpress-env``; ``skip_peers`` (``tokensparse
+eval --skip-peers``) runs no peer and says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -43,10 +57,12 @@ import tokensparse as ts
 
 from . import metrics
 from .env import environment, loadavg
-from .grid import DENSE, Grid, MethodSpec, SampleSpec
+from .grid import DENSE, Grid, MethodSpec, PeerRunSpec, PeerSpec, SampleSpec
 from .harness import encode_sample, run_sample
+from .peers import kvpress as kvpress_peer
+from .peers import rows as peer_rows
 
-__all__ = ["run_grid", "results_path", "read_rows", "done_keys", "row_key", "teacher_forced_answer", "answer_target"]
+__all__ = ["PeerSetupError", "run_grid", "results_path", "read_rows", "done_keys", "row_key", "teacher_forced_answer", "answer_target"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,10 +174,10 @@ def teacher_forced_answer(model, tokenizer, sample, method=None, placement: str 
 # one run
 
 
-def _base_row(key: str, grid: Grid, run_id: str, minfo: dict, sspec: SampleSpec, spec: MethodSpec,
+def _base_row(key: str, grid: Grid, run_id: str, minfo: dict, sspec: SampleSpec, spec: MethodSpec | PeerRunSpec,
               config: dict, env: dict) -> dict:
     """What identifies a run, and when/where it ran (also written for a failed run)."""
-    return {
+    row = {
         "key": key, "suite": grid.name, "run_id": run_id,
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": minfo, "method": spec.name, "label": spec.label, "config": config,
@@ -169,6 +185,9 @@ def _base_row(key: str, grid: Grid, run_id: str, minfo: dict, sspec: SampleSpec,
         "length": sspec.length, "depth": sspec.depth, "seed": sspec.seed, "index": sspec.index,
         "loadavg": loadavg(), "env": env,
     }
+    if isinstance(spec, PeerRunSpec):
+        row.update(peer=None, compression_ratio=spec.compression_ratio, kv_kept_share=spec.kv_kept_share)
+    return row
 
 
 def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: torch.Tensor | None = None):
@@ -202,11 +221,20 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
 
 
 def run_grid(model, tokenizer, grid: Grid, out: str | Path, *, progress: bool = True,
-             command: str | None = None) -> dict:
-    """Run every (sample, method) of ``grid`` whose row is not yet in the results file.
+             command: str | None = None, skip_peers: bool | None = None,
+             peer_model_dir: str | Path | None = None) -> dict:
+    """Run every (sample, method) of ``grid`` whose row is not yet in the results file, then every
+    peer run (``grid.peers``) not yet there.
 
     ``out`` is a directory (results go to ``out/<grid name>.jsonl``) or a ``.jsonl`` path. Returns
-    ``{"path", "total", "skipped", "ran", "errors"}``. Runs are in sample order, dense first.
+    ``{"path", "total", "skipped", "ran", "errors", "peer_runs", "peers_skipped"}``: the counts
+    include the peer runs (``peer_runs`` of them); ``peers_skipped`` is how many peer runs
+    ``skip_peers`` left out. Runs are in sample order, dense first; peers come last.
+
+    ``skip_peers`` (default: the grid's) runs no peer, and says so. Otherwise a missing peer
+    environment raises :class:`~tokensparse.eval.peers.kvpress.KvpressEnvMissing` before anything
+    runs. ``peer_model_dir`` is the model directory the peer worker loads (default: the directory
+    ``model`` was loaded from); it must hold the same weights as ``model``.
     """
     from tqdm.auto import tqdm
 
@@ -220,16 +248,27 @@ def run_grid(model, tokenizer, grid: Grid, out: str | Path, *, progress: bool = 
 
     plan, total = _plan(grid, minfo, configs, done)
     n_todo = sum(len(t) for _, t in plan)
+    skip = grid.skip_peers if skip_peers is None else bool(skip_peers)
+    peers_skipped = grid.peer_size() if skip else 0
+    peer_plan, peer_total = ([], 0) if skip else _peer_plan(grid, minfo, done)
+    n_peer_todo = sum(len(cells) for _, _, todo in peer_plan for _, cells in todo)
     print(f"{grid.name}: {total} runs, {total - n_todo} already in {path}, {n_todo} to run "
           f"({torch.get_num_threads()} torch threads)", file=sys.stderr)
+    if peers_skipped:
+        names = ", ".join(dict.fromkeys(p.peer for p in grid.peers))
+        print(f"{grid.name}: PEERS SKIPPED (skip_peers / --skip-peers): {peers_skipped} {names} runs of the grid "
+              f"are not run and will be missing from the results and the report", file=sys.stderr)
+    elif peer_total:
+        print(f"{grid.name}: {peer_total} peer runs, {peer_total - n_peer_todo} already in {path}, "
+              f"{n_peer_todo} to run after the tokensparse runs", file=sys.stderr)
+    peer_setup = _peer_preflight(grid, model, minfo, peer_plan, peer_model_dir) if n_peer_todo else None
 
     ran = errors = 0
+    samples: dict[str, tuple] = {}  # sample spec -> (sample or None, error), reused by the peers
     bar = tqdm(total=n_todo, desc=grid.name, unit="run", disable=not progress)
     for sspec, todo in plan:
-        try:
-            sample = sspec.make(tokenizer)
-        except Exception as e:  # a length too short for the task, ...: every run of it fails the same way
-            sample, sample_error = None, f"{type(e).__name__}: {e}"
+        # a sample that cannot be made (a length too short for the task, ...) fails every run the same way
+        sample, sample_error = _make_sample(sspec, tokenizer, samples)
         reference, ref_tried = None, False  # dense teacher-forced logits of this sample
         for spec, config, key in todo:
             bar.set_postfix_str(f"{sspec.task} L={sspec.length} d={sspec.depth} {spec.label} [{spec.placement}]")
@@ -255,7 +294,23 @@ def run_grid(model, tokenizer, grid: Grid, out: str | Path, *, progress: bool = 
             _append(path, row)
             bar.update(1)
     bar.close()
-    return {"path": str(path), "total": total, "skipped": total - n_todo, "ran": ran, "errors": errors}
+    for peer_spec, placement, todo in peer_plan:
+        p_ran, p_err = _run_peer(peer_spec, placement, todo, model=model, tokenizer=tokenizer, grid=grid,
+                                 path=path, minfo=minfo, env=env, run_id=run_id, samples=samples, setup=peer_setup)
+        ran, errors = ran + p_ran, errors + p_err
+    return {"path": str(path), "total": total + peer_total, "skipped": total - n_todo + peer_total - n_peer_todo,
+            "ran": ran, "errors": errors, "peer_runs": peer_total, "peers_skipped": peers_skipped}
+
+
+def _make_sample(sspec: SampleSpec, tokenizer, cache: dict) -> tuple:
+    """``(sample, None)`` or ``(None, error text)``, generated once per sample spec."""
+    ident = json.dumps(dataclasses.asdict(sspec), sort_keys=True, default=str)
+    if ident not in cache:
+        try:
+            cache[ident] = (sspec.make(tokenizer), None)
+        except Exception as e:
+            cache[ident] = (None, f"{type(e).__name__}: {e}")
+    return cache[ident]
 
 
 def _plan(grid: Grid, minfo: dict, configs: list[dict], done: set[str]):
@@ -281,3 +336,146 @@ def _dense_reference(model, tokenizer, sample, grid: Grid) -> torch.Tensor | Non
     except Exception as e:
         print(f"\nwarning: no dense reference logits for {sample.sample_id}: {type(e).__name__}: {e}", file=sys.stderr)
         return None
+
+
+# --------------------------------------------------------------------------------------------------
+# peers
+
+
+class PeerSetupError(RuntimeError):
+    """The peers of a grid cannot run with this model (no directory to load it from, not float32)."""
+
+
+def _peer_plan(grid: Grid, minfo: dict, done: set[str]):
+    """``([(peer spec, placement, [(sample spec, [(run spec, full config, key), ...still to run])])],
+    total peer runs)``: one worker call (or a few) per peer entry and placement."""
+    plan, total = [], 0
+    sspecs = grid.sample_specs()
+    for pspec in grid.peers:
+        for placement in dict.fromkeys(r.placement for r in pspec.runs):
+            runs = [(r, r.full_config()) for r in pspec.runs if r.placement == placement]
+            todo = []
+            for sspec in sspecs:
+                cells = [(r, c, row_key(minfo, sspec, r, c, grid.max_new_tokens)) for r, c in runs]
+                total += len(cells)
+                cells = [cell for cell in cells if cell[2] not in done]
+                if cells:
+                    todo.append((sspec, cells))
+            if todo:
+                plan.append((pspec, placement, todo))
+    return plan, total
+
+
+def _peer_model_dir(model, explicit) -> Path:
+    if explicit is not None:
+        p = Path(explicit)
+        if not (p / "config.json").is_file():
+            raise PeerSetupError(f"peer model directory {p} has no config.json; pass the HF model directory the "
+                             "runner's model was loaded from")
+        return p
+    name = getattr(model.config, "_name_or_path", None)
+    if name and (Path(name) / "config.json").is_file():
+        return Path(name)
+    raise PeerSetupError(
+        "the peer worker loads the model from disk, and the runner's model does not say where it came from "
+        f"(config._name_or_path={name!r}); load it with tokensparse.load_model(DIR) or pass peer_model_dir")
+
+
+def _peer_preflight(grid: Grid, model, minfo: dict, plan, peer_model_dir) -> dict:
+    """Fail before any run (not after hours of tokensparse runs) if the peers cannot run."""
+    n = sum(len(cells) for _, _, todo in plan for _, cells in todo)
+    for python in dict.fromkeys(p.python for p, _, _ in plan if p.peer == "kvpress"):
+        if not kvpress_peer.kvpress_available(python):
+            exe = kvpress_peer._resolve_python(python)
+            raise kvpress_peer.KvpressEnvMissing(
+                f"grid {grid.name!r} has {n} kvpress peer runs to do, but the kvpress environment is missing: "
+                f"{exe} {'cannot import kvpress' if exe.exists() else 'does not exist'}. Build it with "
+                "`make kvpress-env` (from the repository root; kvpress 0.5.5 pins transformers<5.3, so it has "
+                "its own virtualenv, see docs/peers.md), or run without peers: `tokensparse eval --skip-peers` "
+                "(grid key \"skip_peers\": true).")
+    if minfo["dtype"] != "float32":
+        raise PeerSetupError(f"the kvpress worker runs the model in float32 and the runner's model is {minfo['dtype']}: "
+                         "peer rows would not compare with tokensparse's; load the model in float32 or skip peers")
+    dev = next(model.parameters()).device
+    if dev.type != "cpu":
+        print(f"warning: the runner's model is on {dev}; the kvpress worker runs on the CPU, so peer timings "
+              "do not compare with tokensparse's (accuracy does)", file=sys.stderr)
+    return {"model_dir": _peer_model_dir(model, peer_model_dir)}
+
+
+def _run_peer(pspec: PeerSpec, placement: str, todo, *, model, tokenizer, grid: Grid, path: Path, minfo: dict,
+              env: dict, run_id: str, samples: dict, setup: dict) -> tuple[int, int]:
+    """Run one peer entry's missing runs at one placement; append their rows; ``(ran, errors)``."""
+    # the worker's own output: one file per run of the grid, so a worker row is only ever used by the run
+    # that asked for it (the results file is the record; deleting it re-measures everything)
+    scratch = path.parent / f"{path.stem}.peers" / f"{run_id}-{pspec.peer}-{placement}.jsonl"
+    ran = errors = 0
+
+    def emit(row):
+        nonlocal ran, errors
+        _append(path, row)
+        if row.get("error"):
+            errors += 1
+            print(f"\nerror in {row['label']} [{placement}] on {row['task']} L={row['length']}: {row['error'][:500]}",
+                  file=sys.stderr)
+        else:
+            ran += 1
+
+    groups: dict[tuple, list] = {}  # the presses still to run -> samples needing exactly those
+    for sspec, cells in todo:
+        sample, sample_error = _make_sample(sspec, tokenizer, samples)
+        if sample is not None:
+            try:
+                target = answer_target(sample) if grid.answer_loglik else None
+                n_new = grid.max_new_tokens or sample.max_new_tokens
+                inp = peer_rows.worker_sample(tokenizer, sample, sspec, minfo, max_new_tokens=n_new,
+                                              answer_target=target, loglik_max_length=grid.loglik_max_length)
+            except Exception as e:
+                sample, sample_error = None, f"could not encode the sample for {pspec.peer}: {type(e).__name__}: {e}"
+        if sample is None:
+            for run, config, key in cells:
+                emit({**_base_row(key, grid, run_id, minfo, sspec, run, config, env),
+                      "error": f"RuntimeError: could not generate the sample: {sample_error}"})
+            continue
+        presses = tuple((run.press, run.compression_ratio) for run, _, _ in cells)
+        groups.setdefault(presses, []).append((sspec, sample, inp, target if "answer_ids" in inp else None, cells))
+
+    for presses, items in groups.items():
+        print(f"\n{pspec.peer} [{placement}]: {len(items)} samples × {len(presses)} runs "
+              f"({kvpress_peer.format_presses(presses)}) in the {pspec.peer} env; worker output {scratch}",
+              file=sys.stderr)
+        failure = None
+        try:
+            wrows = kvpress_peer.run_kvpress(
+                [inp for _, _, inp, _, _ in items], list(presses), placement, scratch,
+                threads=torch.get_num_threads(), python=pspec.python, model_dir=setup["model_dir"],
+                timeout=pspec.timeout_s)
+        except KeyboardInterrupt:  # keep what the worker finished, then stop
+            _emit_peer_rows(items, kvpress_peer.read_results(scratch), placement, None, emit, grid, run_id, minfo,
+                            env, pspec)
+            raise
+        except Exception as e:  # the worker died: keep what it wrote, fail the rest (retried next time)
+            failure = f"{type(e).__name__}: {e}"[-3000:]
+            wrows = kvpress_peer.read_results(scratch)
+        _emit_peer_rows(items, wrows, placement, failure or f"the {pspec.peer} worker wrote no row for this run",
+                        emit, grid, run_id, minfo, env, pspec)
+    return ran, errors
+
+
+def _emit_peer_rows(items, wrows, placement, missing_error, emit, grid, run_id, minfo, env, pspec) -> None:
+    """Convert and emit the worker rows of ``items``; a run without a row is emitted as failed with
+    ``missing_error`` (or left out when it is ``None``)."""
+    found = {}
+    for w in wrows:
+        if w.get("placement") != placement:
+            continue
+        spec = str(w.get("press_spec") or w.get("press") or "").lower()
+        found[kvpress_peer._key(w.get("sample_id"), spec, w.get("compression_ratio", 0.0), placement)] = w
+    for sspec, sample, inp, target, cells in items:
+        for run, config, key in cells:
+            base = _base_row(key, grid, run_id, minfo, sspec, run, config, env)
+            w = found.get(kvpress_peer._key(inp["sample_id"], run.press, run.compression_ratio, placement))
+            if w is not None:
+                emit(peer_rows.convert_row(w, base, sample, inp, target))
+            elif missing_error is not None:
+                emit({**base, "error": missing_error})

@@ -27,6 +27,14 @@ DEFAULT_PYTHON = ".venv-kvpress/bin/python"
 WORKER = Path(__file__).with_name("kvpress_worker.py")
 REPO_ROOT = Path(__file__).resolve().parents[3]
 PLACEMENTS = ("after", "inside")
+DENSE_NAMES = ("dense", "none", "no_press")
+# The short press names ``kvpress_worker.py`` maps to kvpress classes (its ``_press_factories``; a
+# test keeps the two lists equal). Listed here so that grids are validated without the kvpress env.
+PRESSES = (
+    "snapkv", "streaming_llm", "expected_attention", "tova", "knorm", "random", "keydiff", "lagkv",
+    "leverage", "non_causal_attn", "compactor", "cur", "cap", "observed_attention", "critical_snapkv",
+    "chunkkv_snapkv", "adakv_snapkv", "adakv_expected_attention",
+)
 REQUIRED_FIELDS = ("sample_id", "context_ids", "question_ids", "answers", "max_new_tokens")
 OPTIONAL_FIELDS = ("answer_ids", "task", "length", "depth", "seed", "needle_positions")
 
@@ -124,7 +132,7 @@ def format_presses(presses: Iterable[tuple[str, float]]) -> str:
     """``[("dense", 0), ("snapkv", 0.5)]`` -> ``"dense,snapkv:0.5"`` (the worker's ``--presses``)."""
     parts = []
     for name, ratio in presses:
-        if str(name).lower() in ("dense", "none", "no_press"):
+        if str(name).lower() in DENSE_NAMES:
             parts.append("dense")
         else:
             parts.append(f"{name}:{float(ratio):g}")
@@ -132,7 +140,7 @@ def format_presses(presses: Iterable[tuple[str, float]]) -> str:
 
 
 def _key(sample_id, spec: str, ratio: float, placement: str) -> tuple:
-    if spec.lower() in ("dense", "none", "no_press"):
+    if spec.lower() in DENSE_NAMES:
         spec, ratio = "dense", 0.0
     return (str(sample_id), spec.lower(), round(float(ratio), 6), placement)
 
@@ -227,7 +235,9 @@ def run_kvpress(
         "--threads", str(int(threads)),
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(int(threads)), PYTHONUNBUFFERED="1")
+    # no "Loading weights" bars in the streamed log (the worker prints its own progress lines)
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS=str(int(threads)),
+               PYTHONUNBUFFERED="1")
 
     # Popen rather than subprocess.run, so progress is streamed live and the tail kept for errors.
     tail: collections.deque[str] = collections.deque(maxlen=40)

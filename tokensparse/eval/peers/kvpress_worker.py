@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import sys
@@ -283,6 +282,9 @@ def run_one(model, tokenizer, sample: dict, press, placement: str, needs_eager: 
         step_s.append(time.perf_counter() - t0)
         generated.append(int(out.logits[0, -1].argmax()))
 
+    # K/V held at the end of generation (prompt + generated tokens), as tokensparse's harness reports
+    kv_bytes_end = _cache_bytes(cache)
+
     answer_loglik = None
     answer_ids = sample.get("answer_ids")
     if answer_ids:
@@ -318,6 +320,7 @@ def run_one(model, tokenizer, sample: dict, press, placement: str, needs_eager: 
         "decode_steps": len(step_s),
         "kv_kept_per_layer": kept,
         "kv_bytes": kv_bytes,
+        "kv_bytes_end": kv_bytes_end,
         "answer_loglik": answer_loglik,
         "needle_kept_per_layer": [round(v, 4) for v in vals] if needle_per_layer is not None else None,
         "needle_kept_mean": round(sum(vals) / len(vals), 4) if vals else None,
