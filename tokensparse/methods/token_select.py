@@ -121,9 +121,8 @@ class TokenSelect(Method):
             vote = vote.masked_fill(~valid[:, None, lo:hi], -1.0)
         return pool1d(vote, self.pool_kernel, "max") if self.pool_kernel > 1 else vote
 
-    def _topk(self, call, n_top: int, lo: int, hi: int):
-        """``(top, rows)``: top-k indices ``(B, 1 | Hkv, k)`` and their gathered K/V rows (or a
-        reused pair from the Selection Cache)."""
+    def _topk(self, call, n_top: int, lo: int, hi: int) -> torch.Tensor:
+        """Top-k indices ``(B, 1 | Hkv, k)``, or the previous ones from the Selection Cache."""
         q_fp = call.query.mean(2)  # (B, Hq, D): the chunk's query fingerprint
         scratch = call.layer.scratch
         thr = self.reuse_threshold
@@ -133,18 +132,27 @@ class TokenSelect(Method):
             if prev is not None and scratch["top"].shape[-1] == n_top and scratch["lo"] == lo and scratch["hi"] <= hi:
                 if bool((F.cosine_similarity(fp, prev, dim=-1) >= thr).all()):
                     call.session.stats["token_select.reuse"] += 1
-                    return scratch["top"], scratch["rows"]
+                    return scratch["top"]
         call.session.stats["token_select.select"] += 1
         top = topk_sorted(self._vote(call, q_fp, lo, hi), n_top) + lo
-        sel = top.expand(call.batch, call.n_kv_heads, n_top)
-        rows = (gather_rows(call.key, sel), gather_rows(call.value, sel))  # (B, Hkv, k, D) each
         if thr is not None:
-            scratch.update(fingerprint=fp, top=top, rows=rows, lo=lo, hi=hi)
-        return top, rows
+            scratch.update(fingerprint=fp, top=top, lo=lo, hi=hi)
+        return top
+
+    @staticmethod
+    def _top_rows(call, top: torch.Tensor):
+        """K/V rows of ``top`` ``(B, Hkv, k, D)``, gathered once per selection (cache rows never
+        change in place, so a reused selection reuses its rows)."""
+        scratch = call.layer.scratch
+        if scratch.get("rows_of") is not top:
+            sel = top.expand(call.batch, call.n_kv_heads, top.shape[-1])
+            scratch["rows"] = (gather_rows(call.key, sel), gather_rows(call.value, sel))
+            scratch["rows_of"] = top
+        return scratch["rows"]
 
     def forward(self, call) -> torch.Tensor:
         if call.kind == "prefill":
-            call.layer.scratch.clear()  # a new sequence: forget the selection cache and key copy
+            call.layer.scratch.clear()  # a new sequence: forget the selection cache
             return call.dense()
         length, lq = call.k_len, call.q_len
         forced = sparse_paths_forced()
@@ -164,9 +172,9 @@ class TokenSelect(Method):
             return call.dense()  # the budget covers the whole context
         dev = call.query.device
         if n_top > 0:
-            top, rows = self._topk(call, n_top, lo, hi)
+            top = self._topk(call, n_top, lo, hi)
         else:
-            top, rows = torch.empty(call.batch, 1, 0, dtype=torch.long, device=dev), None
+            top = torch.empty(call.batch, 1, 0, dtype=torch.long, device=dev)
         heads = top.shape[1]
         # decode of an fp32 model without padding: sinks and the local window are read as views of
         # the cache, only the top-k rows were gathered (and are reused with the selection). Other
@@ -181,7 +189,8 @@ class TokenSelect(Method):
             call.session.observe(call, Selection.keys(idx))
         if segmented:
             k, v = call.key, call.value
-            segments = [(k[:, :, :lo], v[:, :, :lo])] + ([rows] if rows is not None else []) + [(k[:, :, hi:], v[:, :, hi:])]
+            middle = [self._top_rows(call, top)] if n_top > 0 else []
+            segments = [(k[:, :, :lo], v[:, :, :lo])] + middle + [(k[:, :, hi:], v[:, :, hi:])]
             return segments_attend(call.query, segments, call.scale)
         mask = None
         if lq > 1 or call.key_valid is not None:
