@@ -65,6 +65,10 @@ def test_end_to_end_rows(model, tok, tmp_path):
     assert dense_after["answer_loglik"] == pytest.approx(dense["answer_loglik"], abs=1e-4)  # placement-free
     assert snap["config"]["budget"] == 0.5 and snap["config"]["pool_kernel"] == 7  # the full config
     assert snap["kv_bytes"] < dense["kv_bytes"]  # eviction keeps about half the rows
+    ret = snap["needle_retention"]  # per-layer share of the needle's tokens the evicted cache holds
+    assert len(ret["per_layer"]) == model.config.num_hidden_layers
+    assert 0 <= ret["min"] <= ret["mean"] <= 1
+    assert dense["needle_retention"] is None and sel["needle_retention"] is None  # full caches
     for r in (snap, sel):
         assert 0 < r["telemetry"]["density"] < 1 and 0 < r["telemetry"]["mass"] <= 1
         assert r["fidelity"]["positions"] == 6 and r["fidelity"]["kl"] >= 0
@@ -166,3 +170,20 @@ def test_commands_dry_run_and_errors(capsys):
     args = _parser().parse_args(["report", "--results", "/nonexistent/results"])
     with pytest.raises(SystemExit, match="does not exist; pass a results directory"):
         args.func(args)
+
+
+def test_kept_positions_reads_evicting_cache_slots(model):
+    from tokensparse.eval.harness import kept_positions
+
+    cache = ts.KVCache(model, evicting=True)
+    assert kept_positions(ts.KVCache(model)) is None  # a full cache keeps everything
+    k = torch.randn(1, 2, 10, 16)
+    for layer in cache.layers:
+        layer.update(k, k)
+    layer = cache.layers[0]
+    layer.keep(torch.tensor([[[0, 3, 7], [1, 2, 9]]]), torch.tensor([[[True, True, True], [True, False, True]]]))
+    kept = kept_positions(cache)
+    assert [t.tolist() for t in kept[0]] == [[0, 3, 7], [1, 9]]
+    assert [t.tolist() for t in kept[1]] == [list(range(10))] * 2
+    ret = metrics.needle_retention(kept, [3, 9])
+    assert ret["per_layer"][0] == pytest.approx(0.5) and ret["per_layer"][1] == 1.0

@@ -37,6 +37,21 @@ class RunResult:
     new_tokens: int
     stats: dict[str, Any] = field(default_factory=dict)
     telemetry: dict[str, float] | None = None
+    #: for an evicting cache: per layer, per KV head, the absolute token positions still held after
+    #: generation (first sequence of the batch); ``None`` when the cache keeps every token
+    kept_positions: list[list[torch.Tensor]] | None = None
+
+
+def kept_positions(cache) -> list[list[torch.Tensor]] | None:
+    """Absolute positions each layer and KV head of an evicting cache still holds (``-1`` dropped)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(hasattr(layer, "slots") for layer in layers):
+        return None
+    out = []
+    for layer in layers:
+        slots = layer.slots[0] if layer.is_initialized else torch.empty(0, 0, dtype=torch.long)
+        out.append([row[row >= 0].clone() for row in slots])
+    return out
 
 
 def encode_sample(tokenizer, sample) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,4 +129,5 @@ def run_sample(model, tokenizer, sample, method=None, *, placement: str = "insid
         new_tokens=len(ids),
         stats=stats,
         telemetry=tele,
+        kept_positions=kept_positions(kv),
     )

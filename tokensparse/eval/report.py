@@ -214,6 +214,9 @@ def summarize(rows: list[dict]) -> list[Group]:
             "top1": _mean([f.get("top1") for f in fid]),
             "density": _mean([t.get("density") for t in tele]),
             "mass": _mean([t.get("mass") for t in tele]),
+            # share of the gold needle's tokens an evicting cache still holds (mean over layers)
+            "needle_held": _mean([(r.get("needle_retention") or {}).get("mean",
+                                  (r.get("peer") or {}).get("needle_kept_mean")) for r in rs]),
             "prefill_s": _median([r.get("prefill_s") for r in rs]),
             "decode_ms": _median([r.get("decode_ms_per_token") for r in rs]),
             "kv_mib": _median([r["kv_bytes"] / 2**20 if r.get("kv_bytes") is not None else None for r in rs]),
@@ -252,9 +255,10 @@ def _fmt(x, spec: str = ".3g", suffix: str = "") -> str:
 
 def summary_table(groups: list[Group]) -> str:
     head = ("| method (settings) | placement | n | accuracy | Δ vs dense (paired) | answer loglik (nats) "
-            "| KL vs dense | top-1 vs dense | density | mass kept | prefill s (median) | prefill speed-up "
-            "| decode ms/token (median) | decode speed-up | generation speed-up | KV MiB (median) | KV vs dense |\n"
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+            "| KL vs dense | top-1 vs dense | density | mass kept | needle tokens held | prefill s (median) "
+            "| prefill speed-up | decode ms/token (median) | decode speed-up | generation speed-up | KV MiB (median) "
+            "| KV vs dense |\n"
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
     lines = []
     for g in groups:
         s = g.stats
@@ -265,6 +269,7 @@ def summary_table(groups: list[Group]) -> str:
             _fmt(s["loglik"], ".2f"), "ref" if ref else _fmt(s["kl"], ".3g"),
             "ref" if ref else _fmt(None if s["top1"] is None else 100 * s["top1"], ".0f", "%"),
             "1 (dense)" if ref else _fmt(s["density"], ".3f"), "1 (dense)" if ref else _fmt(s["mass"], ".3f"),
+            "1 (dense)" if ref else _fmt(None if s["needle_held"] is None else 100 * s["needle_held"], ".0f", "%"),
             _fmt(s["prefill_s"], ".3g"), "ref" if ref else _fmt(s["prefill_speedup"], ".2f", "×"),
             _fmt(s["decode_ms"], ".3g"), "ref" if ref else _fmt(s["decode_speedup"], ".2f", "×"),
             "ref" if ref else _fmt(s["speedup"], ".2f", "×"),
@@ -419,6 +424,8 @@ prefill plus the timed decode steps. KL vs dense and top-1 agreement compare the
 logits of the gold answer; density and kept mass are the engine's telemetry (sampled query rows),
 averaged over the layers and calls the method reports (e.g. only the sparse layers of
 token_sparse, only the decode steps of token_select).
+Needle tokens held: for methods that evict KV rows, the share of the gold needle's prompt tokens
+still in the cache after generation, averaged over layers (and KV heads); empty for full caches.
 Placement `inside`: the question is part of the prompt the method may compress; `after`: it is
 fed after the context was prefilled (and possibly compressed).
 Peer rows (`kvpress:<press>`) ran in the peer's own environment on identical token ids and are

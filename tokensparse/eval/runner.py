@@ -55,7 +55,7 @@ import torch
 
 import tokensparse as ts
 
-from . import metrics
+from . import metrics, tasks
 from .env import environment, loadavg
 from .grid import DENSE, Grid, MethodSpec, PeerRunSpec, PeerSpec, SampleSpec
 from .harness import encode_sample, run_sample
@@ -190,6 +190,19 @@ def _base_row(key: str, grid: Grid, run_id: str, minfo: dict, sspec: SampleSpec,
     return row
 
 
+def needle_retention_of(result, sample, tokenizer) -> dict | None:
+    """Share of the gold needle's prompt tokens each layer still holds after an eviction method ran
+    (mean over KV heads per layer; ``{"mean", "min", "per_layer"}``), or ``None`` when the cache
+    kept everything or the task has no needle. Needles lie inside the context, which is tokenized
+    the same way alone (as the harness feeds it) and as the prefix of the prompt."""
+    if result.kept_positions is None or not sample.metadata.get("needle_spans"):
+        return None
+    needles = tasks.needle_token_positions(sample, tokenizer)
+    if not needles:
+        return None
+    return metrics.needle_retention(result.kept_positions, needles)
+
+
 def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: torch.Tensor | None = None):
     """Measure one (sample, method, placement); returns ``(result fields, teacher-forced logits or None)``."""
     method = spec.build()
@@ -205,6 +218,7 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
         "prefill_s": r.prefill_s, "decode_ms_per_token": r.decode_ms_per_token, "kv_bytes": r.kv_bytes,
         "stats": dict(r.stats), "telemetry": r.telemetry,
         "answer_loglik": None, "answer_tokens": None, "loglik_target": None, "fidelity": None,
+        "needle_retention": needle_retention_of(r, sample, tokenizer),
     }
     logits = None
     if grid.answer_loglik and (grid.loglik_max_length is None or r.prompt_tokens <= grid.loglik_max_length):
