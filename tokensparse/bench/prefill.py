@@ -62,24 +62,23 @@ def run(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, 
         variants = [("dense (sdpa)", None)] + [(label, ts.methods.get("token_sparse")(**kw)) for label, kw in configs]
 
         def once(method):
+            """Seconds of one prefill, and the session's stats/info (empty for dense)."""
             if method is None:
-                return timed(lambda: model(input_ids=ids, cache=ts.KVCache(model), logits_to_keep=1))
+                return timed(lambda: model(input_ids=ids, cache=ts.KVCache(model), logits_to_keep=1)), {}, {}
             with ts.sparsify(model, method) as s:
                 t = timed(lambda: model(input_ids=ids, cache=s.new_cache(), logits_to_keep=1))
-                once.stats = dict(s.stats)
-                once.info = dict(s.info)
-            return t
+            return t, dict(s.stats), dict(s.info)
 
         model(input_ids=ids[:, :512], logits_to_keep=1)  # warm-up
         times = {label: [] for label, _ in variants}
         meta = {}
         for _ in tqdm(range(repeats), desc=f"prefill {ids.shape[1]}"):
             for label, method in variants:
-                times[label].append(once(method))
+                t, st, info = once(method)
+                times[label].append(t)
                 if method is not None:
-                    st = once.stats
                     meta[label] = {
-                        "layers": once.info.get("token_sparse_layers"),
+                        "layers": info.get("token_sparse_layers"),
                         "kept_share": st.get("token_sparse.kept_tokens", 0) / max(st.get("token_sparse.total_tokens", 1), 1),
                         "sparse_layers": st.get("token_sparse.sparse_layers", 0),
                         "config": method.config_dict(),

@@ -170,4 +170,3 @@ def validate_budget(name: str, budget) -> None:
             raise ValueError(f"{name} as a ratio must lie in (0, 1], got {budget}")
     elif budget <= 0:
         raise ValueError(f"{name} must be a positive number of tokens, got {budget}")
-

@@ -73,22 +73,31 @@ def _new_cache(model, session, cache: str):
     return ts.KVCache(model)
 
 
+def prefill(model, context_ids, question_ids, cache, placement: str = "inside"):
+    """Feed the prompt into ``cache`` as ``placement`` says; returns the output with the last logits.
+
+    ``"inside"``: one forward over context + question; ``"after"``: the context, then the question
+    as a second chunk on the (possibly compressed) cache.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    dev = next(model.parameters()).device
+    if placement == "inside":
+        ids = torch.cat([context_ids, question_ids], dim=1).to(dev)
+        return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=context_ids.to(dev), cache=cache, use_cache=True, logits_to_keep=1)
+    return model(input_ids=question_ids.to(dev), cache=cache, use_cache=True, logits_to_keep=1)
+
+
 @torch.no_grad()
 def greedy(model, context_ids, question_ids, *, session=None, placement: str = "inside",
            max_new_tokens: int = 8, cache: str = "prealloc"):
     """Greedy decode; returns ``(new_token_ids, prefill_s, decode_s_list, cache)``."""
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     kv = _new_cache(model, session, cache)
     t0 = time.perf_counter()
-    if placement == "inside":
-        ids = torch.cat([context_ids, question_ids], dim=1)
-        logits = model(input_ids=ids, cache=kv, use_cache=True, logits_to_keep=1).logits
-    else:
-        model(input_ids=context_ids, cache=kv, use_cache=True, logits_to_keep=1)
-        logits = model(input_ids=question_ids, cache=kv, use_cache=True, logits_to_keep=1).logits
+    logits = prefill(model, context_ids, question_ids, kv, placement).logits
     prefill_s = time.perf_counter() - t0
     tok = logits[:, -1].argmax(-1, keepdim=True)
     out = [int(tok)]

@@ -58,7 +58,7 @@ import tokensparse as ts
 from . import metrics, tasks
 from .env import environment, loadavg
 from .grid import DENSE, Grid, MethodSpec, PeerRunSpec, PeerSpec, SampleSpec
-from .harness import encode_sample, run_sample
+from .harness import encode_sample, prefill, run_sample
 from .peers import kvpress as kvpress_peer
 from .peers import rows as peer_rows
 
@@ -156,11 +156,7 @@ def teacher_forced_answer(model, tokenizer, sample, method=None, placement: str 
     ctxmgr = ts.sparsify(model, method) if method is not None else nullcontext()
     with ctxmgr as session:
         kv = session.new_cache() if session is not None else ts.KVCache(model)
-        if placement == "inside":
-            out = model(input_ids=torch.cat([ctx, q], 1).to(dev), cache=kv, use_cache=True, logits_to_keep=1)
-        else:
-            model(input_ids=ctx.to(dev), cache=kv, use_cache=True, logits_to_keep=1)
-            out = model(input_ids=q.to(dev), cache=kv, use_cache=True, logits_to_keep=1)
+        out = prefill(model, ctx, q, kv, placement)
         rows = [out.logits[0, -1].float()]
         for tok in ans[0, :-1]:
             out = model(input_ids=tok.view(1, 1).to(dev), cache=kv, use_cache=True)

@@ -14,8 +14,8 @@ last tokens form one index set per layer (or per KV head). Attention then reads 
 with a flat ``index_select`` and SDPA. The cache keeps every token: this saves compute and
 bandwidth, not memory.
 
-The *Selection Cache* reuses the previous step's top-k set (and its gathered rows) when the cosine similarity of
-consecutive query fingerprints is at least ``reuse_threshold``; hits and misses are counted in
+The *Selection Cache* reuses the previous step's top-k set (and its gathered rows) when the cosine
+similarity of consecutive query fingerprints is at least ``reuse_threshold``; hits and misses are counted in
 ``session.stats`` (``token_select.reuse`` / ``token_select.select``).
 
 Parameters
@@ -46,8 +46,8 @@ impl: str = "fast"
 Deviations: keys are scored post-RoPE at their true positions (the transformers cache stores
 post-RoPE keys) instead of the official pre-RoPE keys re-rotated at positions inside the selected
 list, so there is no length extrapolation beyond the trained context; query heads map to KV heads
-as ``h // G`` (the official kernel uses ``h % Hkv``, see the spec); q·k of the vote runs in the cache dtype and its softmax in fp32 (official: all bf16); batches
-are supported (one set per sequence, padding never selected).
+as ``h // G`` (the official kernel uses ``h % Hkv``, see the spec); q·k of the vote runs in the
+cache dtype and its softmax in fp32 (official: all bf16); batches are supported (one set per sequence, padding never selected).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class TokenSelect(Method):
         q_fp = call.query.mean(2)  # (B, Hq, D): the chunk's query fingerprint
         scratch = call.layer.scratch
         thr = self.reuse_threshold
-        fp = q_fp.flatten(1).float()
+        fp = q_fp.flatten(1).float() if thr is not None else None
         if thr is not None:
             prev = scratch.get("fingerprint")
             if prev is not None and scratch["top"].shape[-1] == n_top and scratch["lo"] == lo and scratch["hi"] <= hi:
