@@ -34,8 +34,15 @@ def test_markdown_has_the_tables(written):
     for text in ("**passkey**", "**niah_multikey**", "| L=1024 | L=4096 |", "torch threads: `2`",
                  "git commit: `0000000", "tokensparse eval --suite fixture", "load average"):
         assert text in md
-    for png in ("needle_passkey.png", "accuracy_vs_budget.png", "latency_vs_length.png", "accuracy_vs_speedup.png"):
+    for png in ("needle_passkey.png", "accuracy_vs_budget.png", "latency_vs_length.png", "accuracy_vs_speedup.png",
+                "per_layer.png"):
         assert f"]({png})" in md
+    assert "## Time inside attention and peak memory" in md and "## Per-layer fidelity" in md
+    assert "| attn output error |" in md and "| attention speed-up (prefill) |" in md
+    # snapkv's fixture needle retention rises with depth: layer 0 held least; error is worst in layer 3
+    snap = next(ln for ln in md.split("## Per-layer fidelity")[1].splitlines()
+                if ln.startswith("| `snapkv(budget=0.25)` | after |"))
+    assert "| L3 0.38, L2 0.25, L1 0.13 |" in snap and "| L0 0.41, L1 0.49, L2 0.57 |" in snap
 
 
 def test_summary_numbers_match_a_hand_computation():
@@ -52,11 +59,19 @@ def test_summary_numbers_match_a_hand_computation():
     delta = sum(r["score"] - by_sample[r["sample_id"]]["score"] for r in snap) / 8
     assert g.stats["delta_vs_dense"] == pytest.approx(delta)
     assert g.stats["density"] == pytest.approx(0.27) and g.stats["kv_ratio"] == pytest.approx(0.26, abs=0.01)
+    assert g.stats["error"] == pytest.approx((1 - 0.81) / 2)
+    attn = sorted(by_sample[r["sample_id"]]["attention_prefill_s"] / r["attention_prefill_s"] for r in snap)
+    assert g.stats["attn_prefill_speedup"] == pytest.approx((attn[3] + attn[4]) / 2)
+    added = sorted((r["memory"]["peak_rss_bytes"] - r["memory"]["rss_start_bytes"]) / 2**20 for r in snap)
+    assert g.stats["peak_added_mib"] == pytest.approx((added[3] + added[4]) / 2)
+    assert g.per_layer["error"] == pytest.approx({i: (1 - 0.81) * i / 3 for i in range(4)}, abs=1e-4)
+    assert list(g.per_layer["needle_held"]) == [0, 1, 2, 3]
 
 
 def test_pngs_exist_and_are_not_blank(written):
     _, out = written
-    for name in ("needle_passkey.png", "accuracy_vs_budget.png", "latency_vs_length.png", "accuracy_vs_speedup.png"):
+    for name in ("needle_passkey.png", "accuracy_vs_budget.png", "latency_vs_length.png", "accuracy_vs_speedup.png",
+                 "per_layer.png"):
         path = out / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
         img = matplotlib.image.imread(path)

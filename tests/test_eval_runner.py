@@ -54,6 +54,9 @@ def test_end_to_end_rows(model, tok, tmp_path):
         assert r["sample_id"] == sample.sample_id and r["answers"] == sample.answers
         assert r["prompt_tokens"] == sum(x.shape[1] for x in encode_sample(tok, sample))
         assert r["new_tokens"] == 4 and r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0 and r["kv_bytes"] > 0
+        assert 0 < r["attention_prefill_s"] < r["prefill_s"] and 0 < r["attention_decode_ms_per_token"] < r["decode_ms_per_token"]
+        mem = r["memory"]
+        assert mem["peak_rss_bytes"] >= mem["rss_start_bytes"] > 0 and mem["scope"] in ("block", "process")
         assert r["score"] == metrics.score(r["prediction"], r["answers"], "all") and 0 <= r["score"] <= 1
         assert r["answer_tokens"] == 6 and r["loglik_target"] == " " + sample.answers[0] and r["answer_loglik"] < 0
         assert r["model"]["fingerprint"] == ts.model_fingerprint(model) and r["model"]["dtype"] == "float32"
@@ -71,6 +74,7 @@ def test_end_to_end_rows(model, tok, tmp_path):
     assert dense["needle_retention"] is None and sel["needle_retention"] is None  # full caches
     for r in (snap, sel):
         assert 0 < r["telemetry"]["density"] < 1 and 0 < r["telemetry"]["mass"] <= 1
+        assert r["telemetry"]["error"] > 0 and r["telemetry"]["layers_observed"] == len(r["telemetry"]["per_layer"])
         assert r["fidelity"]["positions"] == 6 and r["fidelity"]["kl"] >= 0
     assert len({r["key"] for r in rows}) == 4 and len({r["run_id"] for r in rows}) == 1
 
@@ -107,6 +111,21 @@ def test_resumed_sparse_row_still_gets_fidelity(model, tok, tmp_path):
     assert redo["method"] == "snapkv" and redo["run_id"] != rows[0]["run_id"]
     old = next(r for r in rows if r["method"] == "snapkv")
     assert redo["fidelity"]["kl"] == pytest.approx(old["fidelity"]["kl"], rel=1e-3, abs=1e-6)
+
+
+def test_telemetry_comes_from_the_untimed_pass_even_without_loglik(model, tok, tmp_path):
+    """Telemetry is recorded in the teacher-forced pass (never inside the timed generation); with the
+    log-likelihood off that pass still runs for sparse runs, and its log-likelihood is not kept."""
+    cfg = {**CONFIG, "answer_loglik": False, "methods": [CONFIG["methods"][1]]}
+    rows = runner.read_rows(runner.run_grid(model, tok, G.build_grid(cfg), tmp_path, progress=False)["path"])
+    dense, sel = rows
+    assert dense["telemetry"] is None and dense["answer_loglik"] is None
+    assert sel["answer_loglik"] is None and sel["fidelity"] is None
+    tele = sel["telemetry"]
+    assert 0 < tele["density"] < 1 and tele["error"] > 0
+    # the teacher-forced pass feeds the 6 answer tokens (5 decode steps), the generation only 3
+    assert {v["calls"] for v in tele["per_layer"].values()} == {5}
+    assert sel["stats"]["token_select.select"] + sel["stats"].get("token_select.reuse", 0) == 3 * 2
 
 
 def test_failed_runs_are_recorded_and_retried(model, tok, tmp_path):

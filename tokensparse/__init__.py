@@ -9,12 +9,14 @@ Public API::
     with ts.sparsify(model, method) as session:
         model.generate(..., cache=session.new_cache())
     ts.methods.get(name).at_full_budget()              # a config that must equal dense attention
+    with ts.time_attention(model) as timer: ...        # seconds inside attention (dense or sparse)
 """
 
 from . import methods
-from .engine import KVCache, Telemetry, cache_bytes, sparsify
+from .engine import KVCache, Telemetry, cache_bytes, sparsify, time_attention
 from .models import load_model, model_fingerprint
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "Telemetry", "cache_bytes", "load_model", "methods", "model_fingerprint", "sparsify", "__version__"]
+__all__ = ["KVCache", "Telemetry", "cache_bytes", "load_model", "methods", "model_fingerprint", "sparsify",
+           "time_attention", "__version__"]

@@ -40,6 +40,14 @@ def main(path=Path(__file__).with_name("eval_results.jsonl")):
             p = acc - (0.3 if depth == 0.5 and method in ("snapkv", "streaming_llm") else 0) - 0.1 * (L // 4096)
             score = float(rng.random() < p)
             prompt = L + rng.randint(-10, 10)
+            prefill_s = round(0.9 * (prompt / 1024) ** 1.45 * pf * rng.uniform(0.95, 1.05), 4)
+            decode_ms = round(28 * (prompt / 1024) ** 0.6 * df * rng.uniform(0.95, 1.05), 3)
+            # per-layer telemetry: early layers exact, error growing with depth; eviction loses needle tokens
+            per_layer = None if dens is None else {
+                str(i): {"density": dens, "mass": mass, "error": round((1 - mass) * i / 3, 4), "calls": 1}
+                for i in range(4)}
+            needle = (None if method not in ("snapkv", "streaming_llm") or depth is None else
+                      [round(min(1.0, dens * (1.5 + 0.3 * i)), 3) for i in range(4)])
             rows.append({
                 "key": key, "suite": "fixture", "run_id": "fixture-run", "time": "2026-01-01T00:00:00+00:00",
                 "model": {"fingerprint": "0123456789abcdef", "path": "SmolLM2-135M-Instruct", "dtype": "float32"},
@@ -48,10 +56,17 @@ def main(path=Path(__file__).with_name("eval_results.jsonl")):
                 "sample_id": f"{task}-L{L}-d{depth}-s0-0", "needle_depth": depth, "prompt_tokens": prompt,
                 "answers": ["12345"], "prediction": " 12345." if score else " 54321.", "metric": "all",
                 "score": score, "correct": bool(score), "new_tokens": 8,
-                "prefill_s": round(0.9 * (prompt / 1024) ** 1.45 * pf * rng.uniform(0.95, 1.05), 4),
-                "decode_ms_per_token": round(28 * (prompt / 1024) ** 0.6 * df * rng.uniform(0.95, 1.05), 3),
+                "prefill_s": prefill_s, "decode_ms_per_token": decode_ms,
+                "attention_prefill_s": round(prefill_s * (0.4 if pf == 1 else 0.25), 4),
+                "attention_decode_ms_per_token": round(decode_ms * 0.3, 3),
+                "memory": {"peak_rss_bytes": 900 * 2**20 + int(prompt * 30 * 2 * 3 * 64 * 4 * kf),
+                           "rss_start_bytes": 880 * 2**20, "scope": "block"},
                 "kv_bytes": int(prompt * 30 * 2 * 3 * 64 * 4 * kf), "stats": {},
-                "telemetry": None if dens is None else {"density": dens, "mass": mass},
+                "telemetry": None if dens is None else {
+                    "density": dens, "mass": mass, "error": round((1 - mass) / 2, 4), "layers_observed": 4,
+                    "per_layer": per_layer},
+                "needle_retention": None if needle is None else {
+                    "mean": sum(needle) / 4, "min": min(needle), "per_layer": needle},
                 "answer_loglik": round(-0.5 - 8 * (1 - p) * rng.random(), 3), "answer_tokens": 6,
                 "loglik_target": " 12345",
                 "fidelity": None if method == "dense" else {"kl": round(2 * (1 - p) * rng.random(), 4),

@@ -1,4 +1,5 @@
-"""Speed benchmarks on the bundled model: prefill, decode and attention-only.
+"""Speed benchmarks on the bundled model: prefill, decode and attention-only; and an
+attention-only microbenchmark of the executors on random tensors (:mod:`.executors`, no model).
 
 Every ratio is against dense attention measured in the same process, on the same prompt, with the
 same thread count; runs of the variants are interleaved and medians reported with their spread
@@ -36,18 +37,52 @@ def save_json(obj: dict, path: str) -> None:
 
 
 def main(args) -> int:
-    lengths = [int(x) for x in str(args.lengths).split(",") if x]
+    executors = args.what == "executors"
+    default_lengths = "2048,4096,8192" if executors else "8192"
+    text = default_lengths if args.lengths is None else args.lengths
+    try:
+        lengths = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        lengths = []
     if not lengths or min(lengths) < 64:
-        raise SystemExit(f"--lengths must be comma-separated lengths >= 64, got {args.lengths!r}")
-    if args.repeats < 1:
-        raise SystemExit("--repeats must be >= 1")
+        raise SystemExit(f"--lengths must be comma-separated lengths >= 64, got {text!r}")
+    repeats = args.repeats if args.repeats is not None else (5 if executors else 3)
+    if repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {repeats}")
+    if executors:
+        return _main_executors(args, lengths, repeats)
     if args.what == "prefill":
         from .prefill import run
     elif args.what == "decode":
         from .decode import run
     else:
         from .prefill import run_attention_only as run
-    result = run(lengths=lengths, repeats=args.repeats, steps=args.steps)
+    result = run(lengths=lengths, repeats=repeats, steps=args.steps)
+    if args.json:
+        save_json(result, args.json)
+        print(f"results written to {args.json}")
+    return 0
+
+
+def _main_executors(args, lengths: list[int], repeats: int) -> int:
+    from .executors import DEFAULT_DENSITIES, format_table, run
+
+    text = getattr(args, "densities", None)
+    try:
+        densities = list(DEFAULT_DENSITIES) if text is None else [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        densities = []
+    if not densities or not all(0.0 < r <= 1.0 for r in densities):
+        raise SystemExit(f"--densities must be comma-separated numbers in (0, 1], got {text!r}")
+    device = getattr(args, "device", None) or "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"--device must be a torch device such as cpu or cuda, got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch build sees no CUDA device")
+    result = run(lengths=lengths, densities=densities, repeats=repeats, device=device, progress=True)
+    print(format_table(result))
     if args.json:
         save_json(result, args.json)
         print(f"results written to {args.json}")

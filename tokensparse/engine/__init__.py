@@ -5,9 +5,11 @@ from .cache import EvictingLayer, KVCache, PreallocLayer, cache_bytes
 from .call import AttentionCall, CacheRequiredError
 from .session import Method, Session, exercise_sparse_paths, sparse_paths_forced, sparsify
 from .telemetry import Selection, Telemetry
+from .timing import AttentionTimer, time_attention
 
 __all__ = [
     "AttentionCall",
+    "AttentionTimer",
     "CacheRequiredError",
     "EvictingLayer",
     "KVCache",
@@ -20,4 +22,5 @@ __all__ = [
     "exercise_sparse_paths",
     "sparse_paths_forced",
     "sparsify",
+    "time_attention",
 ]

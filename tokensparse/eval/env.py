@@ -71,6 +71,68 @@ def loadavg() -> list[float] | None:
         return None
 
 
+class PeakMemory:
+    """Peak resident memory of this process over a block of work (and peak CUDA memory).
+
+    On Linux the kernel's high-water mark ``VmHWM`` is reset at :meth:`start` (writing ``5`` to
+    ``/proc/self/clear_refs``) and read at :meth:`stop`, so the peak is that of the block
+    (``scope="block"``). Where the reset is not possible the peak is the process's since it started
+    (``ru_maxrss``, ``scope="process"``), which is recorded, never passed off as the block's.
+    Either way the peak includes the model weights; ``rss_start_bytes`` is what was resident at
+    :meth:`start`, so ``peak - start`` is what the block added at its peak.
+    """
+
+    def __init__(self, device=None):
+        self.cuda = device is not None and getattr(device, "type", str(device)) == "cuda"
+        self.device = device
+        self.scope = "process"
+        self.rss_start = None
+
+    def start(self) -> "PeakMemory":
+        self.rss_start = _status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.scope = "block"
+        except OSError:
+            self.scope = "process"
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def stop(self) -> dict:
+        """``{"peak_rss_bytes", "rss_start_bytes", "scope"}`` (+ ``"peak_cuda_bytes"`` on CUDA)."""
+        peak = _status_kib("VmHWM") if self.scope == "block" else None
+        if peak is None:
+            self.scope = "process"
+            try:
+                import resource
+
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+            except (ImportError, OSError):
+                peak = None
+        out = {"peak_rss_bytes": None if peak is None else peak * 1024,
+               "rss_start_bytes": None if self.rss_start is None else self.rss_start * 1024,
+               "scope": self.scope}
+        if self.cuda:
+            import torch
+
+            out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+        return out
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def environment(model=None, command: str | None = None) -> dict:
     """Versions, git state, torch thread count, hardware and the command line, as one dict."""
     import torch

@@ -9,7 +9,10 @@ Used by ``tokensparse demo`` and the benchmark scripts, so every method is measu
   on the (possibly compressed) cache, so the compression cannot see the question;
 * greedy decoding with a manual loop so prefill and per-token decode time are measured apart;
   exactly ``max_new_tokens`` steps are run (no early stop), so decode timings are comparable;
-* dense runs use the engine's preallocated :class:`tokensparse.KVCache` unless ``cache="dynamic"``.
+* dense runs use the engine's preallocated :class:`tokensparse.KVCache` unless ``cache="dynamic"``;
+* ``measure=True`` also records the time spent inside attention (:func:`tokensparse.time_attention`,
+  prefill seconds and decode ms/token, same split as the end-to-end times) and the process's peak
+  resident memory over the run (:class:`tokensparse.eval.env.PeakMemory`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ class RunResult:
     #: for an evicting cache: per layer, per KV head, the absolute token positions still held after
     #: generation (first sequence of the batch); ``None`` when the cache keeps every token
     kept_positions: list[list[torch.Tensor]] | None = None
+    #: with ``measure=True``: seconds inside attention during prefill, ms per decode step inside
+    #: attention, and the peak memory of the run (:meth:`PeakMemory.stop`)
+    attention_prefill_s: float | None = None
+    attention_decode_ms_per_token: float | None = None
+    memory: dict[str, Any] | None = None
 
 
 def kept_positions(cache) -> list[list[torch.Tensor]] | None:
@@ -91,14 +99,22 @@ def prefill(model, context_ids, question_ids, cache, placement: str = "inside"):
 
 @torch.no_grad()
 def greedy(model, context_ids, question_ids, *, session=None, placement: str = "inside",
-           max_new_tokens: int = 8, cache: str = "prealloc"):
-    """Greedy decode; returns ``(new_token_ids, prefill_s, decode_s_list, cache)``."""
+           max_new_tokens: int = 8, cache: str = "prealloc", timer=None):
+    """Greedy decode; returns ``(new_token_ids, prefill_s, decode_s_list, cache)``.
+
+    With ``timer`` (an :class:`tokensparse.engine.AttentionTimer` active on ``model``), its laps
+    ``"prefill"`` and ``"decode"`` hold the attention time of the two timed regions.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     kv = _new_cache(model, session, cache)
+    if timer is not None:
+        timer.reset()
     t0 = time.perf_counter()
     logits = prefill(model, context_ids, question_ids, kv, placement).logits
     prefill_s = time.perf_counter() - t0
+    if timer is not None:
+        timer.lap("prefill")
     tok = logits[:, -1].argmax(-1, keepdim=True)
     out = [int(tok)]
     steps = []
@@ -108,24 +124,37 @@ def greedy(model, context_ids, question_ids, *, session=None, placement: str = "
         tok = logits[:, -1].argmax(-1, keepdim=True)
         steps.append(time.perf_counter() - t)
         out.append(int(tok))
+    if timer is not None:
+        timer.lap("decode")
     return out, prefill_s, steps, kv
 
 
 def run_sample(model, tokenizer, sample, method=None, *, placement: str = "inside",
-               max_new_tokens: int | None = None, telemetry: bool = False, cache: str = "prealloc") -> RunResult:
+               max_new_tokens: int | None = None, telemetry: bool = False, cache: str = "prealloc",
+               measure: bool = False) -> RunResult:
     """Run ``sample`` densely (``method=None``) or with a method config; score by exact match of
-    every gold answer in the generated text."""
+    every gold answer in the generated text. ``telemetry`` fills ``telemetry`` with
+    :meth:`tokensparse.Telemetry.report` (overall and per layer); ``measure`` adds attention-only
+    times and the peak memory of the run."""
+    from .env import PeakMemory
+
     ctx, q = encode_sample(tokenizer, sample)
     n_new = max_new_tokens or sample.max_new_tokens
+    mem = PeakMemory(next(model.parameters()).device).start() if measure else None
     ctxmgr = ts.sparsify(model, method, telemetry=telemetry) if method is not None else nullcontext()
     with ctxmgr as session:
-        ids, prefill_s, steps, kv = greedy(
-            model, ctx, q, session=session, placement=placement, max_new_tokens=n_new, cache=cache
-        )
+        with ts.time_attention(model) if measure else nullcontext() as timer:
+            ids, prefill_s, steps, kv = greedy(
+                model, ctx, q, session=session, placement=placement, max_new_tokens=n_new, cache=cache, timer=timer
+            )
         stats = dict(session.stats) if session is not None else {}
         if session is not None and session.info:
             stats.update({f"info.{k}": v for k, v in session.info.items()})
-        tele = session.telemetry.overall() if (session is not None and session.telemetry) else None
+        tele = session.telemetry.report() if (session is not None and session.telemetry) else None
+    attn_prefill = attn_decode = None
+    if timer is not None:
+        attn_prefill = timer.laps["prefill"][0]
+        attn_decode = 1000 * timer.laps["decode"][0] / len(steps) if steps else float("nan")
     text = tokenizer.decode(ids, skip_special_tokens=True)
     correct = all(a in text for a in sample.answers)
     return RunResult(
@@ -139,4 +168,7 @@ def run_sample(model, tokenizer, sample, method=None, *, placement: str = "insid
         stats=stats,
         telemetry=tele,
         kept_positions=kept_positions(kv),
+        attention_prefill_s=attn_prefill,
+        attention_decode_ms_per_token=attn_decode,
+        memory=mem.stop() if mem is not None else None,
     )

@@ -1,6 +1,6 @@
 """PNG plots of evaluation results (matplotlib, Agg backend): needle heatmaps, accuracy vs
 attention budget, latency vs context length (log-log, fitted scaling exponent), accuracy vs
-speed-up with its Pareto front. Dense is drawn in every plot, in black.
+speed-up with its Pareto front, per-layer attention-output error and needle retention. Dense is drawn in every plot, in black.
 
 Each function takes the :class:`tokensparse.eval.report.Group` list of :func:`report.summarize`
 and returns the written path, or ``None`` when the results hold nothing to plot (e.g. a single
@@ -286,6 +286,38 @@ def accuracy_vs_speedup(groups, out: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# per-layer fidelity
+
+
+def per_layer(groups, out: Path) -> Path | None:
+    """Attention-output error per layer (telemetry) and, for eviction methods, the share of the
+    needle's tokens each layer held; one line per method config and placement."""
+    err = [g for g in groups if g.per_layer.get("error")]
+    held = [g for g in groups if g.per_layer.get("needle_held") and not g.is_peer_dense]
+    if not err and not held:
+        return None
+    styles = _styles(groups)
+    panels = [p for p in ((err, "error", "attention-output relative error vs dense\n(sampled query rows; 0 = exact)"),
+                          (held, "needle_held", "share of the needle's tokens held\n(eviction methods; 1 = all)"))
+              if p[0]]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, 3.2 * len(panels)), squeeze=False)
+    for ax, (gs, key, ylabel) in zip(axes[:, 0], panels):
+        for g in gs:
+            d = g.per_layer[key]
+            st = styles[g.name]
+            ax.plot(list(d), list(d.values()), label=textwrap.shorten(g.name, 60), color=st["color"],
+                    linestyle=st["linestyle"], marker=st["marker"], markersize=3, linewidth=1.2)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0, top=max(1.05, ax.get_ylim()[1]) if key == "needle_held" else None)
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    axes[0, 0].set_title("Per-layer fidelity (mean over runs)")
+    return _save(fig, out / "per_layer.png")
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def make_all(rows, groups, out: Path) -> dict[str, Path]:
@@ -297,7 +329,8 @@ def make_all(rows, groups, out: Path) -> dict[str, Path]:
             made[f"Needle retrieval: {task}"] = p
     for title, fn in (("Accuracy vs attention budget", accuracy_vs_budget),
                       ("Latency vs context length", latency_vs_length),
-                      ("Accuracy vs speed-up", accuracy_vs_speedup)):
+                      ("Accuracy vs speed-up", accuracy_vs_speedup),
+                      ("Per-layer fidelity", per_layer)):
         p = fn(groups, out)
         if p:
             made[title] = p

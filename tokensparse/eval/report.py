@@ -7,8 +7,9 @@ row, then the median over rows; accuracy is the mean score with the number of ru
 
 The report holds: a summary per method config and placement (accuracy, paired delta vs dense,
 mean answer log-likelihood, logit fidelity vs dense, telemetry density and kept attention mass,
-median prefill seconds, decode ms/token and KV bytes with their ratios to dense), accuracy per
-task and length, failed runs, the environment that produced the numbers, and the plots of
+median prefill seconds, decode ms/token and KV bytes with their ratios to dense), the time spent
+inside attention and the peak memory per group, per-layer attention-output error and needle
+retention, accuracy per task and length, failed runs, the environment that produced the numbers, and the plots of
 :mod:`tokensparse.eval.plots`.
 
 Peer rows (NVIDIA kvpress presses, ``method`` ``"kvpress:<press>"``, see ``docs/peers.md``) are
@@ -135,6 +136,24 @@ def generation_seconds(row: dict) -> float | None:
     return p + d * (n - 1) / 1000
 
 
+def _mib(x):
+    return None if x is None else x / 2**20
+
+
+def _sub(a, b):
+    return None if a is None or b is None else a - b
+
+
+def _per_layer_mean(dicts: list[dict[int, float]]) -> dict[int, float]:
+    """Per layer, the mean over the rows that have that layer."""
+    acc: dict[int, list] = defaultdict(list)
+    for d in dicts:
+        for k, v in d.items():
+            if v is not None:
+                acc[k].append(v)
+    return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
+
+
 def _ratio(a, b):
     return a / b if a is not None and b not in (None, 0) and not math.isnan(a) and not math.isnan(b) else None
 
@@ -149,6 +168,8 @@ class Group:
     config: dict
     rows: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    #: per layer means over the rows: ``{"error": {layer: attention-output error}, "needle_held": {...}}``
+    per_layer: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -214,6 +235,7 @@ def summarize(rows: list[dict]) -> list[Group]:
             "top1": _mean([f.get("top1") for f in fid]),
             "density": _mean([t.get("density") for t in tele]),
             "mass": _mean([t.get("mass") for t in tele]),
+            "error": _mean([t.get("error") for t in tele]),
             # share of the gold needle's tokens an evicting cache still holds (mean over layers)
             "needle_held": _mean([(r.get("needle_retention") or {}).get("mean",
                                   (r.get("peer") or {}).get("needle_kept_mean")) for r in rs]),
@@ -225,6 +247,25 @@ def summarize(rows: list[dict]) -> list[Group]:
                                        for r, x in zip(rs, d) if x]),
             "speedup": _median([_ratio(generation_seconds(x), generation_seconds(r)) for r, x in zip(rs, d) if x]),
             "kv_ratio": _median([_ratio(r.get("kv_bytes"), x.get("kv_bytes")) for r, x in zip(rs, d) if x]),
+            # time inside the attention function (tokensparse runs) and peak memory of the run
+            "attn_prefill_s": _median([r.get("attention_prefill_s") for r in rs]),
+            "attn_decode_ms": _median([r.get("attention_decode_ms_per_token") for r in rs]),
+            "attn_share": _median([_ratio(r.get("attention_prefill_s"), r.get("prefill_s")) for r in rs]),
+            "attn_prefill_speedup": _median([_ratio(x.get("attention_prefill_s"), r.get("attention_prefill_s"))
+                                             for r, x in zip(rs, d) if x]),
+            "attn_decode_speedup": _median([_ratio(x.get("attention_decode_ms_per_token"),
+                                                   r.get("attention_decode_ms_per_token")) for r, x in zip(rs, d) if x]),
+            "peak_rss_mib": _median([_mib((r.get("memory") or {}).get("peak_rss_bytes")) for r in rs]),
+            "peak_added_mib": _median([_mib(_sub((r.get("memory") or {}).get("peak_rss_bytes"),
+                                                 (r.get("memory") or {}).get("rss_start_bytes"))) for r in rs]),
+            "rss_scope": _distinct(rs, lambda r: r["memory"]["scope"]),
+        }
+        g.per_layer = {
+            "error": _per_layer_mean([{int(k): v["error"] for k, v in ((r.get("telemetry") or {}).get("per_layer")
+                                                                      or {}).items() if "error" in v} for r in rs]),
+            "needle_held": _per_layer_mean([dict(enumerate((r.get("needle_retention") or {}).get("per_layer")
+                                                           or (r.get("peer") or {}).get("needle_kept_per_layer") or []))
+                                            for r in rs]),
         }
         if g.peer is not None:
             o = [own.get(id(r)) for r in rs]
@@ -255,10 +296,10 @@ def _fmt(x, spec: str = ".3g", suffix: str = "") -> str:
 
 def summary_table(groups: list[Group]) -> str:
     head = ("| method (settings) | placement | n | accuracy | Δ vs dense (paired) | answer loglik (nats) "
-            "| KL vs dense | top-1 vs dense | density | mass kept | needle tokens held | prefill s (median) "
+            "| KL vs dense | top-1 vs dense | density | mass kept | attn output error | needle tokens held | prefill s (median) "
             "| prefill speed-up | decode ms/token (median) | decode speed-up | generation speed-up | KV MiB (median) "
             "| KV vs dense |\n"
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
     lines = []
     for g in groups:
         s = g.stats
@@ -269,6 +310,7 @@ def summary_table(groups: list[Group]) -> str:
             _fmt(s["loglik"], ".2f"), "ref" if ref else _fmt(s["kl"], ".3g"),
             "ref" if ref else _fmt(None if s["top1"] is None else 100 * s["top1"], ".0f", "%"),
             "1 (dense)" if ref else _fmt(s["density"], ".3f"), "1 (dense)" if ref else _fmt(s["mass"], ".3f"),
+            "0 (dense)" if ref else _fmt(s["error"], ".3f"),
             "1 (dense)" if ref else _fmt(None if s["needle_held"] is None else 100 * s["needle_held"], ".0f", "%"),
             _fmt(s["prefill_s"], ".3g"), "ref" if ref else _fmt(s["prefill_speedup"], ".2f", "×"),
             _fmt(s["decode_ms"], ".3g"), "ref" if ref else _fmt(s["decode_speedup"], ".2f", "×"),
@@ -276,6 +318,68 @@ def summary_table(groups: list[Group]) -> str:
             _fmt(s["kv_mib"], ".3g"), "ref" if ref else _fmt(s["kv_ratio"], ".2f", "×"),
         ]) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def time_memory_table(groups: list[Group]) -> str:
+    """Where the time goes (inside attention or not) and the peak memory of each group."""
+    if not any(g.stats.get("attn_prefill_s") is not None or g.stats.get("peak_rss_mib") is not None for g in groups):
+        return ""
+    lines = ["## Time inside attention and peak memory\n",
+             "Attention time is measured inside the model's attention function (`tokensparse.time_attention`: "
+             "for dense, SDPA; for a method, its selection, executor and cache bookkeeping; Q/K/V projections, "
+             "RoPE and the MLPs are outside), in the same runs as the end-to-end times; speed-ups are paired "
+             "with the dense run of the same sample, median over samples. Peak RSS is the process's resident "
+             "high-water mark over the generation run (the model weights included); \"added\" subtracts what "
+             "was resident when the run started. Peer rows have no attention time.\n",
+             "| method (settings) | placement | n | prefill s | attention s in prefill | attention share "
+             "| attention speed-up (prefill) | decode ms/token | attention ms/token | attention speed-up (decode) "
+             "| peak RSS MiB | peak added MiB |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for g in groups:
+        s = g.stats
+        ref = g.is_dense
+        lines.append("| " + " | ".join([
+            f"`{g.label}`", g.placement, str(s["n"]), _fmt(s["prefill_s"], ".3g"), _fmt(s["attn_prefill_s"], ".3g"),
+            _fmt(None if s["attn_share"] is None else 100 * s["attn_share"], ".0f", "%"),
+            "ref" if ref else _fmt(s["attn_prefill_speedup"], ".2f", "×"),
+            _fmt(s["decode_ms"], ".3g"), _fmt(s["attn_decode_ms"], ".3g"),
+            "ref" if ref else _fmt(s["attn_decode_speedup"], ".2f", "×"),
+            _fmt(s["peak_rss_mib"], ".0f"), _fmt(s["peak_added_mib"], ".0f"),
+        ]) + " |")
+    scopes = {sc for g in groups for sc in g.stats.get("rss_scope") or []}
+    if "process" in scopes:
+        lines.append("\nSome peaks could not be reset per run (no `/proc/self/clear_refs`): those are the "
+                     "process's peak since it started, an upper bound.")
+    return "\n".join(lines) + "\n"
+
+
+def per_layer_table(groups: list[Group], worst: int = 3) -> str:
+    """Per method: mean attention-output error over the layers it reports and its worst layers; for
+    eviction methods, the layers that held the least of the needle."""
+    rows = [g for g in groups if (g.per_layer.get("error") or g.per_layer.get("needle_held")) and not g.is_peer_dense]
+    if not rows:
+        return ""
+
+    def top(d: dict, reverse: bool) -> str:
+        items = sorted(d.items(), key=lambda kv: kv[1], reverse=reverse)[:worst]
+        return ", ".join(f"L{k} {v:.2f}" for k, v in items) if items else "—"
+
+    lines = ["## Per-layer fidelity\n",
+             "Attention-output relative error per layer (engine telemetry on sampled query rows, mean over "
+             f"heads, calls and runs) and the share of the needle's tokens each layer held (eviction methods); "
+             f"the {worst} worst layers of each. The per-layer curves are in the plot below.\n",
+             "| method (settings) | placement | layers observed | mean error | worst layers (error) "
+             "| needle held, mean | least needle held (layers) |",
+             "|---|---|--:|--:|---|--:|---|"]
+    for g in rows:
+        err, held = g.per_layer.get("error") or {}, g.per_layer.get("needle_held") or {}
+        lines.append("| " + " | ".join([
+            f"`{g.label}`", g.placement, str(len(err)) if err else "—",
+            _fmt(sum(err.values()) / len(err) if err else None, ".3f"), top(err, True),
+            _fmt(100 * sum(held.values()) / len(held) if held else None, ".0f", "%"),
+            top(held, False),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def peer_section(groups: list[Group]) -> str:
@@ -421,7 +525,8 @@ first word for the character probes); Δ vs dense is the mean paired difference 
 samples. Speed-ups are dense time / method time per sample, median over samples, against the
 dense run of the same sample (same run and placement when present); generation time is the
 prefill plus the timed decode steps. KL vs dense and top-1 agreement compare the teacher-forced
-logits of the gold answer; density and kept mass are the engine's telemetry (sampled query rows),
+logits of the gold answer; density, kept mass and attention-output error (relative, against dense
+attention over the same keys) are the engine's telemetry (sampled query rows),
 averaged over the layers and calls the method reports (e.g. only the sparse layers of
 token_sparse, only the decode steps of token_select).
 Needle tokens held: for methods that evict KV rows, the share of the gold needle's prompt tokens
@@ -443,6 +548,7 @@ def render_markdown(rows: list[dict], errors: list[dict], groups: list[Group], p
         + (f"; {len(errors)} failed run{'s' if len(errors) > 1 else ''} listed below" if errors else "") + ".\n",
         "## Environment\n", environment_section(rows),
         "## Summary per method, config and placement\n", summary_table(groups), NOTES,
+        time_memory_table(groups), per_layer_table(groups),
         peer_section(groups),
         "## Accuracy by task and context length\n", "Accuracy (runs) per cell.\n", task_tables(groups),
     ]

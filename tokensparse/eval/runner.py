@@ -13,14 +13,26 @@ logits over the answer positions, which are compared with the dense run's (KL an
 agreement, :func:`metrics.logit_fidelity`). It costs one more prefill per run, so
 ``loglik_max_length`` can turn it off for long prompts.
 
+The engine's telemetry (``telemetry`` in the grid) is recorded in that teacher-forced pass, never
+in the timed generation: its sampled-row statistics run inside the attention function and would be
+counted as the method's time. With telemetry on, sparse runs therefore always get the pass (its
+log-likelihood is kept only where ``answer_loglik`` and ``loglik_max_length`` allow). Before the
+first run, one short untimed dense generation warms the process up (allocator, kernels), so the
+first sample's dense timings are not inflated.
+
 Row fields: ``key`` (hash of what identifies the run: model, task, options, length, requested depth,
 seed, index, placement, full method config, max_new_tokens), ``suite``, ``run_id``, ``time``,
 ``model`` (fingerprint, path, dtype), ``method``, ``label``, ``config`` (every field of the method
 config), ``placement``, ``task``, ``task_options``, ``sample_id``, ``length``, ``depth`` (requested,
 ``null`` = random), ``needle_depth`` (realised), ``seed``, ``index``, ``prompt_tokens``,
 ``answers``, ``prediction``, ``metric``, ``score``, ``correct``, ``new_tokens``, ``prefill_s``,
-``decode_ms_per_token``, ``kv_bytes``, ``stats``, ``telemetry`` (``{"density", "mass"}`` or
-null), ``answer_loglik`` (nats) with ``answer_tokens`` and ``loglik_target``, ``fidelity``
+``decode_ms_per_token``, ``attention_prefill_s`` and ``attention_decode_ms_per_token`` (time
+inside the attention function, :func:`tokensparse.time_attention`), ``memory`` (peak resident
+memory of the generation run: ``{"peak_rss_bytes", "rss_start_bytes", "scope"}``, see
+:class:`tokensparse.eval.env.PeakMemory`), ``kv_bytes``, ``stats``, ``telemetry`` (sparse runs:
+``{"density", "mass", "error", "layers_observed", "per_layer"}`` from
+:meth:`tokensparse.Telemetry.report`, ``error`` being the relative error of the attention output on
+sampled query rows, recorded in the teacher-forced pass; null for dense), ``answer_loglik`` (nats) with ``answer_tokens`` and ``loglik_target``, ``fidelity``
 (``{"kl", "kl_max", "top1", "positions"}`` against dense, or null), ``loadavg``, ``env``
 (versions, git commit, torch threads, hardware, command). A failed run has ``error`` instead of
 the results; it is not counted as done, so a rerun retries it.
@@ -58,7 +70,7 @@ import tokensparse as ts
 from . import metrics, tasks
 from .env import environment, loadavg
 from .grid import DENSE, Grid, MethodSpec, PeerRunSpec, PeerSpec, SampleSpec
-from .harness import encode_sample, prefill, run_sample
+from .harness import encode_sample, greedy, prefill, run_sample
 from .peers import kvpress as kvpress_peer
 from .peers import rows as peer_rows
 
@@ -139,13 +151,15 @@ def answer_target(sample) -> str:
 
 @torch.no_grad()
 def teacher_forced_answer(model, tokenizer, sample, method=None, placement: str = "inside",
-                          target: str | None = None) -> tuple[float, torch.Tensor, int]:
+                          target: str | None = None, telemetry: "ts.Telemetry | None" = None
+                          ) -> tuple[float, torch.Tensor, int]:
     """``(log p(target | prompt) in nats, logits (A, V) predicting each target token, A)``.
 
     The prompt is prefilled as :func:`harness.greedy` does for ``placement`` (under ``method``,
     with the cache its session provides), then the target is fed one token per step, so decode-time
     and eviction methods see it exactly as they see generated tokens. For dense attention this
-    equals :func:`metrics.answer_loglik` on ``prompt + target``.
+    equals :func:`metrics.answer_loglik` on ``prompt + target``. A :class:`tokensparse.Telemetry`
+    passed as ``telemetry`` records the method's calls of this pass (prefill and answer steps).
     """
     ctx, q = encode_sample(tokenizer, sample)
     target = answer_target(sample) if target is None else target
@@ -153,7 +167,7 @@ def teacher_forced_answer(model, tokenizer, sample, method=None, placement: str 
     if ans.shape[1] == 0:
         raise ValueError(f"the answer target {target!r} has no tokens")
     dev = next(model.parameters()).device
-    ctxmgr = ts.sparsify(model, method) if method is not None else nullcontext()
+    ctxmgr = ts.sparsify(model, method, telemetry=telemetry or False) if method is not None else nullcontext()
     with ctxmgr as session:
         kv = session.new_cache() if session is not None else ts.KVCache(model)
         out = prefill(model, ctx, q, kv, placement)
@@ -202,8 +216,10 @@ def needle_retention_of(result, sample, tokenizer) -> dict | None:
 def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: torch.Tensor | None = None):
     """Measure one (sample, method, placement); returns ``(result fields, teacher-forced logits or None)``."""
     method = spec.build()
+    # timed generation without telemetry: its sampled-row statistics would be timed with the method
+    # (and TokenSelect leaves its segmented decode path to record them)
     r = run_sample(model, tokenizer, sample, method, placement=spec.placement,
-                   max_new_tokens=grid.max_new_tokens, telemetry=grid.telemetry and method is not None)
+                   max_new_tokens=grid.max_new_tokens, measure=True)
     metric = sample.metadata.get("metric", "all")
     score = metrics.score(r.prediction, sample.answers, metric)
     depths = sample.metadata.get("needle_depths")
@@ -211,18 +227,27 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
         "sample_id": sample.sample_id, "needle_depth": depths[0] if depths else None,
         "prompt_tokens": r.prompt_tokens, "answers": list(sample.answers), "prediction": r.prediction,
         "metric": metric, "score": score, "correct": score == 1.0, "new_tokens": r.new_tokens,
-        "prefill_s": r.prefill_s, "decode_ms_per_token": r.decode_ms_per_token, "kv_bytes": r.kv_bytes,
+        "prefill_s": r.prefill_s, "decode_ms_per_token": r.decode_ms_per_token,
+        "attention_prefill_s": r.attention_prefill_s, "attention_decode_ms_per_token": r.attention_decode_ms_per_token,
+        "memory": r.memory, "kv_bytes": r.kv_bytes,
         "stats": dict(r.stats), "telemetry": r.telemetry,
         "answer_loglik": None, "answer_tokens": None, "loglik_target": None, "fidelity": None,
         "needle_retention": needle_retention_of(r, sample, tokenizer),
     }
     logits = None
-    if grid.answer_loglik and (grid.loglik_max_length is None or r.prompt_tokens <= grid.loglik_max_length):
+    want_ll = grid.answer_loglik and (grid.loglik_max_length is None or r.prompt_tokens <= grid.loglik_max_length)
+    tele = ts.Telemetry() if grid.telemetry and method is not None else None
+    if want_ll or tele is not None:
         target = answer_target(sample)
-        ll, logits, n = teacher_forced_answer(model, tokenizer, sample, method, spec.placement, target)
-        fields.update(answer_loglik=ll, answer_tokens=n, loglik_target=target)
-        if reference is not None and method is not None:
-            fields["fidelity"] = metrics.logit_fidelity(reference, logits)
+        ll, logits, n = teacher_forced_answer(model, tokenizer, sample, method, spec.placement, target, telemetry=tele)
+        if tele is not None:
+            fields["telemetry"] = tele.report()
+        if want_ll:
+            fields.update(answer_loglik=ll, answer_tokens=n, loglik_target=target)
+            if reference is not None and method is not None:
+                fields["fidelity"] = metrics.logit_fidelity(reference, logits)
+        else:
+            logits = None
     return fields, logits
 
 
@@ -273,6 +298,8 @@ def run_grid(model, tokenizer, grid: Grid, out: str | Path, *, progress: bool = 
               f"{n_peer_todo} to run after the tokensparse runs", file=sys.stderr)
     peer_setup = _peer_preflight(grid, model, minfo, peer_plan, peer_model_dir) if n_peer_todo else None
 
+    if n_todo:
+        _warm_up(model)
     ran = errors = 0
     samples: dict[str, tuple] = {}  # sample spec -> (sample or None, error), reused by the peers
     bar = tqdm(total=n_todo, desc=grid.name, unit="run", disable=not progress)
@@ -310,6 +337,14 @@ def run_grid(model, tokenizer, grid: Grid, out: str | Path, *, progress: bool = 
         ran, errors = ran + p_ran, errors + p_err
     return {"path": str(path), "total": total + peer_total, "skipped": total - n_todo + peer_total - n_peer_todo,
             "ran": ran, "errors": errors, "peer_runs": peer_total, "peers_skipped": peers_skipped}
+
+
+@torch.no_grad()
+def _warm_up(model, tokens: int = 256) -> None:
+    """One short untimed dense generation (first-call costs: allocator growth, lazy kernel setup)."""
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    greedy(model, ids[:, :-8], ids[:, -8:], max_new_tokens=3)
 
 
 def _make_sample(sspec: SampleSpec, tokenizer, cache: dict) -> tuple:

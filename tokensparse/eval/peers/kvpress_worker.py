@@ -222,9 +222,44 @@ def _reset_masks(model) -> None:
 
 
 @torch.no_grad()
+def _status_kib(field: str):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak() -> str:
+    """Reset the kernel's resident high-water mark (Linux); the scope the next peak reading has."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "block"
+    except OSError:
+        return "process"
+
+
+def _peak_memory(scope: str, rss_start) -> dict:
+    """Same fields and meaning as tokensparse.eval.env.PeakMemory.stop() (this env cannot import it)."""
+    peak = _status_kib("VmHWM") if scope == "block" else None
+    if peak is None:
+        import resource
+
+        scope, peak = "process", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_bytes": peak * 1024, "rss_start_bytes": None if rss_start is None else rss_start * 1024,
+            "scope": scope}
+
+
 def run_one(model, tokenizer, sample: dict, press, placement: str, needs_eager: bool) -> dict:
     """Prefill (compressed), feed the question tail, greedy-decode; return the measured fields."""
     from transformers import DynamicCache
+
+    rss_start = _status_kib("VmRSS")
+    mem_scope = _reset_peak()
 
     context_ids = [int(t) for t in sample["context_ids"]]
     question_ids = [int(t) for t in sample["question_ids"]]
@@ -284,6 +319,7 @@ def run_one(model, tokenizer, sample: dict, press, placement: str, needs_eager: 
 
     # K/V held at the end of generation (prompt + generated tokens), as tokensparse's harness reports
     kv_bytes_end = _cache_bytes(cache)
+    memory = _peak_memory(mem_scope, rss_start)  # the generation run only, as tokensparse's harness
 
     answer_loglik = None
     answer_ids = sample.get("answer_ids")
@@ -321,6 +357,7 @@ def run_one(model, tokenizer, sample: dict, press, placement: str, needs_eager: 
         "kv_kept_per_layer": kept,
         "kv_bytes": kv_bytes,
         "kv_bytes_end": kv_bytes_end,
+        "memory": memory,
         "answer_loglik": answer_loglik,
         "needle_kept_per_layer": [round(v, 4) for v in vals] if needle_per_layer is not None else None,
         "needle_kept_mean": round(sum(vals) / len(vals), 4) if vals else None,
@@ -383,7 +420,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
     import kvpress  # noqa: F401  (patches attention functions for head-wise presses, as kvpress always does)
 
     factories = _press_factories()
@@ -406,6 +443,11 @@ def main(argv=None) -> int:
           f"{len(specs)} presses, placement={args.placement}", file=sys.stderr, flush=True)
     env = _env_info(args.threads)
     version = env["kvpress"]
+    with torch.no_grad():  # untimed warm-up (allocator, kernels), as tokensparse's runner does
+        ids = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+        warm = DynamicCache()
+        model(input_ids=ids, past_key_values=warm)
+        model(input_ids=ids[:, -1:], past_key_values=warm)
 
     total = len(samples) * len(specs)
     n = 0

@@ -142,6 +142,7 @@ def convert_row(wrow: dict, base: dict, sample, input_row: dict, loglik_target: 
         "prefill_s": wrow.get("ttft_s", wrow.get("prefill_s")),
         "decode_ms_per_token": wrow.get("decode_ms_per_token"),
         "kv_bytes": wrow.get("kv_bytes_end", wrow.get("kv_bytes")),
+        "attention_prefill_s": None, "attention_decode_ms_per_token": None, "memory": wrow.get("memory"),
         "stats": {}, "telemetry": None,
         "answer_loglik": wrow.get("answer_loglik") if answer_ids else None,
         "answer_tokens": len(answer_ids) if answer_ids and wrow.get("answer_loglik") is not None else None,
