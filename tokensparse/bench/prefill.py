@@ -5,8 +5,9 @@ length (the needle at depth 0.5), dense and each configuration interleaved, ``re
 
 Attention only: the Q/K/V each layer receives in one dense prefill are captured, then per layer
 dense SDPA, the method's selection (scoring + coverage + top-k) and its executor
-(compress → attend → scatter) are timed separately on those real tensors, and summed over layers
-(dense in the layers a configuration leaves dense).
+(compress → attend → scatter) are timed separately on those real tensors (one warm-up call, then
+``repeats`` timed calls), and summed over layers per repetition (dense in the layers a
+configuration leaves dense): medians over repetitions with min–max.
 """
 
 from __future__ import annotations
@@ -94,53 +95,64 @@ def run(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, 
     return out
 
 
+def _timed_repeats(fn, repeats: int) -> list[float]:
+    """One untimed warm-up call, then ``repeats`` timed calls."""
+    fn()
+    return [timed(fn) for _ in range(repeats)]
+
+
 @torch.no_grad()
 def run_attention_only(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, tokenizer=None) -> dict:
-    """Per-layer attention time on captured real Q/K/V: dense vs selection + executor."""
+    """Per-layer attention time on captured real Q/K/V: dense vs selection + executor.
+
+    Every timed call is warmed up once and repeated ``repeats`` times; a total is the sum over
+    layers of the calls of one repetition, reported as the median over repetitions with its spread
+    (min–max). A layer a configuration leaves dense counts with dense's time of that repetition.
+    """
     if model is None:
         model, tokenizer = ts.load_model()
-    out = {"env": environment(), "kind": "prefill attention-only", "results": []}
+    out = {"env": environment(), "kind": "prefill attention-only", "repeats": repeats, "results": []}
     for length in lengths:
         ids = _prompt(tokenizer, length)
         cap = _Capture()
         with ts.sparsify(model, cap):
             model(input_ids=ids, cache=ts.KVCache(model), logits_to_keep=1)
         calls = [cap.calls[i] for i in sorted(cap.calls)]
-        dense_t = []
-        for call in calls:
-            ts_ = [timed(lambda: dense_attention(call.query, call.key, call.value, None, call.scale)) for _ in range(repeats)]
-            dense_t.append(min(ts_))
-        total_dense = sum(dense_t)
-        out["results"].append({"length": int(ids.shape[1]), "variant": "dense (sdpa)", "attention_s": total_dense})
-        print(f"{ids.shape[1]:>6} dense attention {total_dense:.2f} s over {len(calls)} layers")
+        dense_t = [_timed_repeats(lambda: dense_attention(call.query, call.key, call.value, None, call.scale), repeats)
+                   for call in calls]
+        dense_tot = spread([sum(t[r] for t in dense_t) for r in range(repeats)])
+        out["results"].append({"length": int(ids.shape[1]), "variant": "dense (sdpa)",
+                               "attention_s": dense_tot["median"], "attention_spread": dense_tot})
+        print(f"{ids.shape[1]:>6} dense attention {dense_tot['median']:.2f} s ({dense_tot['min']:.2f}-{dense_tot['max']:.2f}) "
+              f"over {len(calls)} layers")
         for label, kw in configs:
             method = ts.methods.get("token_sparse")(**kw)
             with ts.sparsify(model, method) as session:  # resolves the sparse layers (profile)
                 layers = session.state["token_sparse_layers"]
-            sel_t, exe_t, kept = 0.0, 0.0, []
+            sel_r, exe_r, kept = [0.0] * repeats, [0.0] * repeats, []
             for call, td in zip(calls, dense_t):
-                if call.layer_idx not in layers:
-                    exe_t += td
-                    continue
-                idx = method.select(call)
+                idx = method.select(call) if call.layer_idx in layers else None
                 if idx is None:
-                    exe_t += td
+                    exe_r = [a + b for a, b in zip(exe_r, td)]
                     continue
-                sel_t += min(timed(lambda: method.select(call)) for _ in range(repeats))
-                exe_t += min(
-                    timed(lambda: compress_attend_scatter(call.query, call.key, call.value, idx, call.scale))
-                    for _ in range(repeats)
-                )
+                sel_r = [a + b for a, b in zip(sel_r, _timed_repeats(lambda: method.select(call), repeats))]
+                exe = _timed_repeats(lambda: compress_attend_scatter(call.query, call.key, call.value, idx, call.scale),
+                                     repeats)
+                exe_r = [a + b for a, b in zip(exe_r, exe)]
                 kept.append(idx.shape[-1] / call.k_len)
+            sel, exe = spread(sel_r), spread(exe_r)
+            tot = spread([a + b for a, b in zip(sel_r, exe_r)])
             row = {
-                "length": int(ids.shape[1]), "variant": label, "selection_s": sel_t, "executor_s": exe_t,
-                "attention_s": sel_t + exe_t, "speedup_vs_dense": total_dense / (sel_t + exe_t),
-                "executor_speedup_vs_dense": total_dense / exe_t,
+                "length": int(ids.shape[1]), "variant": label, "selection_s": sel["median"], "executor_s": exe["median"],
+                "attention_s": tot["median"], "attention_spread": tot, "selection_spread": sel, "executor_spread": exe,
+                "speedup_vs_dense": dense_tot["median"] / tot["median"],
+                "executor_speedup_vs_dense": dense_tot["median"] / exe["median"],
                 "mean_kept_share_in_sparse_layers": sum(kept) / len(kept) if kept else 1.0,
                 "sparse_layers": len(kept),
             }
             out["results"].append(row)
-            print(f"{ids.shape[1]:>6} {label:<40} selection {sel_t:.2f} s + executor {exe_t:.2f} s "
-                  f"= x{row['speedup_vs_dense']:.2f} (executor alone x{row['executor_speedup_vs_dense']:.2f}), "
+            print(f"{ids.shape[1]:>6} {label:<40} selection {sel['median']:.2f} s + executor {exe['median']:.2f} s "
+                  f"= {tot['median']:.2f} s ({tot['min']:.2f}-{tot['max']:.2f}) x{row['speedup_vs_dense']:.2f} "
+                  f"(executor alone x{row['executor_speedup_vs_dense']:.2f}), "
                   f"{len(kept)} sparse layers keeping {row['mean_kept_share_in_sparse_layers']:.2f}")
     return out

@@ -199,8 +199,9 @@ def sparsify(model, method: Method, *, telemetry: bool | Telemetry = False):
     """Run ``model`` with ``method`` inside the block; the previous attention implementation and all
     engine state are restored on exit, also when the block raises.
 
-    ``telemetry=True`` (or a :class:`Telemetry`) records per layer/head density and kept attention
-    mass in ``session.telemetry``. Yields the :class:`Session`; eviction methods need its
+    ``telemetry=True`` (or a :class:`Telemetry`) records per layer/head density, kept attention
+    mass and attention-output error in ``session.telemetry`` (computed inside the attention call:
+    do not time a run with telemetry on). Yields the :class:`Session`; eviction methods need its
     ``session.new_cache()`` passed as ``cache=`` to ``model(...)`` / ``model.generate(...)``.
     """
     if not isinstance(method, Method):

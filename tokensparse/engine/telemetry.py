@@ -1,4 +1,4 @@
-"""Opt-in per layer/head statistics: density and the share of dense attention mass kept.
+"""Opt-in per layer/head statistics: density, the share of dense attention mass kept, output error.
 
 Both are estimated on a few sampled query rows of each call (evenly spaced, always including the
 last one), so the cost is ``O(S · Lk)`` per head instead of ``O(Lq · Lk)``:

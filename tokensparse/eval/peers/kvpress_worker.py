@@ -221,7 +221,6 @@ def _reset_masks(model) -> None:
             module.masked_key_indices = None
 
 
-@torch.no_grad()
 def _status_kib(field: str):
     try:
         with open("/proc/self/status") as f:
@@ -254,6 +253,7 @@ def _peak_memory(scope: str, rss_start) -> dict:
             "scope": scope}
 
 
+@torch.no_grad()
 def run_one(model, tokenizer, sample: dict, press, placement: str, needs_eager: bool) -> dict:
     """Prefill (compressed), feed the question tail, greedy-decode; return the measured fields."""
     from transformers import DynamicCache
