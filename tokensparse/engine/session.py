@@ -195,6 +195,24 @@ def _attention_modules(model):
 
 
 @contextlib.contextmanager
+def attached(model, modules, registry: weakref.WeakKeyDictionary, obj, attn_name: str):
+    """Map every attention module to ``obj`` in ``registry`` and switch the model to the registered
+    attention implementation ``attn_name`` for the block; both are undone on exit, also on error.
+    (How :func:`sparsify` and :func:`tokensparse.time_attention` reach their state from inside an
+    attention call.)"""
+    previous = model.config._attn_implementation
+    for m in modules:
+        registry[m] = obj
+    try:
+        model.set_attn_implementation(attn_name)
+        yield obj
+    finally:
+        for m in modules:
+            registry.pop(m, None)
+        model.set_attn_implementation(previous)
+
+
+@contextlib.contextmanager
 def sparsify(model, method: Method, *, telemetry: bool | Telemetry = False):
     """Run ``model`` with ``method`` inside the block; the previous attention implementation and all
     engine state are restored on exit, also when the block raises.
@@ -218,13 +236,5 @@ def sparsify(model, method: Method, *, telemetry: bool | Telemetry = False):
     tele = telemetry if isinstance(telemetry, Telemetry) else (Telemetry() if telemetry else None)
     session = Session(model, method, tele)
     method.setup(session)
-    previous = model.config._attn_implementation
-    for m in modules:
-        _SESSIONS[m] = session
-    try:
-        model.set_attn_implementation(ATTN_NAME)
+    with attached(model, modules, _SESSIONS, session, ATTN_NAME):
         yield session
-    finally:
-        for m in modules:
-            _SESSIONS.pop(m, None)
-        model.set_attn_implementation(previous)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .session import _attention_modules
+from .session import _attention_modules, attached
 
 _PREFIX = "tokensparse_timed_"
 _TIMERS: "weakref.WeakKeyDictionary[torch.nn.Module, AttentionTimer]" = weakref.WeakKeyDictionary()
@@ -108,13 +108,5 @@ def time_attention(model):
     modules = list(_attention_modules(model))
     if not modules:
         raise ValueError("found no attention modules with layer_idx in this model")
-    timer = AttentionTimer()
-    for m in modules:
-        _TIMERS[m] = timer
-    try:
-        model.set_attn_implementation(name)
+    with attached(model, modules, _TIMERS, AttentionTimer(), name) as timer:
         yield timer
-    finally:
-        for m in modules:
-            _TIMERS.pop(m, None)
-        model.set_attn_implementation(inner_name)
