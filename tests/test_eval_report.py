@@ -58,6 +58,10 @@ def test_summary_numbers_match_a_hand_computation():
     assert g.stats["prefill_speedup"] == pytest.approx((ratios[3] + ratios[4]) / 2)
     delta = sum(r["score"] - by_sample[r["sample_id"]]["score"] for r in snap) / 8
     assert g.stats["delta_vs_dense"] == pytest.approx(delta)
+    assert g.stats["wins"] == sum(r["score"] > by_sample[r["sample_id"]]["score"] for r in snap)
+    assert g.stats["losses"] == sum(r["score"] < by_sample[r["sample_id"]]["score"] for r in snap)
+    assert g.stats["wins"] + g.stats["losses"] > 0  # the fixture has both kinds of sample
+    assert report._delta(g.stats) == f"{100 * delta:+.1f} pt (↑{g.stats['wins']} ↓{g.stats['losses']})"
     assert g.stats["density"] == pytest.approx(0.27) and g.stats["kv_ratio"] == pytest.approx(0.26, abs=0.01)
     assert g.stats["error"] == pytest.approx((1 - 0.81) / 2)
     attn = sorted(by_sample[r["sample_id"]]["attention_prefill_s"] / r["attention_prefill_s"] for r in snap)

@@ -89,7 +89,8 @@ def cmd_generate(args) -> int:
     if stats:
         print(f"[stats: {stats}]", file=sys.stderr)
     if tele:
-        print(f"[telemetry: density {tele['density']:.3f}, dense attention mass kept {tele['mass']:.3f}]", file=sys.stderr)
+        print(f"[telemetry: density {tele['density']:.3f}, dense attention mass kept {tele['mass']:.3f}, "
+              f"attention-output error {tele['error']:.3f} (sampled rows, layers the method touched)]", file=sys.stderr)
     return 0
 
 
@@ -165,7 +166,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file")
     s.add_argument("--max-new-tokens", type=int, default=32)
     s.add_argument("--model", help="local HF model directory (default: the bundled SmolLM2)")
-    s.add_argument("--telemetry", action="store_true", help="report density and kept dense attention mass")
+    s.add_argument("--telemetry", action="store_true", help="report density, kept dense attention mass and attention-output error")
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_generate)
 
