@@ -302,6 +302,8 @@ def per_layer(groups, out: Path) -> Path | None:
               if p[0]]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, 3.2 * len(panels)), squeeze=False)
     for ax, (gs, key, ylabel) in zip(axes[:, 0], panels):
+        ax.axhline(0.0 if key == "error" else 1.0, color=DENSE_COLOR, linewidth=1.5,
+                   label="dense (exact)" if key == "error" else "dense / full cache (all held)")
         for g in gs:
             d = g.per_layer[key]
             st = styles[g.name]
