@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 PAD, BOS, EOS = 0, 1, 2
 
 
@@ -108,3 +110,19 @@ class CharTokenizer(_Base):
 
     def _piece(self, i):
         return chr(i) if i > 2 else None
+
+
+# ---- fixtures shared by the runner and peer tests (import them by name into the test module) ----
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random Llama whose vocabulary covers the fake tokenizers' ids."""
+    from tokensparse.testing import tiny_model
+
+    return tiny_model("llama", vocab_size=256)
+
+
+@pytest.fixture
+def tok():
+    return WordTokenizer(max_vocab=256)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tokensparse as ts
-from eval_fakes import WordTokenizer
+from eval_fakes import model, tok  # noqa: F401 (pytest fixtures shared by the eval tests)
 from tokensparse.eval import grid as G
 from tokensparse.eval import metrics, report, runner, tasks
 from tokensparse.eval.commands import add_commands
@@ -184,16 +184,6 @@ class FakeKvpress:
                     f.write(json.dumps(r) + "\n")
             raise self.exc
         return rows
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", vocab_size=256)
-
-
-@pytest.fixture
-def tok():
-    return WordTokenizer(max_vocab=256)
 
 
 @pytest.fixture

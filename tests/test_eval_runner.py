@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import tokensparse as ts
-from eval_fakes import WordTokenizer
+from eval_fakes import model, tok  # noqa: F401 (pytest fixtures shared by the eval tests)
 from tokensparse.eval import grid as G
 from tokensparse.eval import metrics, runner, tasks
 from tokensparse.eval.commands import add_commands
 from tokensparse.eval.harness import encode_sample
-from tokensparse.testing import tiny_model
 
 torch.set_num_threads(1)
 
@@ -27,16 +26,6 @@ CONFIG = {
         {"method": "token_select", "configs": [{"budget": 0.5, "n_sink": 4, "n_local": 16}]},
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", vocab_size=256)
-
-
-@pytest.fixture
-def tok():
-    return WordTokenizer(max_vocab=256)
 
 
 def test_end_to_end_rows(model, tok, tmp_path):

@@ -29,11 +29,13 @@ class Entry:
     kwargs: tuple = ()
     placement: str = "inside"
 
+    @property
+    def config(self) -> dict:
+        """The settings as a dict (tuples, kept hashable in ``kwargs``, become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs}
+
     def build(self):
-        if self.method is None:
-            return None
-        kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs}
-        return ts.methods.get(self.method)(**kwargs)
+        return None if self.method is None else ts.methods.get(self.method)(**self.config)
 
 
 #: Token Sparse Attention restricted to the last third of SmolLM2's layers with a wider τ: on this
@@ -93,7 +95,7 @@ def run(length: int = 4096, n_depths: int = 3, placements=("inside", "after"), s
             r = run_sample(model, tokenizer, sample, e.build(), placement=e.placement)
             rows.append(
                 {
-                    "label": e.label, "method": e.method or "dense", "config": {k: list(v) if isinstance(v, tuple) else v for k, v in e.kwargs},
+                    "label": e.label, "method": e.method or "dense", "config": e.config,
                     "placement": e.placement, "depth": sample.depth, "sample_id": sample.sample_id,
                     "answer": sample.answers[0], "prediction": r.prediction, "correct": r.correct,
                     "prompt_tokens": r.prompt_tokens, "prefill_s": r.prefill_s,

@@ -65,15 +65,14 @@ def main(args) -> int:
 
 
 def _main_executors(args, lengths: list[int], repeats: int) -> int:
-    from .executors import DEFAULT_DENSITIES, format_table, run
+    from .executors import DEFAULT_DENSITIES, format_table, run, validate
 
     text = getattr(args, "densities", None)
     try:
         densities = list(DEFAULT_DENSITIES) if text is None else [float(x) for x in text.split(",") if x.strip()]
+        validate(lengths, densities, repeats)
     except ValueError:
-        densities = []
-    if not densities or not all(0.0 < r <= 1.0 for r in densities):
-        raise SystemExit(f"--densities must be comma-separated numbers in (0, 1], got {text!r}")
+        raise SystemExit(f"--densities must be comma-separated numbers in (0, 1], got {text!r}") from None
     device = getattr(args, "device", None) or "cpu"
     try:
         device = torch.device(device)

@@ -130,10 +130,11 @@ class Telemetry:
             out[layer]["calls"] = len(recs)
         return out
 
-    def overall(self) -> dict[str, float]:
+    def overall(self, summary: dict | None = None) -> dict[str, float]:
         """Means over the layers that recorded something (layers a method never touched are left
-        out: they are dense by construction). With no record at all: density 1, mass 1, error 0."""
-        s = self.summary()
+        out: they are dense by construction). With no record at all: density 1, mass 1, error 0.
+        ``summary``: a :meth:`summary` already computed."""
+        s = self.summary() if summary is None else summary
         if not s:
             return {"density": 1.0, "mass": 1.0, "error": 0.0}
         return {f: _mean([v[f] for v in s.values()]) for f in _FIELDS}
@@ -141,8 +142,8 @@ class Telemetry:
     def report(self) -> dict:
         """:meth:`overall` plus ``layers_observed`` and ``per_layer`` (``{layer: {density, mass,
         error, calls}}``, layer keys as strings so the dict survives JSON)."""
-        return {**self.overall(), "layers_observed": len(self.summary()),
-                "per_layer": {str(k): v for k, v in self.summary().items()}}
+        s = self.summary()
+        return {**self.overall(s), "layers_observed": len(s), "per_layer": {str(k): v for k, v in s.items()}}
 
 
 _FIELDS = ("density", "mass", "error")
