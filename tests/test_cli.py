@@ -52,3 +52,12 @@ def test_rope_scaling_is_validated(tmp_path, bad):
     cfg = _scaled_config(tmp_path, {}, {"rope_type": "yarn", "factor": 4.0})
     assert cfg.max_position_embeddings == 4 * 512
     assert cfg.rope_parameters["original_max_position_embeddings"] == 512
+
+
+def test_demo_rejects_a_prompt_too_short_for_its_configurations(monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the length is checked before the model is loaded")
+
+    monkeypatch.setattr(ts, "load_model", no_model)
+    with pytest.raises(SystemExit, match="at least 1536 tokens"):
+        main(["demo", "--length", "1024", "--depths", "1"])

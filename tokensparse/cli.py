@@ -130,8 +130,11 @@ def cmd_demo(args) -> int:
     placements = ("inside", "after") if args.placement == "both" else (args.placement,)
     print(f"tokensparse demo: pass key retrieval at ~{args.length} tokens, {args.depths} depths, bundled "
           "SmolLM2-135M-Instruct (fp32, plain completion prompt). Loading the model...", flush=True)
-    result = demo.run(length=args.length, n_depths=args.depths, placements=placements, seed=args.seed,
-                      extended=args.extended)
+    try:
+        result = demo.run(length=args.length, n_depths=args.depths, placements=placements, seed=args.seed,
+                          extended=args.extended)
+    except ValueError as e:
+        raise SystemExit(f"tokensparse demo: {e}") from None
     print()
     print(demo.format_table(result["summary"]))
     env = result["env"]

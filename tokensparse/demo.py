@@ -45,6 +45,9 @@ TSA_LATE = (("layers", tuple(range(20, 30))), ("coverage", 0.05), ("window", 16)
 #: TokenSelect at 25% of the context with the Selection Cache at θ = 0.8 (reuse when consecutive
 #: query fingerprints have cosine ≥ 0.8).
 TSEL_25 = (("budget", 0.25), ("n_sink", 128), ("n_local", 256), ("reuse_threshold", 0.8))
+#: the shortest prompt the default entries accept: TokenSelect's 25% must cover its 128 sink + 256
+#: local tokens (it refuses a smaller budget), so 4 × 384 tokens
+MIN_LENGTH = 1536
 
 
 def default_entries(placements=("inside", "after"), extended: bool = False) -> list[Entry]:
@@ -83,6 +86,9 @@ def run(length: int = 4096, n_depths: int = 3, placements=("inside", "after"), s
     """Run the comparison and return ``{"env": ..., "rows": [...], "summary": [...]}``."""
     from tqdm.auto import tqdm
 
+    if entries is None and length < MIN_LENGTH:
+        raise ValueError(f"the demo's default configurations need a prompt of at least {MIN_LENGTH} tokens "
+                         f"(TokenSelect at 25% must cover its 128 sink + 256 local tokens), got length={length}")
     if model is None:
         model, tokenizer = ts.load_model()
     entries = entries or default_entries(placements, extended)
