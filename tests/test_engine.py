@@ -2,14 +2,16 @@
 fast vs reference paths at sparse budgets, calibration profiles."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import tokensparse as ts
 from tokensparse.engine import CacheRequiredError, EvictingLayer, PreallocLayer, Telemetry
-from tokensparse.engine.calibration import DriftProfile, StaleProfileError, calibrate_drift
+from tokensparse.engine.calibration import StaleProfileError
 from tokensparse.methods import UnknownMethodError
+from tokensparse.methods.drift_profile import DriftProfile, calibrate_drift
 from tokensparse.models import UnsupportedModelError, model_fingerprint
 from tokensparse.testing import max_diff, tiny_inputs, tiny_model
 
@@ -48,6 +50,35 @@ def test_nesting_and_bad_arguments(model):
             pass
     with pytest.raises(UnknownMethodError, match="registered methods"):
         ts.methods.get("no_such_method")
+
+
+def test_registry_phases_are_exact_and_a_free_text_phase_is_refused(monkeypatch):
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    from tokensparse import methods
+    from tokensparse.engine import Method
+
+    for name in methods.names():
+        cls = methods.get(name)
+        assert cls.phase in methods.PHASES and cls.schedule, name
+    assert {r["phase"] for r in methods.table()} == set(methods.PHASES)
+
+    @dataclass(eq=False)
+    class Bad(Method):
+        name = "bad_phase"
+        phase = "eviction (every step)"  # the old free text
+
+    module = types.ModuleType("tokensparse.methods.bad_phase")
+    module.Bad = Bad
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(methods, "_MODULES", methods._MODULES + ("bad_phase",))
+    monkeypatch.setattr(methods, "_REGISTRY", {})
+    with pytest.raises(ValueError, match=r"phase='eviction \(every step\)'; phase must be one of 'prefill', "
+                                         r"'decode', 'eviction'"):
+        methods.names()
+    assert methods._REGISTRY == {}  # nothing half-registered
 
 
 @pytest.mark.parametrize(
@@ -306,6 +337,37 @@ def test_drift_profile_roundtrip_and_staleness(model, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(StaleProfileError, match="version"):
         DriftProfile.load(path)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{\"model_fingerprint\": \"abc\", ", "invalid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ("{\"format\": \"something.else\", \"version\": 1}", "format='something.else'"),
+    ("{\"format\": \"tokensparse.drift-profile\", \"version\": 1, \"drift\": []}", "missing fields"),
+])
+def test_broken_profile_files_are_named_not_raw_json_errors(model, tmp_path, text, match):
+    path = tmp_path / "broken.json"
+    path.write_text(text)
+    with pytest.raises(StaleProfileError, match=match) as e:
+        DriftProfile.load(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(StaleProfileError, match=match):  # also through the method that uses it
+        with ts.sparsify(model, ts.methods.get("token_sparse")(profile=str(path))):
+            pass
+
+
+def test_shipped_profile_still_loads():
+    from importlib import resources
+
+    from tokensparse.methods import drift_profile
+
+    shipped = sorted(Path(str(resources.files("tokensparse") / "profiles")).glob("*.json"))
+    assert shipped
+    for path in shipped:
+        prof = DriftProfile.load(path)
+        assert (prof.format, prof.version) == ("tokensparse.drift-profile", 1) == (
+            drift_profile.PROFILE_FORMAT, drift_profile.PROFILE_VERSION)
+        assert prof.model_fingerprint == path.stem and len(prof.drift) == prof.num_layers
 
 
 def test_missing_profile_warns_and_uses_second_half(model):

@@ -128,3 +128,13 @@ def test_scaling_exponent_and_pareto_front():
     assert plots.scaling_exponent([1000, 1000], [1.0, 2.0]) is None
     pts = [(1.0, 90.0), (2.0, 80.0), (1.5, 70.0), (3.0, 80.0), (0.5, 95.0)]
     assert plots.pareto_front(pts) == [(0.5, 95.0), (1.0, 90.0), (3.0, 80.0)]
+
+
+def test_kv_kept_share_comes_from_the_method_phase():
+    def group(method, budget):
+        return report.Group(label=method, method=method, placement="inside", config={"budget": budget})
+
+    assert group("snapkv", 0.25).kv_kept_share == 0.25 and group("streaming_llm", 0.5).kv_kept_share == 0.5
+    assert group("token_select", 0.25).kv_kept_share is None  # decode selection keeps the whole cache
+    assert group("snapkv", 256).kv_kept_share is None  # a token count is not a share
+    assert group(report.DENSE, None).kv_kept_share == 1.0

@@ -110,6 +110,49 @@ def test_time_attention_counts_every_layer_and_changes_nothing():
         assert model.config._attn_implementation == before
 
 
+@pytest.mark.parametrize("order", ["timer_outside", "timer_inside"])
+def test_time_attention_counts_the_method_in_either_nesting_order(order):
+    model = tiny_model("llama", num_hidden_layers=3)
+    ids, _ = tiny_inputs(1, 32)
+    before = model.config._attn_implementation
+    method = ts.methods.get("token_sparse")(coverage=0.3, layers="all", min_tokens=4, window=4)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with ts.sparsify(model, method):
+            ref = model(ids).logits
+        if order == "timer_outside":
+            with ts.time_attention(model) as timer:
+                with ts.sparsify(model, method) as s:
+                    assert model.config._attn_implementation == "tokensparse_timed_tokensparse"
+                    out = model(ids).logits
+                    calls_in_session = timer.calls
+                assert model.config._attn_implementation == "tokensparse_timed_" + before
+                model(ids)  # dense again, still timed
+        else:
+            with ts.sparsify(model, method) as s:
+                with ts.time_attention(model) as timer:
+                    out = model(ids).logits
+                    calls_in_session = timer.calls
+    assert model.config._attn_implementation == before
+    # one timed call per layer, each of them through the method (which made all 3 layers sparse)
+    assert calls_in_session == 3 and s.stats["token_sparse.sparse_layers"] == 3
+    assert timer.calls == (6 if order == "timer_outside" else 3)
+    assert torch.equal(out, ref) and max_diff(out, dense) > 1e-4
+
+
+def test_time_attention_around_sparsify_restores_on_error():
+    model = tiny_model("llama", num_hidden_layers=2)
+    before = model.config._attn_implementation
+    with ts.time_attention(model) as timer:
+        with pytest.raises(RuntimeError, match="boom"), ts.sparsify(model, ts.methods.get("snapkv")()):
+            raise RuntimeError("boom")
+        assert model.config._attn_implementation == "tokensparse_timed_" + before
+        with ts.sparsify(model, ts.methods.get("snapkv")()), pytest.raises(RuntimeError, match="nesting"):
+            with ts.time_attention(model):
+                pass
+    assert model.config._attn_implementation == before and timer.calls == 0
+
+
 def test_time_attention_restores_on_error_and_refuses_nesting_and_eager():
     model = tiny_model("llama", num_hidden_layers=2)
     before = model.config._attn_implementation

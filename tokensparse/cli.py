@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import os
 import sys
 import time
 
@@ -48,6 +49,47 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (CLI errors are one line, never a traceback)."""
+    return " ".join(str(e).split())
+
+
+def check_model_arg(path: str | None, command: str) -> None:
+    """Refuse a ``--model`` that is not a supported local model directory, before anything is loaded
+    (reads only its ``config.json``)."""
+    if path is None:
+        return
+    from tokensparse.models import ModelLoadError, UnsupportedModelError, check_model_dir
+
+    try:
+        check_model_dir(path)
+    except (ModelLoadError, UnsupportedModelError) as e:
+        raise SystemExit(f"tokensparse {command}: --model: {_one_line(e)}") from None
+
+
+def load_model_or_exit(path: str | None, command: str):
+    """``tokensparse.load_model(path)``, with its errors (missing bundled package, unsupported family,
+    missing weights or tokenizer files) turned into a one-line ``SystemExit``."""
+    import tokensparse as ts
+    from tokensparse.models import ModelLoadError, UnsupportedModelError
+
+    try:
+        return ts.load_model(path)
+    except (ModelLoadError, UnsupportedModelError, OSError) as e:
+        where = f"--model {path}" if path is not None else "the bundled model"
+        raise SystemExit(f"tokensparse {command}: cannot load {where}: {_one_line(e)}") from None
+
+
+def _read_text(path: str, option: str, command: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise SystemExit(f"tokensparse {command}: cannot read {option} {path!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"tokensparse {command}: {option} {path!r} is not UTF-8 text ({e.reason})") from None
+
+
 def cmd_methods(args) -> int:
     import tokensparse as ts
 
@@ -55,12 +97,13 @@ def cmd_methods(args) -> int:
         print(ts.methods.markdown_table(), end="")
         return 0
     rows = ts.methods.table()
-    cols = [("name", "method"), ("phase", "phase"), ("kv_memory", "KV memory"), ("calibration", "calibration"), ("paper", "paper")]
+    cols = [("name", "method"), ("phase", "phase"), ("schedule", "schedule"), ("kv_memory", "KV memory"),
+            ("calibration", "calibration"), ("paper", "paper")]
     widths = {k: max(len(t), *(len(r[k]) for r in rows)) for k, t in cols}
-    print("  ".join(t.ljust(widths[k]) for k, t in cols))
+    print("  ".join(t.ljust(widths[k]) for k, t in cols).rstrip())
     print("  ".join("-" * widths[k] for k, _ in cols))
     for r in rows:
-        print("  ".join(r[k].ljust(widths[k]) for k, _ in cols))
+        print("  ".join(r[k].ljust(widths[k]) for k, _ in cols).rstrip())
     return 0
 
 
@@ -69,10 +112,28 @@ def cmd_generate(args) -> int:
 
     import tokensparse as ts
 
+    # every argument is checked before the model is loaded
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"tokensparse generate: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.method == "dense":
+        if args.set:
+            raise SystemExit(f"tokensparse generate: dense attention has no settings, got --set {args.set[0]!r}; "
+                             "pass --method NAME to use a method's settings (see `tokensparse methods`)")
+        if args.telemetry:
+            raise SystemExit("tokensparse generate: --telemetry reports what a method changes; "
+                             "dense has nothing to report (pass --method NAME)")
+        method = None
+    else:
+        method = build_method(args.method, args.set)
+    if args.prompt is not None:
+        prompt, source = args.prompt, "--prompt"
+    else:
+        prompt, source = _read_text(args.prompt_file, "--prompt-file", "generate"), f"--prompt-file {args.prompt_file!r}"
+    if not prompt.strip():
+        raise SystemExit(f"tokensparse generate: the prompt is empty ({source}); pass some text to continue")
+    check_model_arg(args.model, "generate")
     _threads(args.threads)
-    method = build_method(args.method, args.set) if args.method != "dense" else None
-    prompt = args.prompt if args.prompt is not None else open(args.prompt_file).read()
-    model, tok = ts.load_model(args.model)
+    model, tok = load_model_or_exit(args.model, "generate")
     ids = tok(prompt, return_tensors="pt")
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -95,26 +156,40 @@ def cmd_generate(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
     import torch
 
-    import tokensparse as ts
-    from tokensparse.engine.calibration import calibrate_drift, user_profile_path
+    from tokensparse.engine.calibration import user_profile_path
     from tokensparse.eval.corpus import load_corpus
+    from tokensparse.methods.drift_profile import calibrate_drift
 
-    _threads(args.threads)
+    # every argument is checked before the model is loaded and anything is computed or saved
     if args.tokens < 16:
-        raise SystemExit(f"--tokens must be >= 16, got {args.tokens}")
-    model, tok = ts.load_model(args.model)
-    text = open(args.text).read() if args.text else load_corpus("kjv")
+        raise SystemExit(f"tokensparse calibrate: --tokens must be >= 16, got {args.tokens}")
+    if not 0.0 <= args.quantile <= 1.0:
+        raise SystemExit(f"tokensparse calibrate: --quantile must lie in [0, 1], got {args.quantile}")
+    if args.out is not None and Path(args.out).is_dir():
+        raise SystemExit(f"tokensparse calibrate: --out {args.out!r} is a directory; pass the profile's file path")
+    text = _read_text(args.text, "--text", "calibrate") if args.text else load_corpus("kjv")
+    if not text.strip():
+        raise SystemExit(f"tokensparse calibrate: the calibration text {args.text!r} is empty")
+    check_model_arg(args.model, "calibrate")
+    _threads(args.threads)
+    model, tok = load_model_or_exit(args.model, "calibrate")
     ids = tok(text[: args.tokens * 8], return_tensors="pt").input_ids[:, : args.tokens]
     if ids.shape[1] < args.tokens:
-        raise SystemExit(f"the calibration text has only {ids.shape[1]} tokens, fewer than --tokens {args.tokens}")
+        raise SystemExit(f"tokensparse calibrate: the calibration text has only {ids.shape[1]} tokens, "
+                         f"fewer than --tokens {args.tokens}")
     src = args.text or "tokensparse/data/kjv.txt.gz"
     t0 = time.perf_counter()
     with torch.no_grad():
         prof = calibrate_drift(model, ids, source=f"{src} (first {args.tokens} tokens)")
     out = args.out or str(user_profile_path(prof.model_fingerprint))
-    prof.save(out)
+    try:
+        prof.save(out)
+    except OSError as e:
+        raise SystemExit(f"tokensparse calibrate: cannot write the profile to {out!r}: {e.strerror or e}") from None
     layers = prof.sparse_layers(args.quantile)
     print(f"drift profile for model {prof.model_fingerprint} ({prof.num_layers} layers, {args.tokens} tokens, "
           f"{time.perf_counter() - t0:.1f} s) written to {out}")
@@ -126,6 +201,14 @@ def cmd_calibrate(args) -> int:
 def cmd_demo(args) -> int:
     from tokensparse import demo
 
+    from tokensparse.models import ModelLoadError
+
+    try:  # checked before the model is loaded
+        demo.check_args(args.length, args.depths)
+    except ValueError as e:
+        raise SystemExit(f"tokensparse demo: {e}") from None
+    if args.json is not None and os.path.isdir(args.json):
+        raise SystemExit(f"tokensparse demo: --json {args.json!r} is a directory; pass a file path")
     _threads(args.threads)
     placements = ("inside", "after") if args.placement == "both" else (args.placement,)
     print(f"tokensparse demo: pass key retrieval at ~{args.length} tokens, {args.depths} depths, bundled "
@@ -133,8 +216,8 @@ def cmd_demo(args) -> int:
     try:
         result = demo.run(length=args.length, n_depths=args.depths, placements=placements, seed=args.seed,
                           extended=args.extended)
-    except ValueError as e:
-        raise SystemExit(f"tokensparse demo: {e}") from None
+    except (ValueError, ModelLoadError) as e:
+        raise SystemExit(f"tokensparse demo: {_one_line(e)}") from None
     print()
     print(demo.format_table(result["summary"]))
     env = result["env"]

@@ -80,19 +80,30 @@ def depths_grid(n: int) -> list[float]:
     return [round(0.05 + 0.9 * i / (n - 1), 3) for i in range(n)]
 
 
+def check_args(length: int, n_depths: int, entries: list[Entry] | None = None) -> None:
+    """Raise ``ValueError`` for a prompt length or depth count the demo cannot run, so that callers
+    (and :func:`run`) refuse them before loading the model."""
+    if n_depths < 1:
+        raise ValueError(f"the number of needle depths (--depths) must be >= 1, got {n_depths}")
+    if entries is None and length < MIN_LENGTH:
+        raise ValueError(f"the demo's default configurations need a prompt of at least {MIN_LENGTH} tokens "
+                         f"(TokenSelect at 25% must cover its 128 sink + 256 local tokens), got length={length}")
+    if length < 1:
+        raise ValueError(f"the prompt length (--length) must be >= 1, got {length}")
+
+
 def run(length: int = 4096, n_depths: int = 3, placements=("inside", "after"), seed: int = 0,
         entries: list[Entry] | None = None, model=None, tokenizer=None, progress: bool = True,
         extended: bool = False) -> dict:
     """Run the comparison and return ``{"env": ..., "rows": [...], "summary": [...]}``."""
     from tqdm.auto import tqdm
 
-    if entries is None and length < MIN_LENGTH:
-        raise ValueError(f"the demo's default configurations need a prompt of at least {MIN_LENGTH} tokens "
-                         f"(TokenSelect at 25% must cover its 128 sink + 256 local tokens), got length={length}")
+    check_args(length, n_depths, entries)
+    depths = depths_grid(n_depths)
     if model is None:
         model, tokenizer = ts.load_model()
     entries = entries or default_entries(placements, extended)
-    samples = tasks.passkey_grid(tokenizer, [length], depths_grid(n_depths), seed=seed)
+    samples = tasks.passkey_grid(tokenizer, [length], depths, seed=seed)
     rows = []
     bar = tqdm(total=len(samples) * len(entries), desc="passkey", disable=not progress, unit="run")
     for sample in samples:

@@ -76,14 +76,45 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 def check_supported(model) -> None:
     """Raise :class:`UnsupportedModelError` unless the model family is one the engine supports."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    check_model_type(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def check_model_type(model_type) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model_type`` (a config's) is a supported family."""
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"model_type={model_type!r} is not supported by tokensparse. Supported families: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}. Use one of those, or add the family to "
             "tokensparse.models.SUPPORTED_MODEL_TYPES together with a tiny-model entry in the test matrix."
         )
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """Check, without loading any weights, that ``path`` is a local Hugging Face model directory of
+    a supported family (from its ``config.json``); returns it as a ``Path``.
+
+    Raises :class:`ModelLoadError` (missing directory or ``config.json``, unreadable config) or
+    :class:`UnsupportedModelError`, so callers such as the CLI can refuse a bad ``--model`` before
+    the expensive load.
+    """
+    src = Path(path)
+    if not src.is_dir():
+        raise ModelLoadError(
+            f"{src} is not a local Hugging Face model directory (no such directory). "
+            "Pass a folder written by save_pretrained, or call load_model() for the bundled model."
+        )
+    if not (src / "config.json").is_file():
+        raise ModelLoadError(
+            f"{src} is not a local Hugging Face model directory (no config.json). "
+            "Pass a folder written by save_pretrained, or call load_model() for the bundled model."
+        )
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {src / 'config.json'}: {e}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    check_model_type(model_type)
+    return src
 
 
 def _converted_dir(gguf: Path) -> Path:
@@ -173,12 +204,7 @@ def load_model(
         else:
             src, kw = gguf.parent, {"gguf_file": gguf.name}
     else:
-        src, kw = Path(path), {}
-        if not (src / "config.json").is_file():
-            raise ModelLoadError(
-                f"{src} is not a local Hugging Face model directory (no config.json). "
-                "Pass a folder written by save_pretrained, or call load_model() for the bundled model."
-            )
+        src, kw = check_model_dir(path), {}  # (the family is checked before any weights are read)
     if rope_scaling is not None:
         kw["config"] = _scaled_config(src, kw, rope_scaling)
     with warnings.catch_warnings():

@@ -49,6 +49,8 @@ def main(args) -> int:
     repeats = args.repeats if args.repeats is not None else (5 if executors else 3)
     if repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {repeats}")
+    if args.what == "decode" and args.steps < 1:
+        raise SystemExit(f"--steps must be >= 1 (decode steps timed per run), got {args.steps}")
     if executors:
         return _main_executors(args, lengths, repeats)
     if args.what == "prefill":

@@ -1,5 +1,7 @@
 """Shared mechanics: executors, selection helpers, cache layers, transformers integration, telemetry,
-calibration profiles. The engine knows no method names."""
+calibration-profile files (lookup by model fingerprint, format/version checks; what a profile holds
+belongs to its method, e.g. :mod:`tokensparse.methods.drift_profile`). The engine knows no method
+names."""
 
 from .cache import EvictingLayer, KVCache, PreallocLayer, cache_bytes
 from .call import AttentionCall, CacheRequiredError

@@ -4,7 +4,9 @@
 (``"sdpa"`` for a dense model, ``"tokensparse"`` inside :func:`tokensparse.sparsify`) in a timing
 function registered through ``transformers``' public ``AttentionInterface`` (and the inner
 implementation's mask function through ``AttentionMaskInterface``, so masks are unchanged), and
-switches the model to it for the block. Everything the attention function does is timed: for
+switches the model to it for the block. :func:`tokensparse.sparsify` entered inside the block switches
+to the timed wrapper of ``"tokensparse"`` (see :func:`timed_name`), so either nesting order times
+the attention that actually runs. Everything the attention function does is timed: for
 dense, SDPA; for a method, its selection, executor and cache bookkeeping. Q/K/V projections, RoPE
 and the cache update happen before the attention function and are not included.
 
@@ -93,15 +95,26 @@ def _register(inner_name: str) -> str:
     return name
 
 
+def timed_name(model, inner_name: str) -> str:
+    """The implementation name to switch ``model`` to when it should run ``inner_name``: its timed
+    wrapper (registered on first use) while ``model`` is inside :func:`time_attention`, else
+    ``inner_name`` itself. Without this, :func:`tokensparse.sparsify` entered inside the timer would
+    replace the timed wrapper and the timer would silently count no calls."""
+    if (model.config._attn_implementation or "").startswith(_PREFIX):
+        return _register(inner_name)
+    return inner_name
+
+
 @contextlib.contextmanager
 def time_attention(model):
     """Time every attention call of ``model`` inside the block; yields an :class:`AttentionTimer`.
 
-    Enter it *inside* ``tokensparse.sparsify(...)`` to time a method (it wraps the implementation
-    active on entry) and leave it before the session ends. The previous implementation is
-    restored on exit, also when the block raises. Nesting on one model is an error.
+    Either nesting order with ``tokensparse.sparsify(...)`` times the method: inside a session it
+    wraps the implementation active on entry; around one, the session switches to the timed wrapper
+    of its own implementation. The previous implementation is restored on exit, also when the block
+    raises. Nesting two timers on one model is an error.
     """
-    inner_name = model.config._attn_implementation
+    inner_name = model.config._attn_implementation or ""
     if inner_name.startswith(_PREFIX):
         raise RuntimeError("this model is already inside tokensparse.time_attention(...); nesting is not supported")
     name = _register(inner_name)

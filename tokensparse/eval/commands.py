@@ -55,7 +55,7 @@ def _command_line(args) -> str:
     for o in args.overrides or []:
         parts += ["--set", o]
     parts += ["--out", str(args.out)]
-    if args.threads:
+    if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     if args.model:
         parts += ["--model", args.model]
@@ -67,21 +67,22 @@ def _command_line(args) -> str:
 def cmd_eval(args) -> int:
     import torch
 
-    import tokensparse as ts
-
+    from ..cli import check_model_arg, load_model_or_exit
     from .grid import ConfigError, apply_overrides, build_grid, load_config, load_suite
     from .peers.kvpress import KvpressEnvMissing
     from .runner import PeerSetupError, results_path, run_grid
 
+    # arguments first (``--threads 0`` is an error, not "the config's threads"), then the grid
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"tokensparse eval: --threads must be >= 1, got {args.threads}")
+    check_model_arg(args.model, "eval")
     try:
         raw = load_suite(args.suite) if args.suite else load_config(args.config)
         grid = build_grid(apply_overrides(raw, args.overrides))
     except ConfigError as e:
         raise SystemExit(f"tokensparse eval: {e}") from None
-    threads = args.threads or grid.threads
+    threads = args.threads if args.threads is not None else grid.threads  # (the grid's is validated by build_grid)
     if threads is not None:
-        if threads < 1:
-            raise SystemExit(f"tokensparse eval: --threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     n_samples, n_runs = grid.size()
     path = results_path(args.out, grid)
@@ -106,7 +107,7 @@ def cmd_eval(args) -> int:
         for r in grid.peer_runs():
             print(f"  {r.label} [{r.placement}] (kv kept {r.kv_kept_share:g}){' - skipped' if skip_peers else ''}")
         return 0
-    model, tokenizer = ts.load_model(args.model)
+    model, tokenizer = load_model_or_exit(args.model, "eval")
     try:
         summary = run_grid(model, tokenizer, grid, args.out, progress=not args.no_progress,
                            command=_command_line(args), skip_peers=skip_peers)

@@ -206,7 +206,7 @@ class Group:
             phase = ts.methods.get(self.method).phase
         except Exception:
             return None
-        return budget if str(phase).startswith("eviction") else None
+        return budget if phase == "eviction" else None
 
 
 def summarize(rows: list[dict]) -> list[Group]:

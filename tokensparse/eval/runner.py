@@ -217,7 +217,8 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
     """Measure one (sample, method, placement); returns ``(result fields, teacher-forced logits or None)``."""
     method = spec.build()
     # timed generation without telemetry: its sampled-row statistics would be timed with the method
-    # (and TokenSelect leaves its segmented decode path to record them)
+    # (and TokenSelect would also build the full key-index tensor it otherwise skips on its segmented
+    # decode path, only to report it)
     r = run_sample(model, tokenizer, sample, method, placement=spec.placement,
                    max_new_tokens=grid.max_new_tokens, measure=True)
     metric = sample.metadata.get("metric", "all")

@@ -14,22 +14,37 @@ from ..engine.session import Method
 _MODULES = ("token_sparse", "token_select", "snapkv", "streaming_llm")
 _REGISTRY: dict[str, type[Method]] = {}
 
+#: the values ``Method.phase`` may take (when it acts is the free-text ``Method.schedule``)
+PHASES = ("prefill", "decode", "eviction")
+
 
 class UnknownMethodError(KeyError):
     def __str__(self):
         return str(self.args[0])
 
 
+def _check(cls: type[Method]) -> None:
+    """Refuse a method whose ``phase`` is not one of :data:`PHASES` (code compares it by value)."""
+    if cls.phase not in PHASES:
+        raise ValueError(
+            f"method {cls.name!r} ({cls.__module__}.{cls.__qualname__}) has phase={cls.phase!r}; phase must be "
+            f"one of {', '.join(map(repr, PHASES))} (describe when it acts in `schedule`)"
+        )
+
+
 def _load() -> None:
     if _REGISTRY:
         return
+    found: dict[str, type[Method]] = {}  # published only when every method is valid
     for mod in _MODULES:
         module = importlib.import_module(f"{__name__}.{mod}")
         for obj in vars(module).values():
             if isinstance(obj, type) and issubclass(obj, Method) and obj is not Method and obj.name:
-                if obj.name in _REGISTRY and _REGISTRY[obj.name] is not obj:
+                if obj.name in found and found[obj.name] is not obj:
                     raise RuntimeError(f"two methods are named {obj.name!r}")
-                _REGISTRY[obj.name] = obj
+                _check(obj)
+                found[obj.name] = obj
+    _REGISTRY.update(found)
 
 
 def names() -> list[str]:
@@ -48,7 +63,7 @@ def get(name: str) -> type[Method]:
 
 
 def table() -> list[dict[str, str]]:
-    """One row per method: name, phase, effect on KV memory, calibration, paper."""
+    """One row per method: name, phase, schedule, effect on KV memory, calibration, paper."""
     _load()
     rows = []
     for name in names():
@@ -57,6 +72,7 @@ def table() -> list[dict[str, str]]:
             {
                 "name": name,
                 "phase": cls.phase,
+                "schedule": cls.schedule,
                 "kv_memory": cls.kv_memory,
                 "calibration": cls.calibration,
                 "paper": cls.paper,
@@ -67,7 +83,8 @@ def table() -> list[dict[str, str]]:
 
 def markdown_table() -> str:
     rows = table()
-    head = "| method | phase | effect on KV memory | calibration | paper |\n|---|---|---|---|---|\n"
+    head = "| method | phase | schedule | effect on KV memory | calibration | paper |\n|---|---|---|---|---|---|\n"
     return head + "".join(
-        f"| `{r['name']}` | {r['phase']} | {r['kv_memory']} | {r['calibration']} | {r['paper']} |\n" for r in rows
+        f"| `{r['name']}` | {r['phase']} | {r['schedule']} | {r['kv_memory']} | {r['calibration']} | {r['paper']} |\n"
+        for r in rows
     )
