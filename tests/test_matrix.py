@@ -1,5 +1,6 @@
 """Every registered method × {prefill, decode, chunked prefill} × {batch 1, batch 2 left-padded}
-× {fp32, bf16} × tiny Llama/Qwen2/Qwen3/Mistral: at ``at_full_budget()`` logits equal dense
+× {fp32, bf16} × tiny Llama/Qwen2/Qwen3/Mistral and sliding-window variants of them (a window of 8
+shorter than the 40-token prompt: all layers sliding, or mixed with global layers): at ``at_full_budget()`` logits equal dense
 attention (fp32 ≤ 1e-4; bf16 ≤ 6e-2, the spread of bf16 SDPA kernels on these shapes) and greedy
 generations are identical.
 
@@ -13,17 +14,18 @@ import torch
 
 import tokensparse as ts
 from tokensparse.engine import exercise_sparse_paths
-from tokensparse.testing import FAMILIES, TOLERANCE, max_diff, tiny_inputs, tiny_model
+from tokensparse.testing import MODEL_VARIANTS, TOLERANCE, max_diff, tiny_inputs, tiny_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("prefill", "decode", "chunked")
 _models: dict = {}
 
 
-def model_for(family, dtype):
-    key = (family, dtype)
+def model_for(variant, dtype):
+    key = (variant, dtype)
     if key not in _models:
-        _models[key] = tiny_model(family, dtype)
+        family, overrides = MODEL_VARIANTS[variant]
+        _models[key] = tiny_model(family, dtype, **overrides)
     return _models[key]
 
 
@@ -52,7 +54,7 @@ def _run(model, mode, ids, mask, cache):
 
 
 @pytest.mark.parametrize("forced", [False, True], ids=["as-is", "forced-sparse"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(MODEL_VARIANTS))
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("batch", [1, 2], ids=["b1", "b2-leftpad"])
 @pytest.mark.parametrize("mode", MODES)

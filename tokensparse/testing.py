@@ -14,6 +14,21 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 6e-2}
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
+#: sliding-window variants, each with a window (8) shorter than the test prompts: every layer
+#: sliding (Mistral without ``layer_types``, Qwen2 with ``layer_types``) and a mix of sliding and
+#: global layers (Qwen3)
+SLIDING_VARIANTS = {
+    "mistral-sw8": ("mistral", {"sliding_window": 8}),
+    "qwen2-sw8": ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}),
+    "qwen3-mixed-sw8": (
+        "qwen3",
+        {"use_sliding_window": True, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+}
+
+#: every model variant the test matrices run: name -> (family, config overrides)
+MODEL_VARIANTS = {**{f: (f, {}) for f in FAMILIES}, **SLIDING_VARIANTS}
+
 
 def tiny_config(family: str, **overrides):
     import transformers as tf
@@ -33,15 +48,19 @@ def tiny_config(family: str, **overrides):
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+    if family in ("qwen2", "qwen3"):
+        common["use_sliding_window"] = False
+    if family == "mistral":
+        common["sliding_window"] = None  # MistralConfig defaults to a 4096-token window
     common.update(overrides)
     if family == "llama":
         return tf.LlamaConfig(**common)
     if family == "qwen2":
-        return tf.Qwen2Config(use_sliding_window=False, **common)
+        return tf.Qwen2Config(**common)
     if family == "qwen3":  # q/k RMSNorm inside attention
-        return tf.Qwen3Config(use_sliding_window=False, **common)
+        return tf.Qwen3Config(**common)
     if family == "mistral":
-        return tf.MistralConfig(sliding_window=None, **common)
+        return tf.MistralConfig(**common)
     raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
 
 

@@ -204,6 +204,9 @@ class EvictingLayer(PreallocLayer):
     * ``slots`` ``(B, Hkv, capacity)``: absolute token index held by each physical row, ``-1`` for an
       empty row (left padding, or the tail of a KV head that kept fewer rows than the others).
     * ``evicted``: whether physical and absolute indices may differ (an eviction happened).
+    * ``seq_state``: per-sequence tensors a policy keeps with the cache (leading dimension B, e.g.
+      StreamingLLM's per-row budget fixed at the first prefill); they follow beam reordering,
+      batch expansion and selection, are copied by :meth:`clone` and cleared by :meth:`reset`.
     """
 
     is_croppable = False
@@ -214,6 +217,7 @@ class EvictingLayer(PreallocLayer):
         self.evicted = False
         self.has_empty_rows = False
         self._slots: torch.Tensor | None = None
+        self.seq_state: dict[str, torch.Tensor] = {}
 
     def _allocate(self, b: int, h: int, cap: int, dk: int, dv: int) -> None:
         old = self._slots
@@ -289,6 +293,7 @@ class EvictingLayer(PreallocLayer):
         self.seen = 0
         self.evicted = False
         self.has_empty_rows = False
+        self.seq_state = {}
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("an evicting cache cannot be rolled back (crop); assisted decoding is not supported")
@@ -303,22 +308,26 @@ class EvictingLayer(PreallocLayer):
         new = super().clone()
         if self.is_initialized:
             new._slots = self._slots.clone()
+        new.seq_state = {k: v.clone() for k, v in self.seq_state.items()}
         return new
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.is_initialized:
             self._slots = self._slots.index_select(0, beam_idx.to(self.device))
+        self.seq_state = {k: v.index_select(0, beam_idx.to(v.device)) for k, v in self.seq_state.items()}
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.is_initialized:
             self._slots = self._slots.repeat_interleave(repeats, dim=0)
+        self.seq_state = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.seq_state.items()}
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.is_initialized:
             self._slots = self._slots[indices]
+        self.seq_state = {k: v[indices] for k, v in self.seq_state.items()}
 
 
 class KVCache(Cache):

@@ -82,11 +82,29 @@ class AttentionCall:
             return "prefill"
         return "decode" if self.q_len == 1 else "chunk"
 
+    @cached_property
+    def sliding_window(self) -> int | None:
+        """Width of this layer's sliding attention window, or ``None`` on a global-attention layer.
+
+        Read from what the model tells its attention function (Mistral and Qwen2/3 pass
+        ``sliding_window=`` to the attention interface; ``module.sliding_window`` as a fallback),
+        then from ``config.layer_types``. Semantics as transformers' mask: a query at position
+        ``p`` sees keys ``s`` with ``p - W < s <= p``.
+        """
+        w = self.extra.get("sliding_window", getattr(self.module, "sliding_window", None))
+        if w is None:
+            types = getattr(self.module.config, "layer_types", None)
+            if types and types[self.layer_idx] == "sliding_attention":
+                w = getattr(self.module.config, "sliding_window", None)
+        return None if w is None else int(w)
+
     @property
     def is_sliding(self) -> bool:
-        """True on sliding-window layers (methods that assume global attention leave them dense)."""
+        """True on sliding-window layers; the engine runs them dense (methods assume global attention)."""
+        if self.sliding_window is not None:
+            return True
         types = getattr(self.module.config, "layer_types", None)
-        return bool(types) and types[self.layer_idx] != "full_attention"
+        return bool(types) and types[self.layer_idx] not in ("full_attention", "sliding_attention")
 
     @property
     def evicting(self) -> EvictingLayer | None:
@@ -97,36 +115,63 @@ class AttentionCall:
     def mask(self) -> torch.Tensor | None:
         """Bool ``(B, 1|Hkv, Lq, Lk)`` (True = attend) or ``None`` for plain bottom-right causal.
 
-        After an eviction, physical rows no longer sit at the absolute positions transformers'
-        mask assumes, so for those calls the engine rebuilds the mask: old rows are visible where
-        they hold a token (``slots >= 0``), new rows follow transformers' mask for the new columns
-        (padding) or are causal.
+        When an evicting cache holds empty rows (padding) or has evicted, physical rows no longer
+        sit at the absolute positions transformers' mask assumes, so the engine rebuilds the mask
+        from the absolute token index of each row (``slots``): an old row is visible where it holds
+        a token and, on a sliding-window layer, where it lies inside the query's window; the
+        call's own rows follow transformers' mask (exact for them: padding, causality, window).
         """
         ev = self.evicting
         if ev is None or not (ev.evicted or ev.has_empty_rows):
             return self.hf_mask
         b, lq, past = self.batch, self.q_len, self.past_len
-        old = ev.valid_rows()[:, :, :past]  # (B, Hkv, past)
+        slots = ev.slots[:, :, :past]  # (B, Hkv, past) absolute token index, -1 = empty
+        old = (slots >= 0)[:, :, None, :]  # (B, Hkv, 1, past)
+        w = self.sliding_window
+        if w is not None:
+            qabs = torch.arange(ev.seen - lq, ev.seen, device=slots.device)  # absolute query positions
+            old = old & (slots[:, :, None, :] > qabs[None, None, :, None] - w)  # (B, Hkv, Lq, past)
         if self.hf_mask is not None:
             new = self.hf_mask[:, :, :, -lq:]
         else:
             new = causal_mask(lq, lq, self.query.device)[None, None]
         hk = old.shape[1]
         new = new.expand(b, hk if new.shape[1] == 1 else new.shape[1], lq, lq)
-        return torch.cat([old[:, :, None, :].expand(b, hk, lq, past), new], dim=-1)
+        return torch.cat([old.expand(b, hk, lq, past), new], dim=-1)
 
     @cached_property
     def key_valid(self) -> torch.Tensor | None:
-        """``(B, Lk)`` bool: False for keys no query of this call may see (padding), or ``None``.
+        """``(B, Lk)`` bool: False for keys that hold no token (padding, empty rows), or ``None``.
 
-        Derived from the last query row, which (for left padding, or right padding with a real last
-        token) sees every real key. Per-head holes of an evicted cache are not included here; use
-        :attr:`mask` for those.
+        Derived from the last query row, which on a global-attention layer sees every real key of a
+        left-padded (or unpadded) batch. Per-head holes of an evicted cache are not included here;
+        use :attr:`mask` for those.
         """
         m = self.mask
         if m is None:
             return None
         return m[:, :, -1, :].any(1)
+
+    @cached_property
+    def n_real(self) -> torch.Tensor:
+        """``(B, 1)`` long: number of real keys per row (``Lk`` without padding)."""
+        v = self.key_valid
+        if v is None:
+            return torch.full((self.batch, 1), self.k_len, dtype=torch.long, device=self.query.device)
+        return v.long().sum(-1, keepdim=True)
+
+    @cached_property
+    def key_rank(self) -> torch.Tensor:
+        """``(B, Lk)`` long: 1-based rank of each real key among its row's real keys (0 on padding).
+
+        Sinks, windows and budgets are counted in this rank space, so a row of a padded batch makes
+        the choices it would make alone.
+        """
+        v = self.key_valid
+        if v is None:
+            return torch.arange(1, self.k_len + 1, device=self.query.device).expand(self.batch, -1)
+        r = v.long().cumsum(-1)
+        return r * v
 
     # ---- helpers ---------------------------------------------------------------------------------
     def dense(self) -> torch.Tensor:

@@ -104,7 +104,7 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, heads: torch.Tensor | None =
     return rows.index_select(0, (idx * sl + base).reshape(-1)).view(b, h, k, x.shape[-1])
 
 
-def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str = "fast"):
+def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str = "fast", valid=None):
     """Token-sparse attention: per head, attend among the selected tokens only; other rows get 0.
 
     Parameters
@@ -115,6 +115,10 @@ def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str 
         compressed index space equals causal masking in original positions.
     key_valid:
         Optional ``(B, Lk)`` bool: False for padding tokens, which are never attended to.
+    valid:
+        Optional bool shaped like ``idx``: False marks filler entries of a row that selected fewer
+        tokens than the widest row (their position may repeat another entry's). Filler entries are
+        neither attended to nor written back.
     impl:
         ``"fast"`` gathers rows and runs SDPA on the reduced tensors; ``"reference"`` computes dense
         masked attention over the full sequence in fp32 and zeroes unselected rows.
@@ -129,8 +133,8 @@ def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str 
         raise ValueError(f"idx must have {hq} (query heads) or {hkv} (KV heads) heads, got {idx.shape[1]}")
     n = idx.shape[-1]
     if impl == "reference":
-        sel = torch.zeros(b, idx.shape[1], lk, dtype=torch.bool, device=q.device)
-        sel.scatter_(2, idx, True)
+        marks = torch.ones_like(idx) if valid is None else valid.long()
+        sel = torch.zeros(b, idx.shape[1], lk, dtype=torch.long, device=q.device).scatter_add_(2, idx, marks) > 0
         sel = _expand_heads(sel[:, :, None, :], hq)[:, :, 0]  # (B, Hq, L)
         allowed = causal_mask(lq, lk, q.device)[None, None] & sel[:, :, None, :] & sel[:, :, :, None]
         if key_valid is not None:
@@ -149,26 +153,38 @@ def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str 
         ks = gather_rows(k, idx, kheads)  # (B, Hq, n, D): per-query-head copies are inherent here
         vs = gather_rows(v, idx, kheads)
         sel_idx = idx
+        q_valid = valid
     else:
         qidx = idx[:, :, None].expand(b, hkv, g, n).reshape(b, hq, n)
         qs = gather_rows(q, qidx)
         ks = gather_rows(k, idx)  # (B, Hkv, n, D), GQA preserved
         vs = gather_rows(v, idx)
         sel_idx = qidx
-    mask = None
+        q_valid = None if valid is None else valid[:, :, None].expand(b, hkv, g, n).reshape(b, hq, n)
+    if valid is not None and bool(valid.all()):
+        valid = q_valid = None
+    kv_sel = None
     if key_valid is not None and not bool(key_valid.all()):
         kv_sel = key_valid.gather(1, idx.reshape(b, -1)).view(b, idx.shape[1], 1, n)
+    if valid is not None:
+        kv_sel = valid[:, :, None, :] if kv_sel is None else kv_sel & valid[:, :, None, :]
+    mask = None
+    if kv_sel is not None:
         mask = causal_mask(n, n, dev)[None, None] & kv_sel
-        mask = mask | torch.eye(n, dtype=torch.bool, device=dev)  # padded query rows stay finite
+        mask = mask | torch.eye(n, dtype=torch.bool, device=dev)  # padded/filler query rows stay finite
     if mask is None:
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=ks.shape[1] != hq)
     else:
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_expand_heads(mask, hq), scale=scale, enable_gqa=ks.shape[1] != hq)
     # written in (B, Lq, Hq, D) order, the layout transformers wants back: the final transpose is free
-    out = q.new_zeros(b, lq, hq, v.shape[-1])
-    rows = (torch.arange(b, device=dev).view(b, 1, 1) * lq + sel_idx) * hq + torch.arange(hq, device=dev).view(1, hq, 1)
+    # (filler entries are written to one extra row per sequence, dropped at the end)
+    lo = lq if q_valid is None else lq + 1
+    if q_valid is not None:
+        sel_idx = torch.where(q_valid, sel_idx, lq)
+    out = q.new_zeros(b, lo, hq, v.shape[-1])
+    rows = (torch.arange(b, device=dev).view(b, 1, 1) * lo + sel_idx) * hq + torch.arange(hq, device=dev).view(1, hq, 1)
     out.view(-1, v.shape[-1]).index_copy_(0, rows.reshape(-1), o.reshape(-1, v.shape[-1]))
-    return out.transpose(1, 2)
+    return out[:, :lq].transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,10 +206,11 @@ def gather_attend(q, k, v, idx, scale=None, mask=None, impl: str = "fast"):
         raise ValueError(f"idx must have 1 or {hkv} heads, got {idx.shape[1]}")
     n = idx.shape[-1]
     if impl == "reference":
-        full = torch.zeros(b, idx.shape[1], lq, lk, dtype=torch.bool, device=q.device)
+        # scatter_add, not scatter: ``idx`` may repeat a position (padding entries of a selection)
+        full = torch.zeros(b, idx.shape[1], lq, lk, dtype=torch.long, device=q.device)
         src = torch.ones(b, idx.shape[1], lq, n, dtype=torch.bool, device=q.device) if mask is None else mask.expand(b, idx.shape[1], lq, n)
-        full.scatter_(3, idx[:, :, None, :].expand(b, idx.shape[1], lq, n), src)
-        return reference_attention(q, k, v, full, scale)
+        full.scatter_add_(3, idx[:, :, None, :].expand(b, idx.shape[1], lq, n), src.long())
+        return reference_attention(q, k, v, full > 0, scale)
     if impl != "fast":
         raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
     if idx.shape[1] == 1:

@@ -101,7 +101,7 @@ def pool1d(scores: torch.Tensor, kernel: int, kind: str = "avg") -> torch.Tensor
 
     ``kernel <= 1`` returns the input. Even kernels are allowed (padding ``kernel // 2`` then trimmed).
     """
-    if kernel <= 1:
+    if kernel <= 1 or scores.shape[-1] == 0:
         return scores
     shape = scores.shape
     x = scores.reshape(-1, 1, shape[-1])
@@ -128,30 +128,102 @@ def aggregate_gqa(scores: torch.Tensor, n_kv_heads: int, how: str = "mean") -> t
     raise ValueError(f"GQA reduction must be one of {GQA_REDUCTIONS}, got {how!r}")
 
 
-def coverage_keep_count(scores: torch.Tensor, tau: float, min_keep: int) -> int:
-    """Token Sparse Attention's Dynamic Token Coverage: how many tokens to keep (one count per layer).
+def coverage_keep_count(
+    scores: torch.Tensor, tau: float, min_keep: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Token Sparse Attention's Dynamic Token Coverage: how many tokens each row keeps, ``(B, 1)`` long.
 
     ``scores (B, H, N)`` are per-head candidate scores. They are averaged over heads and normalised
     to sum to 1; the lowest-scored tokens whose cumulative mass stays below ``tau`` may be dropped
     (plus one more when any is dropped, as in the official code). The count is at least
-    ``min_keep`` and, for a batch, the largest over its rows (tensors stay rectangular).
+    ``min_keep``. ``valid (B, N)``: real candidates; padding takes no part and is never counted, so
+    a row of a padded batch gets the count it would get alone.
     """
-    n = scores.shape[-1]
+    b, _, n = scores.shape
+    n_real = torch.full((b, 1), n, dtype=torch.long, device=scores.device) if valid is None else valid.long().sum(-1, keepdim=True)
     if tau <= 0:
-        return n
+        return n_real
     glob = scores.float().mean(1)  # (B, N)
+    if valid is not None:
+        glob = glob * valid
     glob = glob / glob.sum(-1, keepdim=True).clamp_min(1e-30)
+    if valid is not None:
+        glob = glob.masked_fill(~valid, float("inf"))  # padding sorts last and never counts as dropped
     csum = glob.sort(-1).values.cumsum(-1)
-    n_drop = (csum < tau).sum(-1)
+    n_drop = (csum < tau).long().sum(-1, keepdim=True)
     n_drop = torch.where(n_drop > 0, n_drop + 1, n_drop)
-    keep = int((n - n_drop).max())
-    return max(min(min_keep, n), min(keep, n))
+    keep = (n_real - n_drop).clamp(max=n_real)
+    return torch.maximum(n_real.clamp(max=min_keep), keep)
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest scores along the last axis, sorted ascending (long)."""
-    k = min(k, scores.shape[-1])
-    return scores.topk(k, dim=-1, sorted=False).indices.sort(-1).values
+    """Indices of the ``k`` highest scores along the last axis, sorted ascending (long).
+
+    Deterministic on every device: ties are broken by position (the earlier token wins), see
+    :func:`select_topk`.
+    """
+    return select_topk(scores, min(k, scores.shape[-1]))[0]
+
+
+def select_topk(
+    scores: torch.Tensor, k: int, counts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Deterministic top-k: ``(idx, valid)`` with ``idx (..., k)`` sorted ascending.
+
+    Order: higher score first, then lower position. ``torch.topk`` breaks ties differently on
+    CPU and CUDA (pooled scores tie often), so the k-th value is found with ``topk`` and the tied
+    entries at that value are taken earliest-first; the chosen positions are then written out in
+    ascending order with a cumulative sum (no sort over the whole axis, no host synchronisation).
+
+    ``counts`` (broadcastable to ``scores.shape[:-1] + (1,)``, long): per-row number to take
+    (``<= k``). Entries past a row's count are invalid: ``valid`` is False there and their index
+    repeats the row's last position (``L - 1``), so ``idx`` stays sorted and in range. ``valid`` is
+    ``None`` when ``counts`` is ``None`` (every entry valid).
+    """
+    length = scores.shape[-1]
+    if not 0 <= k <= length:
+        raise ValueError(f"top-k of {k} out of {length} scores")
+    lead = scores.shape[:-1]
+    dev = scores.device
+    if k == 0:
+        idx = torch.empty(*lead, 0, dtype=torch.long, device=dev)
+        return idx, (None if counts is None else torch.ones_like(idx, dtype=torch.bool))
+    top = scores.topk(k, dim=-1, sorted=True).values  # (..., k) descending
+    if counts is None:
+        n = torch.full((*lead, 1), k, dtype=torch.long, device=dev)
+    else:
+        n = counts.to(device=dev, dtype=torch.long).expand(*lead, 1).clamp(0, k)
+    kth = top.gather(-1, (n - 1).clamp_min(0))  # (..., 1): the n-th largest value
+    above = (scores > kth) & (n > 0)
+    tie = (scores == kth) & (n > 0)
+    need = n - above.sum(-1, keepdim=True)
+    take = above | (tie & (tie.long().cumsum(-1) <= need))  # exactly n per row
+    slot = torch.where(take, take.long().cumsum(-1) - 1, k)  # output slot, k = discard
+    pos = torch.arange(length, device=dev).expand_as(scores)
+    idx = torch.full((*lead, k + 1), length - 1, dtype=torch.long, device=dev)
+    idx.scatter_(-1, slot, pos)
+    idx = idx[..., :k]
+    if counts is None:
+        return idx, None
+    valid = torch.arange(k, device=dev) < n
+    return idx, valid
+
+
+def indices_from_mask(mask: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the True entries of ``mask (..., L)``, ascending, padded to a common width.
+
+    Returns ``(idx (..., k), valid (..., k))``; ``k`` defaults to the largest count over rows (one
+    host synchronisation). Padding entries repeat position ``L - 1`` and are invalid.
+    """
+    length = mask.shape[-1]
+    counts = mask.long().sum(-1, keepdim=True)
+    if k is None:
+        k = int(counts.max()) if mask.numel() else 0
+    slot = torch.where(mask, mask.long().cumsum(-1) - 1, k)
+    slot = slot.clamp_max(k)
+    idx = torch.full((*mask.shape[:-1], k + 1), length - 1, dtype=torch.long, device=mask.device)
+    idx.scatter_(-1, slot, torch.arange(length, device=mask.device).expand_as(slot))
+    return idx[..., :k], torch.arange(k, device=mask.device) < counts
 
 
 def resolve_budget(budget: int | float, total: int) -> int:
@@ -159,6 +231,17 @@ def resolve_budget(budget: int | float, total: int) -> int:
     if isinstance(budget, float):
         return max(1, int(round(budget * total)))
     return int(budget)
+
+
+def resolve_budget_rows(budget: int | float, totals: torch.Tensor) -> torch.Tensor:
+    """:func:`resolve_budget` per row: ``totals`` (long tensor of real-token counts) → long tensor.
+
+    A share rounds half to even, as Python's ``round`` does in :func:`resolve_budget`, so a row of
+    a padded batch gets exactly the count it would get alone.
+    """
+    if isinstance(budget, float):
+        return torch.round(totals.double() * budget).long().clamp_min(1)
+    return torch.full_like(totals, int(budget))
 
 
 def validate_budget(name: str, budget) -> None:

@@ -63,13 +63,16 @@ def exercise_sparse_paths():
 class Method:
     """Base class of every method config. Subclasses are ``@dataclass`` es registered by name.
 
-    Class attributes describe the method for the registry table: ``name``, ``phase``
-    (``prefill``/``decode``/``eviction``), ``kv_memory`` (effect on KV memory), ``calibration``
-    (what offline step it needs, ``"no"`` if none), ``paper``.
+    Class attributes describe the method for the registry table: ``name``, ``phase`` (exactly one
+    of ``"prefill"``, ``"decode"``, ``"eviction"``: code such as the eval report compares it, and the
+    registry refuses anything else), ``schedule`` (free text saying when it acts, e.g. ``"every
+    step"``), ``kv_memory`` (effect on KV memory), ``calibration`` (what offline step it needs,
+    ``"no"`` if none), ``paper``.
     """
 
     name: ClassVar[str] = ""
     phase: ClassVar[str] = ""
+    schedule: ClassVar[str] = ""
     kv_memory: ClassVar[str] = ""
     calibration: ClassVar[str] = "no"
     paper: ClassVar[str] = ""
@@ -159,20 +162,67 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         use_cache=bool(kwargs.get("use_cache", True)),
         extra=kwargs,
     )
+    if attention_mask is not None:
+        _mark_padding(call, attention_mask)
     if call.is_sliding:
+        # methods assume global attention; a sliding layer's window already bounds its cost
+        session.stats["engine.sliding_dense_calls"] += 1
         out = call.dense()
     else:
         out = session.method.forward(call)
-    ev = call.evicting
-    if ev is not None and attention_mask is not None:
-        # remember which of this call's rows are padding (transformers' mask is exact for new rows)
-        rows = attention_mask[:, :, -1, -call.q_len :].any(1, keepdim=True)  # (B, 1, Lq)
-        # (only when this call did not move the physical rows; an eviction handles padding itself)
-        if not bool(rows.all()) and ev.n == call.k_len:
-            empty = torch.zeros(call.batch, 1, ev.n, dtype=torch.bool, device=query.device)
-            empty[:, :, ev.n - call.q_len :] = ~rows
-            ev.mark_empty(empty)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _mark_padding(call: AttentionCall, attention_mask: torch.Tensor) -> None:
+    """Check the padding side and record this call's padding rows in an evicting cache.
+
+    A new token is padding exactly when it cannot see itself: transformers' mask functions
+    (causal, sliding window, chunked) all keep the diagonal, and its padding mask removes a padded
+    key from every query, its own included. So the diagonal of the call's mask is exact on any
+    layer type (the last mask row is not: on a sliding layer it misses everything outside the
+    window). Recording padding *before* the method runs lets eviction policies count sinks,
+    windows and budgets over real tokens only.
+    """
+    lq, past = call.q_len, call.past_len
+    i = torch.arange(lq, device=attention_mask.device)
+    real = attention_mask[:, :, i, past + i].any(1, keepdim=True)  # (B, 1, Lq)
+    if not bool(real[:, :, -1].all()):
+        raise ValueError(
+            "tokensparse supports left padding only: the last token of a row is padding (right padding). "
+            "Set tokenizer.padding_side = 'left'."
+        )
+    ev = call.evicting
+    if ev is not None and not bool(real.all()):
+        empty = torch.zeros(call.batch, 1, ev.n, dtype=torch.bool, device=real.device)
+        empty[:, :, ev.n - lq :] = ~real
+        ev.mark_empty(empty)
+        call.__dict__.pop("mask", None)  # the mask depends on the empty rows: rebuild it lazily
+
+
+class UnsupportedCacheError(ValueError):
+    """A cache whose key/value rows extend past the current token (e.g. transformers' static cache)."""
+
+
+def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, **kwargs):
+    """transformers' ``sdpa_mask``, after checking that the cache's keys end at the current token.
+
+    Every tokensparse method reads ``key.shape[-2]`` as the context length and ``mask=None`` as
+    bottom-right causal. A static cache (``cache_implementation="static"``) hands back all
+    ``max_cache_len`` preallocated rows, most of them unwritten, and transformers then passes
+    ``mask=None``: methods would attend to and select empty slots. It is refused here, before the
+    first layer runs, instead of producing silently wrong results.
+    """
+    end_q = int(q_offset) + int(q_length)
+    end_kv = int(kv_offset) + int(kv_length)
+    if end_kv != end_q:
+        raise UnsupportedCacheError(
+            f"tokensparse cannot run on a cache whose key rows ({end_kv}) extend past the current token ({end_q}), "
+            "such as transformers' static cache (cache_implementation='static'). Pass cache=session.new_cache() "
+            "(preallocated and written in place, the fastest cache here) or use the default dynamic cache."
+        )
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, **kwargs)
 
 
 def _ensure_registered() -> None:
@@ -181,10 +231,9 @@ def _ensure_registered() -> None:
         if _registered:
             return
         from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import sdpa_mask
 
         AttentionInterface.register(ATTN_NAME, _attention)
-        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+        AttentionMaskInterface.register(ATTN_NAME, _mask)
         _registered = True
 
 
@@ -236,5 +285,11 @@ def sparsify(model, method: Method, *, telemetry: bool | Telemetry = False):
     tele = telemetry if isinstance(telemetry, Telemetry) else (Telemetry() if telemetry else None)
     session = Session(model, method, tele)
     method.setup(session)
-    with attached(model, modules, _SESSIONS, session, ATTN_NAME):
+    from .timing import timed_name  # (lazy: timing builds on this module)
+
+    # Entered inside ts.time_attention(...): switch to the timed wrapper of the method's attention
+    # instead, so that the timer (still mapped to the modules) counts the attention actually
+    # running in both nesting orders; the timed previous implementation is restored on exit.
+    attn_name = timed_name(model, ATTN_NAME)
+    with attached(model, modules, _SESSIONS, session, attn_name):
         yield session

@@ -43,18 +43,25 @@ class Selection:
 
     kind: str
     idx: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # like ``idx``; False = filler entry of a shorter row
 
     @classmethod
     def dense(cls):
         return cls("dense")
 
     @classmethod
-    def rows(cls, idx):
-        return cls("rows", idx)
+    def rows(cls, idx, valid=None):
+        return cls("rows", idx, valid)
 
     @classmethod
-    def keys(cls, idx):
-        return cls("keys", idx)
+    def keys(cls, idx, valid=None):
+        return cls("keys", idx, valid)
+
+    def mask(self, length: int) -> torch.Tensor:
+        """``(B, H, length)`` bool: the positions this selection holds (filler entries ignored)."""
+        marks = torch.ones_like(self.idx) if self.valid is None else self.valid.long()
+        shape = (*self.idx.shape[:2], length)
+        return torch.zeros(shape, dtype=torch.long, device=self.idx.device).scatter_add_(2, self.idx, marks) > 0
 
 
 class Telemetry:
@@ -83,8 +90,7 @@ class Telemetry:
         v = call.value
         if selection.kind != "dense":
             idx = selection.idx
-            sel = torch.zeros(b, idx.shape[1], lk, dtype=torch.bool, device=q.device)
-            sel.scatter_(2, idx, True)
+            sel = selection.mask(lk)
             sel = _expand_heads(sel[:, :, None, :], hq)[:, :, 0]  # (B, Hq, Lk)
             att &= sel[:, :, None, :]
             if selection.kind == "rows":

@@ -17,7 +17,8 @@ Parameters
 ----------
 budget: int | float = 0.5
     KV rows kept per layer and KV head after compression, window included; a float in (0, 1] is a
-    share of the prefill length.
+    share of the prefill's real tokens (padding excluded). A prompt shorter than the window is kept
+    whole.
 window: int = 32
     Observation window (paper's LongBench setting: 32).
 pool_kernel: int = 7
@@ -40,9 +41,10 @@ import torch
 from ..engine.selection import (
     GQA_REDUCTIONS,
     aggregate_gqa,
+    indices_from_mask,
     pool1d,
-    resolve_budget,
-    topk_sorted,
+    resolve_budget_rows,
+    select_topk,
     validate_budget,
     window_scores,
     window_scores_reference,
@@ -54,7 +56,8 @@ from ..engine.telemetry import Selection
 @dataclass(eq=False)
 class SnapKV(Method):
     name = "snapkv"
-    phase = "eviction (once after prefill)"
+    phase = "eviction"
+    schedule = "once after prefill"
     kv_memory = "reduced to the budget"
     calibration = "no"
     paper = "[SnapKV](https://arxiv.org/abs/2404.14469)"
@@ -93,24 +96,31 @@ class SnapKV(Method):
         cache = call.require_evicting_cache(self.name)
         if cache is None:  # use_cache=False: nothing is stored, nothing to evict
             return out
-        length = call.k_len
-        keep = min(resolve_budget(self.budget, length), length)
-        w = min(self.window, length)
-        if keep >= length and not sparse_paths_forced():
+        # counted over each row's real tokens, so a row of a left-padded batch keeps what it would alone
+        real = call.n_real  # (B, 1)
+        keep = torch.minimum(resolve_budget_rows(self.budget, real), real)
+        w_rows = real.clamp(max=self.window)  # a prompt shorter than the window is all window
+        n_top = (keep - w_rows).clamp_min(0)  # (B, 1)
+        if bool((keep >= real).all()) and not sparse_paths_forced():
             return out
-        n_top = max(keep - w, 0)
-        valid = call.key_valid
-        score_fn = window_scores if self.impl == "fast" else window_scores_reference
-        scores = score_fn(call.query[:, :, length - w :], call.key, call.scale, valid)[..., : length - w]
-        scores = pool1d(scores, self.pool_kernel, self.pool)
-        scores = aggregate_gqa(scores, call.n_kv_heads, self.gqa_reduce)  # (B, Hkv, L - w)
-        if valid is not None:
-            scores = scores.masked_fill(~valid[:, None, : length - w], -1.0)
-        top = topk_sorted(scores, n_top)
-        tail = torch.arange(length - w, length, device=top.device).expand(*top.shape[:2], w)
-        idx = torch.cat([top, tail], dim=-1)
-        kept_valid = None if valid is None else valid[:, None, :].expand_as(call.key[..., 0]).gather(2, idx)
-        call.session.observe(call, Selection.keys(idx))
-        cache.keep(idx, kept_valid)
+        length = call.k_len
+        w = min(self.window, length)
+        rank = call.key_rank  # (B, L), 0 on padding
+        keep_mask = (rank > real - w_rows)[:, None, :].expand(call.batch, call.n_kv_heads, length).clone()
+        k_max = int(n_top.max())
+        if k_max > 0:  # rows with n_top > 0 hold at least `window` real tokens: the last w queries are real
+            valid = call.key_valid
+            score_fn = window_scores if self.impl == "fast" else window_scores_reference
+            scores = score_fn(call.query[:, :, length - w :], call.key, call.scale, valid)[..., : length - w]
+            scores = pool1d(scores, self.pool_kernel, self.pool)
+            scores = aggregate_gqa(scores, call.n_kv_heads, self.gqa_reduce)  # (B, Hkv, L - w)
+            if valid is not None:
+                scores = scores.masked_fill(~valid[:, None, : length - w], -1.0)
+            top, top_valid = select_topk(scores, k_max, n_top[:, :, None])
+            chosen = torch.zeros_like(scores, dtype=torch.long).scatter_add_(-1, top, top_valid.long())
+            keep_mask[..., : length - w] |= chosen > 0
+        idx, kept = indices_from_mask(keep_mask)
+        call.session.observe(call, Selection.keys(idx, kept))
+        cache.keep(idx, None if bool(kept.all()) else kept)
         call.session.stats["snapkv.compressed_layers"] += 1
         return out

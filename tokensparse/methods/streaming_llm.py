@@ -15,8 +15,9 @@ streaming beyond the trained context and is not implemented here.
 Parameters
 ----------
 budget: int | float = 0.5
-    Rows kept per layer, sinks included. A float in (0, 1] is a share of the first prefill's length
-    (fixed at that point, so the cache stays that size while generating).
+    Rows kept per layer, sinks included. A float in (0, 1] is a share of the first prefill's real
+    tokens (padding excluded), fixed at that point and stored with the cache, so the cache stays
+    that size while generating.
 n_sink: int = 4
     Initial tokens always kept.
 """
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.selection import resolve_budget, validate_budget
+from ..engine.selection import indices_from_mask, resolve_budget_rows, validate_budget
 from ..engine.session import Method, sparse_paths_forced
 from ..engine.telemetry import Selection
 
@@ -35,7 +36,8 @@ from ..engine.telemetry import Selection
 @dataclass(eq=False)
 class StreamingLLM(Method):
     name = "streaming_llm"
-    phase = "eviction (every step)"
+    phase = "eviction"
+    schedule = "every step"
     kv_memory = "bounded by the budget"
     calibration = "no"
     paper = "[StreamingLLM](https://arxiv.org/abs/2309.17453)"
@@ -53,27 +55,33 @@ class StreamingLLM(Method):
 
     @classmethod
     def at_full_budget(cls) -> "StreamingLLM":
-        return cls(budget=1.0)
+        # a share is fixed at the prompt's length (the cache then stops growing), so "everything"
+        # is a token count no generation reaches
+        return cls(budget=1 << 40)
+
+    def _keep(self, call, cache, n_valid: torch.Tensor) -> torch.Tensor:
+        """Rows to keep per sequence ``(B, 1, 1)``, resolved at the first prefill and kept with the cache."""
+        key = "streaming_llm.keep"
+        if call.kind == "prefill" or key not in cache.seq_state:
+            real = n_valid[:, :1]  # every KV head holds the same rows before the first eviction
+            cache.seq_state[key] = resolve_budget_rows(self.budget, real).clamp_min(self.n_sink + 1)
+        return cache.seq_state[key]
 
     def forward(self, call) -> torch.Tensor:
         out = call.dense()
         cache = call.require_evicting_cache(self.name)
         if cache is None:
             return out
-        keep = max(resolve_budget(self.budget, cache.seen), self.n_sink + 1)
-        valid = cache.valid_rows()  # (B, Hkv, n)
+        valid = cache.valid_rows()  # (B, Hkv, n): padding was marked before this call
         n_valid = valid.sum(-1, keepdim=True)
-        if int(n_valid.max()) <= keep and not sparse_paths_forced():
+        keep = self._keep(call, cache, n_valid)
+        if not sparse_paths_forced() and bool((n_valid <= keep).all()):
             return out
         # rank real rows in physical (= arrival) order: sinks are the first ones, the window the last
         rank = valid.long().cumsum(-1)
         take = valid & ((rank <= self.n_sink) | (rank > n_valid - (keep - self.n_sink)))
-        n_keep = int(take.sum(-1).max())
-        # taken rows first, in physical order; a head/sequence with fewer real rows is padded
-        pos = torch.arange(cache.n, device=valid.device).expand_as(take)
-        idx = torch.where(take, pos, pos + cache.n).sort(-1).values[..., :n_keep] % cache.n
-        kept = take.gather(-1, idx)
-        call.session.observe(call, Selection.keys(idx))
+        idx, kept = indices_from_mask(take)  # taken rows in physical order; shorter rows padded
+        call.session.observe(call, Selection.keys(idx, kept))
         cache.keep(idx, None if bool(kept.all()) else kept)
         call.session.stats["streaming_llm.evictions"] += 1
         return out

@@ -22,7 +22,10 @@ Parameters
 ----------
 budget: int | float = 2688
     Tokens attended per step, sinks and local window included (official: 128 + 512 + 2048).
-    A float in (0, 1] is a share of the current context length.
+    A float in (0, 1] is a share of the current context length (each row's real tokens). Where a
+    share resolves below ``n_sink + n_local`` (short contexts: e.g. 0.25 below 2,560 tokens with
+    the default 128 + 512), the step attends to everything, i.e. runs dense, and
+    ``session.stats["token_select.dense_short"]`` counts it; sinks and window are never shrunk.
 n_sink: int = 128
     First tokens always attended.
 n_local: int = 512
@@ -58,7 +61,16 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.executors import gather_attend, gather_rows, segments_attend
-from ..engine.selection import grouped_dot, pool1d, resolve_budget, topk_sorted, validate_budget
+from ..engine.selection import (
+    grouped_dot,
+    indices_from_mask,
+    pool1d,
+    resolve_budget,
+    resolve_budget_rows,
+    select_topk,
+    topk_sorted,
+    validate_budget,
+)
 from ..engine.session import Method, sparse_paths_forced
 from ..engine.telemetry import Selection
 
@@ -66,7 +78,8 @@ from ..engine.telemetry import Selection
 @dataclass(eq=False)
 class TokenSelect(Method):
     name = "token_select"
-    phase = "decode (and cache chunks)"
+    phase = "decode"
+    schedule = "each decode step and cache chunk"
     kv_memory = "none (full cache; reads only selected rows)"
     calibration = "no"
     paper = "[TokenSelect](https://arxiv.org/abs/2411.02886)"
@@ -104,40 +117,55 @@ class TokenSelect(Method):
         return cls(budget=1.0, n_sink=2, n_local=4)
 
     # ---- selection -------------------------------------------------------------------------------
-    def _vote(self, call, q_fp: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Soft vote over candidate keys ``[lo, hi)``: ``(B, 1 | Hkv, hi - lo)``."""
+    def _vote(self, call, q_fp: torch.Tensor, lo: int, hi: int, cand: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft vote over candidate keys ``[lo, hi)``: ``(B, 1 | Hkv, hi - lo)``.
+
+        ``cand (B, hi - lo)``: which of those keys are candidates (padded batches); the others take
+        no part in the per-head softmax and get vote -1 after pooling (votes are >= 0, so a pooled
+        neighbour outside the candidates changes nothing, as at the ends of an unpadded range).
+        """
         k = call.key[:, :, lo:hi]
         b, hq, d = q_fp.shape
         hkv, g = call.n_kv_heads, call.group
         scale = call.scale if self.logit_scale is None else self.logit_scale
         q = (q_fp.float() * scale).view(b, hkv, g, d)
         logits = grouped_dot(q.to(k.dtype), k).float()  # (B, Hkv, G, C), in the cache dtype
-        valid = call.key_valid
-        if valid is not None:
-            logits = logits.masked_fill(~valid[:, None, None, lo:hi], torch.finfo(torch.float32).min)
+        if cand is not None:
+            logits = logits.masked_fill(~cand[:, None, None, :], torch.finfo(torch.float32).min)
         p = logits.softmax(-1)
         vote = p.sum(2) if self.select_per == "kv_head" else p.sum((1, 2)).unsqueeze(1)
-        if valid is not None:
-            vote = vote.masked_fill(~valid[:, None, lo:hi], -1.0)
-        return pool1d(vote, self.pool_kernel, "max") if self.pool_kernel > 1 else vote
+        if self.pool_kernel > 1:
+            vote = pool1d(vote, self.pool_kernel, "max")
+        if cand is not None:
+            vote = vote.masked_fill(~cand[:, None, :], -1.0)
+        return vote
 
-    def _topk(self, call, n_top: int, lo: int, hi: int) -> torch.Tensor:
-        """Top-k indices ``(B, 1 | Hkv, k)``, or the previous ones from the Selection Cache."""
-        q_fp = call.query.mean(2)  # (B, Hq, D): the chunk's query fingerprint
-        scratch = call.layer.scratch
+    def _select(self, call, key: tuple, fresh):
+        """``fresh()`` (a tuple of ``(B, …)`` tensors), or the previous selection from the Selection Cache.
+
+        Reuse is decided per sequence (cosine similarity of its query fingerprint with the one its
+        selection was made for); a fresh selection is computed when any row misses, and rows that
+        hit keep their previous choice, so a row of a batch selects as it would alone.
+        """
         thr = self.reuse_threshold
-        fp = q_fp.flatten(1).float() if thr is not None else None
-        if thr is not None:
-            prev = scratch.get("fingerprint")
-            if prev is not None and scratch["top"].shape[-1] == n_top and scratch["lo"] == lo and scratch["hi"] <= hi:
-                if bool((F.cosine_similarity(fp, prev, dim=-1) >= thr).all()):
-                    call.session.stats["token_select.reuse"] += 1
-                    return scratch["top"]
+        if thr is None:
+            call.session.stats["token_select.select"] += 1
+            return fresh()
+        scratch = call.layer.scratch
+        fp = call.query.mean(2).flatten(1).float()  # (B, Hq·D): the chunk's query fingerprint
+        hit = None
+        if scratch.get("key") == key:
+            hit = F.cosine_similarity(fp, scratch["fingerprint"], dim=-1) >= thr  # (B,)
+            if bool(hit.all()):
+                call.session.stats["token_select.reuse"] += 1
+                return scratch["sel"]
         call.session.stats["token_select.select"] += 1
-        top = topk_sorted(self._vote(call, q_fp, lo, hi), n_top) + lo
-        if thr is not None:
-            scratch.update(fingerprint=fp, top=top, lo=lo, hi=hi)
-        return top
+        sel = fresh()
+        if hit is not None and bool(hit.any()):
+            sel = tuple(torch.where(hit.view(-1, *([1] * (new.dim() - 1))), old, new) for old, new in zip(scratch["sel"], sel))
+            fp = torch.where(hit[:, None], scratch["fingerprint"], fp)
+        scratch.update(fingerprint=fp, sel=sel, key=key)
+        return sel
 
     @staticmethod
     def _top_rows(call, top: torch.Tensor):
@@ -150,37 +178,44 @@ class TokenSelect(Method):
             scratch["rows_of"] = top
         return scratch["rows"]
 
+    def _short(self, call, budget) -> torch.Tensor | bool:
+        """Where a share-of-context budget cannot hold the sinks and the local window: such steps
+        attend to everything (dense), counted as ``token_select.dense_short`` in ``session.stats``."""
+        short = budget < self.n_sink + self.n_local
+        if bool(short if isinstance(short, bool) else short.any()):
+            call.session.stats["token_select.dense_short"] += 1
+        return short
+
     def forward(self, call) -> torch.Tensor:
         if call.kind == "prefill":
             call.layer.scratch.clear()  # a new sequence: forget the selection cache
             return call.dense()
-        length, lq = call.k_len, call.q_len
-        forced = sparse_paths_forced()
-        if lq > self.n_local:
+        if call.q_len > self.n_local:
             call.session.stats["token_select.dense_chunks"] += 1
             return call.dense()
+        if call.key_valid is None:
+            return self._forward_unpadded(call)
+        return self._forward_padded(call)
+
+    def _forward_unpadded(self, call) -> torch.Tensor:
+        length, lq = call.k_len, call.q_len
         budget = resolve_budget(self.budget, length)
-        n_sink, n_local = min(self.n_sink, length), min(self.n_local, length)
-        lo, hi = n_sink, length - n_local
-        n_top = min(budget - n_sink - n_local, max(hi - lo, 0))
-        if n_top < 0:
-            raise ValueError(
-                f"token_select: budget resolves to {budget} tokens at context {length}, less than "
-                f"n_sink + n_local = {n_sink + n_local}; raise the budget or lower n_sink/n_local"
-            )
-        if n_top >= hi - lo and not forced:
+        lo = min(self.n_sink, length)
+        hi = max(length - self.n_local, lo)  # sinks [0, lo), candidates [lo, hi), local window [hi, L)
+        n_top = hi - lo if self._short(call, budget) else min(budget - self.n_sink - self.n_local, hi - lo)
+        if n_top >= hi - lo and not sparse_paths_forced():
             return call.dense()  # the budget covers the whole context
         dev = call.query.device
         if n_top > 0:
-            top = self._topk(call, n_top, lo, hi)
+            q_fp = call.query.mean(2)  # (B, Hq, D)
+            (top,) = self._select(call, ("range", n_top, lo), lambda: (topk_sorted(self._vote(call, q_fp, lo, hi), n_top) + lo,))
         else:
             top = torch.empty(call.batch, 1, 0, dtype=torch.long, device=dev)
         heads = top.shape[1]
-        # decode of an fp32 model without padding: sinks and the local window are read as views of
-        # the cache, only the top-k rows were gathered (and are reused with the selection). Other
-        # cases (chunks, padding, bf16/fp16, where SDPA's own rounding is the dense reference) go
-        # through index_select + SDPA.
-        segmented = self.impl == "fast" and lq == 1 and call.key_valid is None and call.query.dtype == torch.float32
+        # decode of an fp32 model: sinks and the local window are read as views of the cache, only
+        # the top-k rows were gathered (and are reused with the selection). Chunks and bf16/fp16
+        # (where SDPA's own rounding is the dense reference) go through index_select + SDPA.
+        segmented = self.impl == "fast" and lq == 1 and call.query.dtype == torch.float32
         idx = None
         if call.session.telemetry is not None or not segmented:
             sinks = torch.arange(0, lo, device=dev).expand(call.batch, heads, lo)
@@ -193,9 +228,36 @@ class TokenSelect(Method):
             segments = [(k[:, :, :lo], v[:, :, :lo])] + middle + [(k[:, :, hi:], v[:, :, hi:])]
             return segments_attend(call.query, segments, call.scale)
         mask = None
-        if lq > 1 or call.key_valid is not None:
+        if lq > 1:
             qpos = torch.arange(length - lq, length, device=dev)
-            mask = (idx[:, :, None, :] <= qpos[None, None, :, None])  # causal inside the local window
-            if call.key_valid is not None:
-                mask = mask & call.key_valid.gather(1, idx.reshape(call.batch, -1)).view(call.batch, heads, 1, -1)
+            mask = idx[:, :, None, :] <= qpos[None, None, :, None]  # causal inside the local window
+        return gather_attend(call.query, call.key, call.value, idx, call.scale, mask, impl=self.impl)
+
+    def _forward_padded(self, call) -> torch.Tensor:
+        """A left-padded batch: sinks, window and budget are counted over each row's real tokens."""
+        length, lq = call.k_len, call.q_len
+        valid, rank, real = call.key_valid, call.key_rank, call.n_real  # (B, L), (B, L), (B, 1)
+        budget = resolve_budget_rows(self.budget, real)
+        sink = valid & (rank <= self.n_sink)
+        local = rank > torch.maximum(real - self.n_local, real.clamp(max=self.n_sink))
+        cand = valid & ~sink & ~local  # (B, L)
+        n_cand = cand.long().sum(-1, keepdim=True)
+        n_top = torch.where(self._short(call, budget), n_cand, (budget - self.n_sink - self.n_local).clamp(0).minimum(n_cand))
+        if bool((n_top >= n_cand).all()) and not sparse_paths_forced():
+            return call.dense()
+        keep = (sink | local)[:, None, :]  # (B, 1, L)
+        k_max = int(n_top.max())
+        if k_max > 0:
+            q_fp = call.query.mean(2)
+
+            def fresh():
+                return select_topk(self._vote(call, q_fp, 0, length, cand), k_max, n_top[:, :, None])
+
+            top, top_valid = self._select(call, ("rows", tuple(n_top.flatten().tolist())), fresh)
+            chosen = torch.zeros(*top.shape[:2], length, dtype=torch.long, device=top.device)
+            keep = keep | (chosen.scatter_add_(-1, top, top_valid.long()) > 0)
+        idx, idx_valid = indices_from_mask(keep)  # (B, 1 | Hkv, n), sorted
+        call.session.observe(call, Selection.keys(idx, idx_valid))
+        qpos = torch.arange(length - lq, length, device=idx.device)
+        mask = (idx[:, :, None, :] <= qpos[None, None, :, None]) & idx_valid[:, :, None, :]
         return gather_attend(call.query, call.key, call.value, idx, call.scale, mask, impl=self.impl)

@@ -43,8 +43,8 @@ score_chunk: int = 8192
     Keys per chunk when computing window scores (memory ``W × chunk`` per head; contexts up to
     ``chunk`` take one fused softmax, longer ones two passes over chunks).
 
-Deviations from the paper/code: batches are supported (one keep count per layer = the largest
-over the batch; padding keys are never selected), the optional ``sink_tokens`` and ``kv_head``
+Deviations from the paper/code: batches are supported (each row keeps the count it would keep
+alone; padding keys are never selected), the optional ``sink_tokens`` and ``kv_head``
 mode are additions, and scores use SDPA's scale ``1/sqrt(D)`` in fp32.
 """
 
@@ -55,24 +55,26 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import calibration
+from ..engine.calibration import find_profile
 from ..engine.executors import compress_attend_scatter
 from ..engine.selection import (
     GQA_REDUCTIONS,
     aggregate_gqa,
     coverage_keep_count,
     pool1d,
-    topk_sorted,
+    select_topk,
     window_scores,
 )
 from ..engine.session import Method, sparse_paths_forced
 from ..engine.telemetry import Selection
+from .drift_profile import DriftProfile
 
 
 @dataclass(eq=False)
 class TokenSparse(Method):
     name = "token_sparse"
     phase = "prefill"
+    schedule = "each prefill call of its sparse layers"
     kv_memory = "none (full cache; decode is dense)"
     calibration = "optional: representation-drift layer profile"
     paper = "[Token Sparse Attention](https://arxiv.org/abs/2602.03216)"
@@ -119,7 +121,7 @@ class TokenSparse(Method):
             elif self.layers == "second_half":
                 chosen = list(range(n // 2, n))
             else:
-                path = self.profile or calibration.find_profile(session.model)
+                path = self.profile or find_profile(session.model)
                 if path is None:
                     warnings.warn(
                         "token_sparse: no drift profile for this model; using the documented fallback "
@@ -129,7 +131,7 @@ class TokenSparse(Method):
                     chosen = list(range(n // 2, n))
                     session.info["token_sparse_layers_from"] = "fallback: second half"
                 else:
-                    prof = calibration.DriftProfile.load(path)
+                    prof = DriftProfile.load(path)
                     prof.check(session.model)
                     chosen = prof.sparse_layers(self.drift_quantile)
                     session.info["token_sparse_layers_from"] = str(path)
@@ -141,43 +143,58 @@ class TokenSparse(Method):
         session.state["token_sparse_layers"] = frozenset(chosen)
         session.info["token_sparse_layers"] = sorted(chosen)
 
-    def select(self, call) -> torch.Tensor | None:
-        """Per-head indices ``(B, Hq | Hkv, n)`` (sorted, window included), or None for dense."""
+    def select(self, call) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Per-head indices ``(B, Hq | Hkv, n)`` (sorted, window included) and their validity
+        (``None`` = all valid; rows of a padded batch may keep fewer), or None for dense.
+
+        Windows, sinks, ``min_tokens`` and the coverage count are taken over each row's real tokens.
+        """
         q, k = call.query, call.key
         length = call.k_len
         w = min(self.window, length)
         n_cand = length - w
         forced = sparse_paths_forced()
-        if n_cand <= 0 or (length <= self.min_tokens + self.window and not forced):
+        real = call.n_real  # (B, 1)
+        if n_cand <= 0 or (not forced and bool((real <= self.min_tokens + self.window).all())):
             return None
-        valid = call.key_valid  # (B, L) or None
+        valid = call.key_valid  # (B, L) or None; left padding: the last w queries are real
         scores = window_scores(q[:, :, length - w :], k, call.scale, valid, self.score_chunk)[..., :n_cand]
         scores = pool1d(scores, self.pool_kernel, "avg")
-        if valid is not None:
-            scores = scores * valid[:, None, :n_cand]
-        keep = coverage_keep_count(scores, self.coverage, self.min_tokens)
-        if keep >= n_cand and not forced:
+        cand_valid = None if valid is None else valid[:, :n_cand]
+        if cand_valid is not None:
+            scores = scores * cand_valid[:, None, :]
+        keep = coverage_keep_count(scores, self.coverage, self.min_tokens, cand_valid)  # (B, 1)
+        n_real_cand = (real - w).clamp_min(0)
+        keep = torch.where(real <= self.min_tokens + self.window, n_real_cand, keep)  # short rows stay dense
+        if not forced and bool((keep >= n_real_cand).all()):
             return None
         if self.select_per == "kv_head":
             scores = aggregate_gqa(scores, call.n_kv_heads, self.gqa_reduce)
-        if valid is not None:
-            scores = scores.masked_fill(~valid[:, None, :n_cand], -1.0)  # padding: never chosen first
+        if cand_valid is not None:
+            scores = scores.masked_fill(~cand_valid[:, None, :], -1.0)  # padding: never chosen
         if self.sink_tokens:
-            scores[..., : self.sink_tokens] = float("inf")
-        idx = topk_sorted(scores, keep)
+            sinks = call.key_rank[:, :n_cand] <= self.sink_tokens
+            if cand_valid is not None:
+                sinks = sinks & cand_valid
+            scores = scores.masked_fill(sinks[:, None, :], float("inf"))
+        idx, idx_valid = select_topk(scores, int(keep.max()), keep[:, :, None])
         tail = torch.arange(n_cand, length, device=q.device).expand(*idx.shape[:2], w)
-        return torch.cat([idx, tail], dim=-1)
+        idx = torch.cat([idx, tail], dim=-1)
+        if bool(idx_valid.all()):
+            return idx, None
+        return idx, torch.cat([idx_valid, torch.ones_like(tail, dtype=torch.bool)], dim=-1)
 
     def forward(self, call) -> torch.Tensor:
         if call.kind != "prefill" or call.layer_idx not in call.session.state["token_sparse_layers"]:
             return call.dense()
-        idx = self.select(call)
-        if idx is None:
+        chosen = self.select(call)
+        if chosen is None:
             call.session.stats["token_sparse.dense_layers"] += 1
             call.session.observe(call, Selection.dense())
             return call.dense()
+        idx, valid = chosen
         call.session.stats["token_sparse.sparse_layers"] += 1
-        call.session.stats["token_sparse.kept_tokens"] += idx.shape[-1]
+        call.session.stats["token_sparse.kept_tokens"] += idx.shape[-1] if valid is None else int(valid[:, 0].sum()) // call.batch
         call.session.stats["token_sparse.total_tokens"] += call.k_len
-        call.session.observe(call, Selection.rows(idx))
-        return compress_attend_scatter(call.query, call.key, call.value, idx, call.scale, call.key_valid)
+        call.session.observe(call, Selection.rows(idx, valid))
+        return compress_attend_scatter(call.query, call.key, call.value, idx, call.scale, call.key_valid, valid=valid)
