@@ -28,7 +28,7 @@ def test_build_method_parses_literals_and_rejects_bad_settings():
     assert m.budget == 0.25 and m.select_per == "kv_head" and m.reuse_threshold is None
     with pytest.raises(SystemExit, match="no setting 'budgt'"):
         build_method("token_select", ["budgt=3"])
-    with pytest.raises(SystemExit, match="ratio must lie in"):
+    with pytest.raises(SystemExit, match=r"budget must be an int > 0 \(tokens\) or a float ratio in \(0, 1\], got 1.5"):
         build_method("snapkv", ["budget=1.5"])
     with pytest.raises(SystemExit, match="key=value"):
         build_method("snapkv", ["budget"])

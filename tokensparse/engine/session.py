@@ -27,6 +27,7 @@ import torch
 from ..models import check_supported
 from .cache import KVCache, consume_last_update
 from .call import AttentionCall
+from .config import check_fields
 from .telemetry import Selection, Telemetry
 
 ATTN_NAME = "tokensparse"
@@ -79,14 +80,22 @@ class Method:
     needs_evicting_cache: ClassVar[bool] = False
 
     def __post_init__(self):
+        check_fields(self)  # every field declared with engine.config.param: type, range, choices
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError``/``TypeError`` on bad settings (called on construction)."""
+        """Cross-field checks; raise ``ValueError`` naming the fields (called on construction, after
+        every declared field was checked on its own)."""
 
     @classmethod
     def at_full_budget(cls) -> "Method":
         """A config under which the method must reproduce dense attention."""
+        raise NotImplementedError
+
+    @classmethod
+    def at_sparse_budget(cls) -> "Method":
+        """A config that really skips or evicts tokens on the 20–40-token prompts of the test
+        matrices (used to check that a row of a padded batch equals the same prompt alone)."""
         raise NotImplementedError
 
     def setup(self, session: "Session") -> None:

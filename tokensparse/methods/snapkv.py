@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.config import param
 from ..engine.selection import (
     GQA_REDUCTIONS,
     aggregate_gqa,
@@ -45,7 +46,6 @@ from ..engine.selection import (
     pool1d,
     resolve_budget_rows,
     select_topk,
-    validate_budget,
     window_scores,
     window_scores_reference,
 )
@@ -63,31 +63,24 @@ class SnapKV(Method):
     paper = "[SnapKV](https://arxiv.org/abs/2404.14469)"
     needs_evicting_cache = True
 
-    budget: int | float = 0.5
-    window: int = 32
-    pool_kernel: int = 7
-    pool: str = "max"
-    gqa_reduce: str = "mean"
-    impl: str = "fast"
+    budget: int | float = param(0.5, "budget")
+    window: int = param(32, "int", ge=1)
+    pool_kernel: int = param(7, "int", ge=1)
+    pool: str = param("max", "choice", choices=("max", "avg"))
+    gqa_reduce: str = param("mean", "choice", choices=GQA_REDUCTIONS)
+    impl: str = param("fast", "choice", choices=("fast", "reference"))
 
     def validate(self) -> None:
-        validate_budget("budget", self.budget)
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
         if isinstance(self.budget, int) and self.budget < self.window:
-            raise ValueError(f"budget ({self.budget}) must be at least the observation window ({self.window})")
-        if self.pool_kernel < 1:
-            raise ValueError(f"pool_kernel must be >= 1, got {self.pool_kernel}")
-        if self.pool not in ("max", "avg"):
-            raise ValueError(f"pool must be 'max' or 'avg', got {self.pool!r}")
-        if self.gqa_reduce not in GQA_REDUCTIONS:
-            raise ValueError(f"gqa_reduce must be one of {GQA_REDUCTIONS}, got {self.gqa_reduce!r}")
-        if self.impl not in ("fast", "reference"):
-            raise ValueError(f"impl must be 'fast' or 'reference', got {self.impl!r}")
+            raise ValueError(f"snapkv: budget ({self.budget}) must be at least the observation window ({self.window})")
 
     @classmethod
     def at_full_budget(cls) -> "SnapKV":
         return cls(budget=1.0, window=4)
+
+    @classmethod
+    def at_sparse_budget(cls) -> "Method":
+        return cls(budget=12, window=4)
 
     def forward(self, call) -> torch.Tensor:
         out = call.dense()

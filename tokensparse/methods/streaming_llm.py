@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.selection import indices_from_mask, resolve_budget_rows, validate_budget
+from ..engine.config import param
+from ..engine.selection import indices_from_mask, resolve_budget_rows
 from ..engine.session import Method, sparse_paths_forced
 from ..engine.telemetry import Selection
 
@@ -43,21 +44,22 @@ class StreamingLLM(Method):
     paper = "[StreamingLLM](https://arxiv.org/abs/2309.17453)"
     needs_evicting_cache = True
 
-    budget: int | float = 0.5
-    n_sink: int = 4
+    budget: int | float = param(0.5, "budget")
+    n_sink: int = param(4, "int", ge=0)
 
     def validate(self) -> None:
-        validate_budget("budget", self.budget)
-        if self.n_sink < 0:
-            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
         if isinstance(self.budget, int) and self.budget <= self.n_sink:
-            raise ValueError(f"budget ({self.budget}) must exceed n_sink ({self.n_sink})")
+            raise ValueError(f"streaming_llm: budget ({self.budget}) must exceed n_sink ({self.n_sink})")
 
     @classmethod
     def at_full_budget(cls) -> "StreamingLLM":
         # a share is fixed at the prompt's length (the cache then stops growing), so "everything"
         # is a token count no generation reaches
         return cls(budget=1 << 40)
+
+    @classmethod
+    def at_sparse_budget(cls) -> "Method":
+        return cls(budget=12, n_sink=2)
 
     def _keep(self, call, cache, n_valid: torch.Tensor) -> torch.Tensor:
         """Rows to keep per sequence ``(B, 1, 1)``, resolved at the first prefill and kept with the cache."""

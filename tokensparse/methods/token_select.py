@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.executors import gather_attend, gather_rows, segments_attend
+from ..engine.config import param
 from ..engine.selection import (
     grouped_dot,
     indices_from_mask,
@@ -69,7 +70,6 @@ from ..engine.selection import (
     resolve_budget_rows,
     select_topk,
     topk_sorted,
-    validate_budget,
 )
 from ..engine.session import Method, sparse_paths_forced
 from ..engine.telemetry import Selection
@@ -84,37 +84,29 @@ class TokenSelect(Method):
     calibration = "no"
     paper = "[TokenSelect](https://arxiv.org/abs/2411.02886)"
 
-    budget: int | float = 2688
-    n_sink: int = 128
-    n_local: int = 512
-    pool_kernel: int = 0
-    logit_scale: float | None = 1.0
-    select_per: str = "layer"
-    reuse_threshold: float | None = None
-    impl: str = "fast"
+    budget: int | float = param(2688, "budget")
+    n_sink: int = param(128, "int", ge=0)
+    n_local: int = param(512, "int", ge=1)  # the current token is always attended
+    pool_kernel: int = param(0, "int", ge=0)
+    logit_scale: float | None = param(1.0, "float", gt=0.0, optional=True)
+    select_per: str = param("layer", "choice", choices=("layer", "kv_head"))
+    reuse_threshold: float | None = param(None, "float", ge=-1.0, le=1.0, optional=True)  # a cosine similarity
+    impl: str = param("fast", "choice", choices=("fast", "reference"))
 
     def validate(self) -> None:
-        validate_budget("budget", self.budget)
-        if self.n_sink < 0:
-            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
-        if self.n_local < 1:
-            raise ValueError(f"n_local must be >= 1 (the current token is always attended), got {self.n_local}")
         if isinstance(self.budget, int) and self.budget <= self.n_sink + self.n_local:
             raise ValueError(
-                f"budget ({self.budget}) must exceed n_sink + n_local ({self.n_sink} + {self.n_local}) to leave room for top-k tokens"
+                f"token_select: budget ({self.budget}) must exceed n_sink + n_local ({self.n_sink} + {self.n_local}) "
+                "to leave room for top-k tokens"
             )
-        if self.pool_kernel < 0:
-            raise ValueError(f"pool_kernel must be >= 0, got {self.pool_kernel}")
-        if self.select_per not in ("layer", "kv_head"):
-            raise ValueError(f"select_per must be 'layer' or 'kv_head', got {self.select_per!r}")
-        if self.reuse_threshold is not None and not -1.0 <= self.reuse_threshold <= 1.0:
-            raise ValueError(f"reuse_threshold is a cosine similarity in [-1, 1], got {self.reuse_threshold}")
-        if self.impl not in ("fast", "reference"):
-            raise ValueError(f"impl must be 'fast' or 'reference', got {self.impl!r}")
 
     @classmethod
     def at_full_budget(cls) -> "TokenSelect":
         return cls(budget=1.0, n_sink=2, n_local=4)
+
+    @classmethod
+    def at_sparse_budget(cls) -> "Method":
+        return cls(budget=12, n_sink=2, n_local=4, pool_kernel=3)
 
     # ---- selection -------------------------------------------------------------------------------
     def _vote(self, call, q_fp: torch.Tensor, lo: int, hi: int, cand: torch.Tensor | None = None) -> torch.Tensor:

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.calibration import find_profile
+from ..engine.config import param
 from ..engine.executors import compress_attend_scatter
 from ..engine.selection import (
     GQA_REDUCTIONS,
@@ -79,39 +80,25 @@ class TokenSparse(Method):
     calibration = "optional: representation-drift layer profile"
     paper = "[Token Sparse Attention](https://arxiv.org/abs/2602.03216)"
 
-    coverage: float = 0.005
-    window: int = 128
-    pool_kernel: int = 7
-    min_tokens: int = 1024
-    sink_tokens: int = 0
-    select_per: str = "query_head"
-    gqa_reduce: str = "mean"
-    layers: str | list[int] = "profile"
-    drift_quantile: float = 0.5
-    profile: str | None = None
-    score_chunk: int = 8192
-
-    def validate(self) -> None:
-        if not 0.0 <= self.coverage < 1.0:
-            raise ValueError(f"coverage (τ) must lie in [0, 1), got {self.coverage}")
-        for f in ("window", "pool_kernel", "score_chunk"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
-        for f in ("min_tokens", "sink_tokens"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
-        if self.select_per not in ("query_head", "kv_head"):
-            raise ValueError(f"select_per must be 'query_head' or 'kv_head', got {self.select_per!r}")
-        if self.gqa_reduce not in GQA_REDUCTIONS:
-            raise ValueError(f"gqa_reduce must be one of {GQA_REDUCTIONS}, got {self.gqa_reduce!r}")
-        if isinstance(self.layers, str) and self.layers not in ("profile", "all", "second_half"):
-            raise ValueError(f"layers must be 'profile', 'all', 'second_half' or a list of indices, got {self.layers!r}")
-        if not 0.0 <= self.drift_quantile <= 1.0:
-            raise ValueError(f"drift_quantile must lie in [0, 1], got {self.drift_quantile}")
+    coverage: float = param(0.005, "float", ge=0.0, lt=1.0)
+    window: int = param(128, "int", ge=1)
+    pool_kernel: int = param(7, "int", ge=1)
+    min_tokens: int = param(1024, "int", ge=0)
+    sink_tokens: int = param(0, "int", ge=0)
+    select_per: str = param("query_head", "choice", choices=("query_head", "kv_head"))
+    gqa_reduce: str = param("mean", "choice", choices=GQA_REDUCTIONS)
+    layers: str | list[int] = param("profile", "layers", choices=("profile", "all", "second_half"))
+    drift_quantile: float = param(0.5, "float", ge=0.0, le=1.0)
+    profile: str | None = param(None, "path", optional=True)
+    score_chunk: int = param(8192, "int", ge=1)
 
     @classmethod
     def at_full_budget(cls) -> "TokenSparse":
         return cls(coverage=0.0, layers="all", min_tokens=0, window=4)
+
+    @classmethod
+    def at_sparse_budget(cls) -> "Method":
+        return cls(coverage=0.3, window=4, min_tokens=2, layers="all", pool_kernel=3)
 
     def setup(self, session) -> None:
         n = session.num_layers
