@@ -77,3 +77,56 @@ def test_smoke_suite_and_report_on_the_bundled_model(bundled, tmp_path):
     md = report.write_report(out["path"], tmp_path / "report")
     assert (tmp_path / "report" / "needle_passkey.png").stat().st_size > 20_000
     assert "## Per-layer fidelity" in md.read_text()
+
+
+# ---- correctness on the real model (issue: padded batches, short prompts, static caches) ------
+
+SPARSE_REAL = {
+    "streaming_llm": {"budget": 64},
+    "snapkv": {"budget": 48, "window": 16},
+    "token_select": {"budget": 96, "n_sink": 16, "n_local": 32, "pool_kernel": 3},
+    "token_sparse": {"layers": list(range(20, 30)), "coverage": 0.05, "window": 16, "min_tokens": 32},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE_REAL))
+def test_padded_row_equals_alone_on_the_bundled_model(bundled, name):
+    model, tok = bundled
+    method = ts.methods.get(name)(**SPARSE_REAL[name])
+    text = tasks.passkey(tok, 320, depth=0.3).prompt()
+    short = tok(text, return_tensors="pt").input_ids[:, 40:]  # a shorter prompt, padded on the left
+    long = tok(text, return_tensors="pt").input_ids
+    pad = long.shape[1] - short.shape[1]
+    ids = torch.cat([torch.cat([torch.full((1, pad), tok.pad_token_id or 0), short], 1), long])
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              pad_token_id=tok.pad_token_id or 0)
+    with torch.no_grad(), ts.sparsify(model, method) as s:
+        both = model.generate(ids, attention_mask=mask, cache=s.new_cache(), **kw)
+        alone = model.generate(short, attention_mask=torch.ones_like(short), cache=s.new_cache(), **kw)
+    assert torch.equal(both.sequences[0, ids.shape[1]:], alone.sequences[0, short.shape[1]:])
+    diff = (torch.stack(both.logits)[:, 0] - torch.stack(alone.logits)[:, 0]).abs().max().item()
+    assert diff < 1e-3, diff
+
+
+@pytest.mark.parametrize("name", ["snapkv", "streaming_llm", "token_select", "token_sparse"])
+def test_default_configs_run_a_short_chat_prompt(bundled, name):
+    model, tok = bundled
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt")
+    assert ids.input_ids.shape[1] < 40
+    with torch.no_grad(), ts.sparsify(model, ts.methods.get(name)()) as s:
+        out = model.generate(**ids, cache=s.new_cache(), max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids.input_ids.shape[1]
+
+
+def test_static_cache_is_refused_on_the_bundled_model(bundled):
+    from tokensparse.engine.session import UnsupportedCacheError
+
+    model, tok = bundled
+    ids = tok("The quick brown fox", return_tensors="pt")
+    with torch.no_grad(), ts.sparsify(model, ts.methods.get("snapkv")()):
+        with pytest.raises(UnsupportedCacheError, match="session.new_cache"):
+            model.generate(**ids, max_new_tokens=4, cache_implementation="static")
