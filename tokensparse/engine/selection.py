@@ -165,19 +165,32 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return select_topk(scores, min(k, scores.shape[-1]))[0]
 
 
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Distinct int64 keys ordered as (score, then earlier position): ``(..., L)``.
+
+    The fp32 bits of a score are mapped to an int32 that sorts like the float (negative values
+    have their magnitude bits flipped), shifted into the high half; the low half holds
+    ``L - 1 - position``, so among equal scores the earlier position has the larger key.
+    """
+    length = scores.shape[-1]
+    bits = scores.float().contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # sorts like the float values
+    rev_pos = torch.arange(length - 1, -1, -1, device=scores.device, dtype=torch.int64)
+    return (ordered.to(torch.int64) << 32) | rev_pos
+
+
 def select_topk(
     scores: torch.Tensor, k: int, counts: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Deterministic top-k: ``(idx, valid)`` with ``idx (..., k)`` sorted ascending.
 
     Order: higher score first, then lower position. ``torch.topk`` breaks ties differently on
-    CPU and CUDA (pooled scores tie often), so the k-th value is found with ``topk`` and the tied
-    entries at that value are taken earliest-first; the chosen positions are then written out in
-    ascending order with a cumulative sum (no sort over the whole axis, no host synchronisation).
+    CPU and CUDA (pooled scores tie often), so it runs on distinct keys that encode the score and
+    the position (:func:`_order_keys`): the chosen set no longer depends on the device or kernel.
 
     ``counts`` (broadcastable to ``scores.shape[:-1] + (1,)``, long): per-row number to take
     (``<= k``). Entries past a row's count are invalid: ``valid`` is False there and their index
-    repeats the row's last position (``L - 1``), so ``idx`` stays sorted and in range. ``valid`` is
+    is the row's last position (``L - 1``), so ``idx`` stays sorted and in range. ``valid`` is
     ``None`` when ``counts`` is ``None`` (every entry valid).
     """
     length = scores.shape[-1]
@@ -188,25 +201,22 @@ def select_topk(
     if k == 0:
         idx = torch.empty(*lead, 0, dtype=torch.long, device=dev)
         return idx, (None if counts is None else torch.ones_like(idx, dtype=torch.bool))
-    top = scores.topk(k, dim=-1, sorted=True).values  # (..., k) descending
+    low = (1 << 32) - 1
     if counts is None:
-        n = torch.full((*lead, 1), k, dtype=torch.long, device=dev)
-    else:
-        n = counts.to(device=dev, dtype=torch.long).expand(*lead, 1).clamp(0, k)
-    kth = top.gather(-1, (n - 1).clamp_min(0))  # (..., 1): the n-th largest value
-    above = (scores > kth) & (n > 0)
-    tie = (scores == kth) & (n > 0)
-    need = n - above.sum(-1, keepdim=True)
-    take = above | (tie & (tie.long().cumsum(-1) <= need))  # exactly n per row
-    slot = torch.where(take, take.long().cumsum(-1) - 1, k)  # output slot, k = discard
-    pos = torch.arange(length, device=dev).expand_as(scores)
-    idx = torch.full((*lead, k + 1), length - 1, dtype=torch.long, device=dev)
-    idx.scatter_(-1, slot, pos)
-    idx = idx[..., :k]
-    if counts is None:
-        return idx, None
-    valid = torch.arange(k, device=dev) < n
-    return idx, valid
+        # fast path: when no score at the k-th value is left out, the chosen set is unique and a
+        # plain float top-k finds it (one host sync for the check; the keys cost ~3x a top-k)
+        vals, ids = scores.topk(k, dim=-1, sorted=False)
+        kth = vals.amin(-1, keepdim=True)
+        if bool(((scores >= kth).sum(-1) == k).all()):
+            return ids.sort(-1).values, None
+        top = _order_keys(scores).topk(k, dim=-1, sorted=False).values
+        return ((length - 1) - (top & low)).sort(-1).values, None
+    top = _order_keys(scores).topk(k, dim=-1, sorted=True).values  # best first
+    n = counts.to(device=dev, dtype=torch.long).expand(*lead, 1).clamp(0, k)
+    taken = torch.arange(k, device=dev) < n
+    pos = torch.where(taken, (length - 1) - (top & low), length)  # not taken: sorts last
+    idx = pos.sort(-1).values.clamp_max(length - 1)
+    return idx, taken
 
 
 def indices_from_mask(mask: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
