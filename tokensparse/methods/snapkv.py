@@ -94,8 +94,8 @@ class SnapKV(Method):
         keep = torch.minimum(resolve_budget_rows(self.budget, real), real)
         w_rows = real.clamp(max=self.window)  # a prompt shorter than the window is all window
         n_top = (keep - w_rows).clamp_min(0)  # (B, 1)
-        if bool((keep >= real).all()) and not sparse_paths_forced():
-            return out
+        if bool((torch.maximum(keep, w_rows) >= real).all()) and not sparse_paths_forced():
+            return out  # the window always stays: nothing to evict
         length = call.k_len
         w = min(self.window, length)
         rank = call.key_rank  # (B, L), 0 on padding
