@@ -342,7 +342,17 @@ class KVCache(Cache):
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         n = config.num_hidden_layers
         cls = EvictingLayer if evicting else PreallocLayer
-        super().__init__(layers=[cls(capacity=capacity, headroom=headroom) for _ in range(n)])
+        layers = [cls(capacity=capacity, headroom=headroom) for _ in range(n)]
+        # transformers sizes each attention type's mask from the first layer of that type
+        # (``cache.is_sliding``): flag sliding layers, so that a global layer's mask is sized from a
+        # global layer (the ones that evict), never from a sliding one (which keeps every row here)
+        types = getattr(config, "layer_types", None)
+        for i, layer in enumerate(layers):
+            if types:
+                layer.is_sliding = types[i] == "sliding_attention"
+            else:
+                layer.is_sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+        super().__init__(layers=layers)
         self.evicting = evicting
 
     def bytes_held(self) -> int:

@@ -117,12 +117,19 @@ class AttentionCall:
 
         When an evicting cache holds empty rows (padding) or has evicted, physical rows no longer
         sit at the absolute positions transformers' mask assumes, so the engine rebuilds the mask
-        from the absolute token index of each row (``slots``): an old row is visible where it holds
+        from the absolute token index of each row (``slots``), also when transformers sized the mask
+        from another layer of the same type: an old row is visible where it holds
         a token and, on a sliding-window layer, where it lies inside the query's window; the
         call's own rows follow transformers' mask (exact for them: padding, causality, window).
         """
         ev = self.evicting
-        if ev is None or not (ev.evicted or ev.has_empty_rows):
+        foreign = self.hf_mask is not None and self.hf_mask.shape[-1] != self.k_len  # sized from another layer
+        if ev is None or not (ev.evicted or ev.has_empty_rows or foreign):
+            if foreign:
+                raise ValueError(
+                    f"layer {self.layer_idx}: transformers built a mask for {self.hf_mask.shape[-1]} keys, the cache "
+                    f"holds {self.k_len}; layers of one attention type must hold the same rows"
+                )
             return self.hf_mask
         b, lq, past = self.batch, self.q_len, self.past_len
         slots = ev.slots[:, :, :past]  # (B, Hkv, past) absolute token index, -1 = empty

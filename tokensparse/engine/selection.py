@@ -173,7 +173,7 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     ``L - 1 - position``, so among equal scores the earlier position has the larger key.
     """
     length = scores.shape[-1]
-    bits = scores.float().contiguous().view(torch.int32)
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0 (they tie)
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # sorts like the float values
     rev_pos = torch.arange(length - 1, -1, -1, device=scores.device, dtype=torch.int64)
     return (ordered.to(torch.int64) << 32) | rev_pos
@@ -202,6 +202,13 @@ def select_topk(
         idx = torch.empty(*lead, 0, dtype=torch.long, device=dev)
         return idx, (None if counts is None else torch.ones_like(idx, dtype=torch.bool))
     low = (1 << 32) - 1
+    if scores.dtype == torch.float64:  # wider than the keys hold: a stable sort gives the same order
+        best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+        if counts is None:
+            return best.sort(-1).values, None
+        n = counts.to(device=dev, dtype=torch.long).expand(*lead, 1).clamp(0, k)
+        taken = torch.arange(k, device=dev) < n
+        return torch.where(taken, best, length).sort(-1).values.clamp_max(length - 1), taken
     if counts is None:
         # fast path: when no score at the k-th value is left out, the chosen set is unique and a
         # plain float top-k finds it (one host sync for the check; the keys cost ~3x a top-k)

@@ -192,9 +192,10 @@ def _mark_padding(call: AttentionCall, attention_mask: torch.Tensor) -> None:
     window). Recording padding *before* the method runs lets eviction policies count sinks,
     windows and budgets over real tokens only.
     """
-    lq, past = call.q_len, call.past_len
+    lq = call.q_len
     i = torch.arange(lq, device=attention_mask.device)
-    real = attention_mask[:, :, i, past + i].any(1, keepdim=True)  # (B, 1, Lq)
+    # the call's own tokens are the mask's last Lq columns, whatever layer transformers sized it from
+    real = attention_mask[:, :, i, attention_mask.shape[-1] - lq + i].any(1, keepdim=True)  # (B, 1, Lq)
     if not bool(real[:, :, -1].all()):
         raise ValueError(
             "tokensparse supports left padding only: the last token of a row is padding (right padding). "

@@ -152,6 +152,7 @@ class TokenSparse(Method):
             scores = scores * cand_valid[:, None, :]
         keep = coverage_keep_count(scores, self.coverage, self.min_tokens, cand_valid)  # (B, 1)
         n_real_cand = (real - w).clamp_min(0)
+        keep = torch.maximum(keep, n_real_cand.clamp(max=self.sink_tokens))  # sinks come on top of coverage
         keep = torch.where(real <= self.min_tokens + self.window, n_real_cand, keep)  # short rows stay dense
         if not forced and bool((keep >= n_real_cand).all()):
             return None
@@ -167,9 +168,10 @@ class TokenSparse(Method):
         idx, idx_valid = select_topk(scores, int(keep.max()), keep[:, :, None])
         tail = torch.arange(n_cand, length, device=q.device).expand(*idx.shape[:2], w)
         idx = torch.cat([idx, tail], dim=-1)
-        if bool(idx_valid.all()):
-            return idx, None
-        return idx, torch.cat([idx_valid, torch.ones_like(tail, dtype=torch.bool)], dim=-1)
+        # the window's padding (a row with fewer real tokens than the window) is not a selected token
+        tail_valid = torch.ones_like(tail, dtype=torch.bool) if valid is None else valid[:, None, n_cand:].expand_as(tail)
+        idx_valid = torch.cat([idx_valid, tail_valid], dim=-1)
+        return idx, (None if bool(idx_valid.all()) else idx_valid)
 
     def forward(self, call) -> torch.Tensor:
         if call.kind != "prefill" or call.layer_idx not in call.session.state["token_sparse_layers"]:

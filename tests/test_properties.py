@@ -1,0 +1,566 @@
+"""Property-based tests (hypothesis) for every registered method and the selection helpers.
+
+For each method in ``ts.methods.names()`` (a config strategy per method is required: a new method
+without one fails :func:`test_every_method_has_a_strategy`), over random configs, prompt lengths
+1..64, batch 1 or a batch of 2 with left padding on row 0, prefill / generate / chunked prefill,
+on a tiny Llama and a tiny Qwen3 mixing sliding and global layers:
+
+1. a config either fails at construction with ``ValueError``/``TypeError`` or runs, and the logits
+   of every real (non-pad) position are finite;
+2. every selection the method reports to the telemetry hook respects the invariants of
+   :class:`~tokensparse.engine.telemetry.Selection` (indices in range, sorted, valid entries unique
+   and never padding) and the method's documented ones (sinks, windows, budgets), counted over each
+   row's real tokens;
+3. ``select_topk`` / ``topk_sorted`` / ``indices_from_mask`` equal a brute-force reference, ties
+   included.
+
+All tests are derandomized (the same examples on every run) and keep no example database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, fields
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+import tokensparse as ts
+from tokensparse.engine import Telemetry, exercise_sparse_paths
+from tokensparse.engine.selection import GQA_REDUCTIONS, indices_from_mask, select_topk, topk_sorted
+from tokensparse.testing import MODEL_VARIANTS, tiny_inputs, tiny_model
+
+SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+#: a global-attention model and one mixing sliding (layer 0, run dense by the engine) and global layers
+VARIANTS = ("llama", "qwen3-mixed-sw8")
+_MODELS: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster, and immune to a busy machine (2 threads spin-wait)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def model_for(variant: str):
+    if variant not in _MODELS:
+        family, overrides = MODEL_VARIANTS[variant]
+        _MODELS[variant] = tiny_model(family, **overrides)
+    return _MODELS[variant]
+
+
+# ---- config strategies, one per registered method ------------------------------------------------
+# Mostly valid configs sized for 1..64-token prompts; a few are invalid on purpose (they must fail at
+# construction with ValueError/TypeError). Budgets: an int, or a float share in (0, 1].
+
+SHARES = st.one_of(st.sampled_from([1.0, 0.5, 0.25, 0.1]), st.floats(0.01, 1.0))
+
+
+@st.composite
+def token_sparse_configs(draw):
+    return dict(
+        coverage=draw(st.one_of(st.sampled_from([0.0, 0.005, 0.3, 0.6, 0.95]), st.floats(0.0, 0.99))),
+        window=draw(st.integers(1, 16)),
+        pool_kernel=draw(st.integers(1, 7)),
+        min_tokens=draw(st.integers(0, 24)),
+        sink_tokens=draw(st.integers(0, 8)),
+        select_per=draw(st.sampled_from(["query_head", "kv_head"])),
+        gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)),
+        layers=draw(st.sampled_from(["all", "second_half", [0], [1], [0, 1]])),
+        drift_quantile=draw(st.floats(0.0, 1.0)),
+        score_chunk=draw(st.sampled_from([1, 3, 7, 8192])),  # small chunks take the two-pass path
+    )
+
+
+@st.composite
+def token_select_configs(draw):
+    n_sink = draw(st.integers(0, 6))
+    n_local = draw(st.integers(1, 10))
+    budget = draw(st.one_of(SHARES, st.integers(-1, 30).map(lambda extra: n_sink + n_local + extra)))
+    return dict(
+        budget=budget,
+        n_sink=n_sink,
+        n_local=n_local,
+        pool_kernel=draw(st.integers(0, 5)),
+        logit_scale=draw(st.sampled_from([1.0, None, 0.1])),
+        select_per=draw(st.sampled_from(["layer", "kv_head"])),
+        reuse_threshold=draw(st.sampled_from([None, -1.0, 0.5, 0.9, 1.0])),
+        impl=draw(st.sampled_from(["fast", "reference"])),
+    )
+
+
+@st.composite
+def snapkv_configs(draw):
+    window = draw(st.integers(1, 12))
+    budget = draw(st.one_of(SHARES, st.integers(-1, 40).map(lambda extra: window + extra)))
+    return dict(
+        budget=budget,
+        window=window,
+        pool_kernel=draw(st.integers(1, 7)),
+        pool=draw(st.sampled_from(["max", "avg"])),
+        gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)),
+        impl=draw(st.sampled_from(["fast", "reference"])),
+    )
+
+
+@st.composite
+def streaming_llm_configs(draw):
+    n_sink = draw(st.integers(0, 6))
+    budget = draw(st.one_of(SHARES, st.integers(0, 40).map(lambda extra: n_sink + extra)))
+    return dict(budget=budget, n_sink=n_sink)
+
+
+# ---- what a run records ----------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """One observed selection with the facts of its call (tensors detached, on the CPU)."""
+
+    call_kind: str
+    layer: int
+    q_len: int
+    k_len: int
+    n_kv_heads: int
+    key_valid: torch.Tensor  # (B, Lk) bool
+    key_rank: torch.Tensor  # (B, Lk) long, 1-based among real keys, 0 on padding
+    n_real: torch.Tensor  # (B,) long
+    kind: str
+    idx: torch.Tensor | None  # (B, H, n)
+    valid: torch.Tensor | None  # (B, H, n) bool, True everywhere when the method passed None
+    slots: torch.Tensor | None  # (B, Hkv, Lk) absolute token index of each cache row, -1 empty
+    seen: int | None  # tokens fed to the evicting cache so far (this call's included)
+
+
+class Recorder(Telemetry):
+    """Telemetry that also keeps every (call, selection) pair for the invariant checks."""
+
+    def __init__(self):
+        super().__init__(sample_queries=4)
+        self.seen: list[Record] = []
+
+    def observe(self, call, selection):
+        super().observe(call, selection)  # the real telemetry must cope with every selection too
+        b, lk = call.batch, call.k_len
+        kv = call.key_valid
+        kv = torch.ones(b, lk, dtype=torch.bool) if kv is None else kv.detach().cpu().clone()
+        idx = valid = None
+        if selection.idx is not None:
+            idx = selection.idx.detach().cpu().clone()
+            valid = torch.ones_like(idx, dtype=torch.bool) if selection.valid is None else selection.valid.detach().cpu().clone()
+        ev = call.evicting
+        self.seen.append(
+            Record(
+                call_kind=call.kind,
+                layer=call.layer_idx,
+                q_len=call.q_len,
+                k_len=lk,
+                n_kv_heads=call.n_kv_heads,
+                key_valid=kv,
+                key_rank=call.key_rank.detach().cpu().clone().expand(b, lk),
+                n_real=call.n_real.detach().cpu().flatten().clone(),
+                kind=selection.kind,
+                idx=idx,
+                valid=valid,
+                slots=None if ev is None else ev.slots.detach().cpu().clone(),
+                seen=None if ev is None else ev.seen,
+            )
+        )
+
+
+@dataclass
+class Scenario:
+    variant: str
+    batch: int
+    length: int
+    pad: int  # left pads on row 0
+    mode: str  # "prefill", "generate" or "chunked"
+    new_tokens: int
+    cut: int  # chunked: length of the first call
+    seed: int
+    forced: bool  # under exercise_sparse_paths()
+    stock_cache: bool  # non-eviction methods: transformers' DynamicCache instead of session.new_cache()
+
+    def pads(self) -> list[int]:
+        return [self.pad] + [0] * (self.batch - 1)
+
+    def first_call_real(self) -> list[int]:
+        """Real tokens per row in the first call (the first prefill)."""
+        first = self.cut if self.mode == "chunked" else self.length
+        return [first - p for p in self.pads()]
+
+
+@st.composite
+def scenarios(draw):
+    length = draw(st.integers(1, 64))
+    batch = draw(st.sampled_from([2, 2, 1]))
+    pad = draw(st.integers(0, length - 1)) if batch == 2 else 0
+    mode = draw(st.sampled_from(["prefill", "generate", "chunked"]))
+    cut = 0
+    if mode == "chunked":
+        if length - 1 >= pad + 1:  # the first call must end on a real token in every row
+            cut = draw(st.integers(pad + 1, length - 1))
+        else:
+            mode = "generate"
+    return Scenario(
+        variant=draw(st.sampled_from(VARIANTS)),
+        batch=batch,
+        length=length,
+        pad=pad,
+        mode=mode,
+        new_tokens=draw(st.integers(1, 3)),
+        cut=cut,
+        seed=draw(st.integers(0, 3)),
+        forced=draw(st.booleans()),
+        stock_cache=draw(st.booleans()),
+    )
+
+
+def _finite(logits: torch.Tensor, where: torch.Tensor | None, what: str) -> None:
+    x = logits if where is None else logits[where.bool()]
+    assert torch.isfinite(x).all(), f"non-finite logits at real positions ({what})"
+
+
+def run_scenario(method, sc: Scenario) -> Recorder:
+    """Run the scenario under ``method``; checks that real positions get finite logits."""
+    model = model_for(sc.variant)
+    ids, mask = tiny_inputs(sc.batch, sc.length, pad=sc.pad, seed=sc.seed)
+    rec = Recorder()
+    forced = exercise_sparse_paths() if sc.forced else contextlib.nullcontext()
+    with torch.no_grad(), forced, ts.sparsify(model, method, telemetry=rec) as session:
+        if method.needs_evicting_cache or not sc.stock_cache:
+            cache = session.new_cache()
+        else:
+            cache = DynamicCache(config=model.config)
+        if sc.mode == "prefill":
+            _finite(model(ids, attention_mask=mask, cache=cache).logits, mask, "prefill")
+        elif sc.mode == "generate":
+            out = model.generate(
+                ids, attention_mask=mask, cache=cache, max_new_tokens=sc.new_tokens, do_sample=False,
+                output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            )
+            _finite(torch.stack(out.logits, 1), None, "generate")
+        else:
+            c = sc.cut
+            _finite(model(ids[:, :c], attention_mask=mask[:, :c], cache=cache).logits, mask[:, :c], "first chunk")
+            logits = model(ids[:, c:], attention_mask=mask, cache=cache).logits
+            _finite(logits, None, "second chunk")
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            _finite(model(nxt, attention_mask=mask, cache=cache).logits, None, "decode after chunks")
+    return rec
+
+
+# ---- invariants --------------------------------------------------------------------------------------
+
+
+def _rows(r: Record):
+    """Per (row, head): the valid selected positions (1-D long tensor, as selected)."""
+    b, h, _ = r.idx.shape
+    for i in range(b):
+        for j in range(h):
+            yield i, j, r.idx[i, j][r.valid[i, j]]
+
+
+def _ranks(r: Record, i: int, pos: torch.Tensor) -> set[int]:
+    return set(r.key_rank[i, pos].tolist())
+
+
+def check_general(r: Record) -> None:
+    assert r.kind in ("dense", "rows", "keys"), r.kind
+    if r.kind == "dense":
+        return
+    idx, valid = r.idx, r.valid
+    assert idx.dtype == torch.long and idx.dim() == 3 and idx.shape[0] == r.key_valid.shape[0]
+    assert valid.shape == idx.shape and valid.dtype == torch.bool
+    if idx.numel():
+        assert int(idx.min()) >= 0 and int(idx.max()) < r.k_len, "index out of [0, k_len)"
+        assert bool((idx.diff(dim=-1) >= 0).all()), "indices not sorted"
+    if r.kind == "keys":  # causality: nothing past the last query's physical position
+        assert idx.numel() == 0 or int(idx.max()) <= r.k_len - 1
+    for i, j, pos in _rows(r):
+        assert bool((pos.diff() > 0).all()), f"duplicate valid entries in row {i}, head {j}: {pos.tolist()}"
+        assert bool(r.key_valid[i, pos].all()), f"row {i}, head {j} selects padding keys"
+        if r.slots is not None:  # an eviction: one row set per KV head, never an empty cache row
+            assert r.idx.shape[1] == r.slots.shape[1]
+            assert bool((r.slots[i, j, pos] >= 0).all()), f"row {i}, head {j} keeps empty cache rows"
+
+
+def _resolve(budget, total: int) -> int:
+    """Per-row budget as ``resolve_budget_rows`` documents it (a share rounds half to even)."""
+    if isinstance(budget, float):
+        return max(1, round(budget * total))
+    return int(budget)
+
+
+def check_token_sparse(m, r: Record, sc: Scenario) -> None:
+    if r.kind == "dense":
+        return
+    assert r.call_kind == "prefill" and r.kind == "rows"
+    n_cand = r.k_len - min(m.window, r.k_len)  # candidates [0, n_cand), then the window tail
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        got = _ranks(r, i, pos)
+        window = set(range(real - min(m.window, real) + 1, real + 1))
+        assert window <= got, f"row {i}, head {j}: last {m.window} real tokens not all kept"
+        sinks = set(range(1, min(m.sink_tokens, real) + 1))
+        assert sinks <= got, f"row {i}, head {j}: sink tokens {sorted(sinks - got)} dropped"
+
+
+def check_token_select(m, r: Record, sc: Scenario) -> None:
+    assert r.call_kind in ("decode", "chunk") and r.kind == "keys"
+    assert r.q_len <= m.n_local
+    # one set per layer, or per KV head (a single set still when no top-k token is chosen)
+    assert r.idx.shape[1] in ((1,) if m.select_per == "layer" else (1, r.n_kv_heads))
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        got = _ranks(r, i, pos)
+        assert set(range(1, min(m.n_sink, real) + 1)) <= got, f"row {i}: sinks missing"
+        assert set(range(real - min(m.n_local, real) + 1, real + 1)) <= got, f"row {i}: local window missing"
+        budget = _resolve(m.budget, real)
+        if budget >= m.n_sink + m.n_local:
+            assert len(pos) == min(budget, real), f"row {i}: {len(pos)} tokens for a budget of {budget} ({real} real)"
+        else:  # a share below sinks + window: the row attends to everything
+            assert len(pos) == real, f"row {i}: short budget {budget} must attend to all {real} tokens, got {len(pos)}"
+
+
+def check_snapkv(m, r: Record, sc: Scenario) -> None:
+    assert r.call_kind == "prefill" and r.kind == "keys" and r.slots is not None
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        keep = min(_resolve(m.budget, real), real)
+        w = min(m.window, real)
+        assert len(pos) == max(keep, w), f"row {i}, head {j}: kept {len(pos)}, expected {max(keep, w)}"
+        assert set(range(real - w + 1, real + 1)) <= _ranks(r, i, pos), f"row {i}, head {j}: window not kept"
+
+
+def check_streaming_llm(m, r: Record, sc: Scenario) -> None:
+    assert r.kind == "keys" and r.slots is not None
+    first = sc.first_call_real()
+    for i, j, pos in _rows(r):
+        keep = max(_resolve(m.budget, first[i]), m.n_sink + 1)
+        real_tokens = list(range(sc.pads()[i], r.seen))  # absolute indices of the row's real tokens so far
+        recent = max(0, len(real_tokens) - (keep - m.n_sink))
+        expected = set(real_tokens[: m.n_sink]) | set(real_tokens[recent:])
+        got = set(r.slots[i, j, pos].tolist())
+        assert len(pos) <= keep, f"row {i}, head {j}: {len(pos)} rows kept for a budget of {keep}"
+        assert got == expected, f"row {i}, head {j}: kept tokens {sorted(got)}, expected {sorted(expected)}"
+
+
+#: every registered method needs a config strategy and an invariant check (``None``: general only)
+METHODS = {
+    "token_sparse": (token_sparse_configs(), check_token_sparse),
+    "token_select": (token_select_configs(), check_token_select),
+    "snapkv": (snapkv_configs(), check_snapkv),
+    "streaming_llm": (streaming_llm_configs(), check_streaming_llm),
+}
+
+
+def test_every_method_has_a_strategy():
+    missing = sorted(set(ts.methods.names()) - set(METHODS))
+    assert not missing, f"add a config strategy and an invariant check to METHODS in {__file__} for: {missing}"
+    stale = sorted(set(METHODS) - set(ts.methods.names()))
+    assert not stale, f"METHODS names unregistered methods: {stale}"
+
+
+def _build(name: str, kwargs: dict):
+    try:
+        return ts.methods.get(name)(**kwargs)
+    except (ValueError, TypeError):
+        event("config refused at construction")
+        return None
+
+
+@pytest.mark.parametrize("name", ts.methods.names())
+@settings(max_examples=200, **SETTINGS)
+@given(data=st.data())
+def test_runs_finite_and_selections_respect_invariants(name, data):
+    if name not in METHODS:
+        pytest.fail(f"no config strategy for method {name!r}: add one to METHODS in {__file__}")
+    strategy, check = METHODS[name]
+    method = _build(name, data.draw(strategy, label="config"))
+    if method is None:
+        return
+    sc = data.draw(scenarios(), label="scenario")
+    rec = run_scenario(method, sc)
+    kinds = set()
+    for r in rec.seen:
+        check_general(r)
+        kinds.add(r.kind)
+        if check is not None:
+            check(method, r, sc)
+    event(f"selections: {sorted(kinds) or 'none'}")
+
+
+# ---- construction with adversarial values -------------------------------------------------------------
+
+#: (out-of-range layer indices are left out: they can only be refused when the model is known, at sparsify)
+ODD_VALUES = [-1, 0, 0.0, 1.5, 4.0, -0.5, 2.0, math.nan, math.inf, -math.inf, True, False, None, "x", "4", [0], (0, 1), []]
+
+
+@pytest.mark.parametrize("name", ts.methods.names())
+@settings(max_examples=80, **SETTINGS)
+@given(data=st.data())
+def test_construction_refuses_or_runs(name, data):
+    """A valid config with one or two fields set to an odd value (wrong type, out of range, NaN...):
+    ``ValueError``/``TypeError`` at construction, or it runs without any exception."""
+    if name not in METHODS:
+        pytest.fail(f"no config strategy for method {name!r}: add one to METHODS in {__file__}")
+    kwargs = dict(data.draw(METHODS[name][0], label="config"))
+    names = [f.name for f in fields(ts.methods.get(name))]
+    for field_name in data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True), label="odd fields"):
+        kwargs[field_name] = data.draw(st.sampled_from(ODD_VALUES), label=field_name)
+    method = _build(name, kwargs)
+    if method is None:
+        return
+    sc = data.draw(scenarios(), label="scenario")
+    try:
+        run_scenario(method, sc)
+    except Exception as e:  # noqa: BLE001 - the property is "no exception at all"
+        pytest.fail(f"{name}({kwargs}) constructs but fails at run time: {type(e).__name__}: {e}")
+
+
+# ---- selection helpers against a brute-force reference ------------------------------------------------
+
+TIED = st.sampled_from([0.0, -0.0, 0.5, 1.0])  # -0.0 == 0.0: a tie, broken by position
+#: ±inf as the methods use them (forced picks, exclusions)
+SCORES = st.one_of(TIED, st.sampled_from([-math.inf, math.inf, -1.0]), st.floats(-2, 2, width=32))
+#: fp64 scores, including values that differ only below fp32 precision
+WIDE = st.one_of(TIED, st.floats(-2, 2), st.sampled_from([1.0, 1.0 + 2.0**-40, 1.0 - 2.0**-40]))
+
+
+def _reference_topk(row: list[float], n: int) -> list[int]:
+    order = sorted(range(len(row)), key=lambda p: (-row[p], p))
+    return sorted(order[:n])
+
+
+@st.composite
+def score_tensors(draw, min_len=0):
+    b, h = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    length = draw(st.integers(min_len, 12))
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float64]))
+    elems = draw(st.sampled_from([TIED, SCORES] if dtype == torch.float32 else [TIED, WIDE]))
+    vals = draw(st.lists(elems, min_size=b * h * length, max_size=b * h * length))
+    return torch.tensor(vals, dtype=dtype).view(b, h, length)
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(data=st.data())
+def test_select_topk_matches_reference(data):
+    scores = data.draw(score_tensors())
+    b, h, length = scores.shape
+    k = data.draw(st.integers(0, length), label="k")
+    per = data.draw(st.sampled_from(["none", "row", "head"]), label="counts")
+    counts = None
+    if per != "none":
+        shape = (b, 1, 1) if per == "row" else (b, h, 1)
+        flat = data.draw(st.lists(st.integers(0, k), min_size=math.prod(shape), max_size=math.prod(shape)), label="n")
+        counts = torch.tensor(flat, dtype=torch.long).view(shape)
+    idx, valid = select_topk(scores, k, counts)
+    assert idx.shape == (b, h, k) and idx.dtype == torch.long
+    assert (valid is None) == (counts is None)
+    for i in range(b):
+        for j in range(h):
+            n = k if counts is None else int(counts.expand(b, h, 1)[i, j, 0])
+            want = _reference_topk(scores[i, j].tolist(), n) + [length - 1] * (k - n)
+            assert idx[i, j].tolist() == want, (scores[i, j].tolist(), k, n)
+            if valid is not None:
+                assert valid[i, j].tolist() == [True] * n + [False] * (k - n)
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(scores=score_tensors(), k=st.integers(0, 16))
+def test_topk_sorted_matches_reference(scores, k):
+    b, h, length = scores.shape
+    idx = topk_sorted(scores, k)
+    n = min(k, length)
+    assert idx.shape == (b, h, n)
+    for i in range(b):
+        for j in range(h):
+            assert idx[i, j].tolist() == _reference_topk(scores[i, j].tolist(), n)
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(data=st.data())
+def test_indices_from_mask_matches_reference(data):
+    b, h, length = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), data.draw(st.integers(0, 12))
+    flat = data.draw(st.lists(st.booleans(), min_size=b * h * length, max_size=b * h * length))
+    mask = torch.tensor(flat, dtype=torch.bool).view(b, h, length)
+    most = int(mask.sum(-1).max()) if mask.numel() else 0
+    k = data.draw(st.one_of(st.none(), st.integers(most, most + 3)), label="k")
+    idx, valid = indices_from_mask(mask, k)
+    width = most if k is None else k
+    assert idx.shape == valid.shape == (b, h, width)
+    for i in range(b):
+        for j in range(h):
+            pos = [p for p in range(length) if mask[i, j, p]]
+            assert idx[i, j].tolist() == pos + [length - 1] * (width - len(pos))
+            assert valid[i, j].tolist() == [True] * len(pos) + [False] * (width - len(pos))
+
+
+# ---- regressions: bugs these properties found, reproduced minimally ------------------------------------------------------
+
+
+def test_regression_mixed_sliding_eviction_mask():
+    model = model_for("qwen3-mixed-sw8")  # layer 0 sliding (never evicted), layer 1 global
+    method = ts.methods.get("streaming_llm")(budget=4, n_sink=1)
+    pad, cut = 7, 25
+    ids, mask = tiny_inputs(2, 30, pad=pad)
+    with torch.no_grad(), ts.sparsify(model, method) as s:
+        cache = s.new_cache()
+        model(ids[:, :cut], attention_mask=mask[:, :cut], cache=cache)  # 18 real tokens in row 0: evicts to 4
+        model(ids[:, cut:], attention_mask=mask, cache=cache)  # 5 more: row 0 should keep 7 (sink), 27, 28, 29
+        kept = cache.layers[1].slots[0, 0].tolist()
+        assert kept == [7, 27, 28, 29], f"row 0 keeps {kept}: real chunk tokens were marked as padding"
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        model(ids[:, -1:], attention_mask=mask, cache=cache)  # raised "right padding" ValueError
+
+
+def test_regression_token_sparse_window_marks_padding_valid():
+    model = model_for("llama")
+    ids, mask = tiny_inputs(2, 20, pad=17)  # row 0: 3 real tokens, window 8
+    rec = Recorder()
+    method = ts.methods.get("token_sparse")(coverage=0.3, window=8, min_tokens=2, layers="all")
+    with torch.no_grad(), ts.sparsify(model, method, telemetry=rec):
+        model(ids, attention_mask=mask)
+    assert rec.seen and all(r.kind == "rows" for r in rec.seen)
+    for r in rec.seen:
+        for i, j, pos in _rows(r):
+            assert bool(r.key_valid[i, pos].all()), f"layer {r.layer} row {i} head {j}: padding {pos.tolist()} marked valid"
+
+
+def test_regression_token_sparse_drops_sinks():
+    model = model_for("llama")
+    ids, _ = tiny_inputs(1, 32)
+    tel = Telemetry(keep_indices=True)
+    method = ts.methods.get("token_sparse")(coverage=0.9, window=4, min_tokens=0, sink_tokens=4, layers="all")
+    with torch.no_grad(), ts.sparsify(model, method, telemetry=tel):
+        model(ids)
+    assert tel.last_selection
+    for layer, idx in tel.last_selection.items():
+        assert set(range(4)) <= set(idx[0, 0].tolist()), f"layer {layer} keeps {idx[0, 0].tolist()}"
+
+
+def test_regression_topk_negative_zero():
+    idx, _ = select_topk(torch.tensor([[-0.0, 0.0]]), 1)
+    assert idx.tolist() == [[0]]
+
+
+def test_regression_topk_float64():
+    e = 2.0**-40
+    idx, _ = select_topk(torch.tensor([[1.0, 1.0 + e, 1.0 + e]], dtype=torch.float64), 1)
+    assert idx.tolist() == [[1]]
