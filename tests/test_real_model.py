@@ -19,7 +19,10 @@ CONFIGS = {
     "token_sparse": {"layers": list(range(20, 30)), "coverage": 0.05, "window": 16, "min_tokens": 256},
     "token_select": {"budget": 0.25, "n_sink": 64, "n_local": 128, "reuse_threshold": 0.8},
     "snapkv": {"budget": 0.5},
-    "streaming_llm": {"budget": 0.5},
+    # a share is fixed at the prompt's length (the cache stays bounded): at 0.5 the needle at depth
+    # 0.5 sits on the window's oldest edge and is evicted while the answer is generated (' 2515.'
+    # for '25150'; it passed before only because the share used to grow with every new token)
+    "streaming_llm": {"budget": 0.6},
 }
 
 
