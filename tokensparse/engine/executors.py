@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .selection import mask_from_indices
+
 
 def _expand_heads(mask: torch.Tensor | None, hq: int) -> torch.Tensor | None:
     """Broadcast a ``(B, 1|Hkv|Hq, Lq, Lk)`` mask to ``(B, Hq, Lq, Lk)`` (GQA-contiguous grouping)."""
@@ -133,8 +135,7 @@ def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str 
         raise ValueError(f"idx must have {hq} (query heads) or {hkv} (KV heads) heads, got {idx.shape[1]}")
     n = idx.shape[-1]
     if impl == "reference":
-        marks = torch.ones_like(idx) if valid is None else valid.long()
-        sel = torch.zeros(b, idx.shape[1], lk, dtype=torch.long, device=q.device).scatter_add_(2, idx, marks) > 0
+        sel = mask_from_indices(idx, lk, valid)
         sel = _expand_heads(sel[:, :, None, :], hq)[:, :, 0]  # (B, Hq, L)
         allowed = causal_mask(lq, lk, q.device)[None, None] & sel[:, :, None, :] & sel[:, :, :, None]
         if key_valid is not None:
@@ -206,11 +207,8 @@ def gather_attend(q, k, v, idx, scale=None, mask=None, impl: str = "fast"):
         raise ValueError(f"idx must have 1 or {hkv} heads, got {idx.shape[1]}")
     n = idx.shape[-1]
     if impl == "reference":
-        # scatter_add, not scatter: ``idx`` may repeat a position (padding entries of a selection)
-        full = torch.zeros(b, idx.shape[1], lq, lk, dtype=torch.long, device=q.device)
-        src = torch.ones(b, idx.shape[1], lq, n, dtype=torch.bool, device=q.device) if mask is None else mask.expand(b, idx.shape[1], lq, n)
-        full.scatter_add_(3, idx[:, :, None, :].expand(b, idx.shape[1], lq, n), src.long())
-        return reference_attention(q, k, v, full > 0, scale)
+        full = mask_from_indices(idx[:, :, None, :].expand(b, idx.shape[1], lq, n), lk, None if mask is None else mask.expand(b, idx.shape[1], lq, n))
+        return reference_attention(q, k, v, full, scale)
     if impl != "fast":
         raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
     if idx.shape[1] == 1:

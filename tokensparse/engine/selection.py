@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import Spec, check_value
+
 GQA_REDUCTIONS = ("mean", "max", "sum")
 
 
@@ -226,6 +228,15 @@ def select_topk(
     return idx, taken
 
 
+def mask_from_indices(idx: torch.Tensor, length: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``(..., length)`` bool, True at the positions ``idx (..., k)`` holds; the inverse of
+    :func:`indices_from_mask`. Entries with ``valid`` False are ignored (``scatter_add``, not
+    ``scatter``: a filler entry may repeat a selected position and must not clear it)."""
+    marks = torch.ones_like(idx) if valid is None else valid.long()
+    out = torch.zeros(*idx.shape[:-1], length, dtype=torch.long, device=idx.device)
+    return out.scatter_add_(-1, idx, marks) > 0
+
+
 def indices_from_mask(mask: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of the True entries of ``mask (..., L)``, ascending, padded to a common width.
 
@@ -262,11 +273,6 @@ def resolve_budget_rows(budget: int | float, totals: torch.Tensor) -> torch.Tens
 
 
 def validate_budget(name: str, budget) -> None:
-    """Reject booleans, non-positive counts and ratios outside (0, 1] with a clear message."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"{name} must be an int (tokens) or a float ratio in (0, 1], got {budget!r}")
-    if isinstance(budget, float):
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"{name} as a ratio must lie in (0, 1], got {budget}")
-    elif budget <= 0:
-        raise ValueError(f"{name} must be a positive number of tokens, got {budget}")
+    """Reject booleans, non-positive counts and ratios outside (0, 1] with a clear message (the
+    rule of a ``param(..., "budget")`` method field, for budgets that are not config fields)."""
+    check_value("budget", name, Spec("budget"), budget)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from transformers.masking_utils import sdpa_mask
 
 from ..models import check_supported
 from .cache import KVCache, consume_last_update
@@ -196,17 +197,18 @@ def _mark_padding(call: AttentionCall, attention_mask: torch.Tensor) -> None:
     i = torch.arange(lq, device=attention_mask.device)
     # the call's own tokens are the mask's last Lq columns, whatever layer transformers sized it from
     real = attention_mask[:, :, i, attention_mask.shape[-1] - lq + i].any(1, keepdim=True)  # (B, 1, Lq)
+    if bool(real.all()):  # the common case (e.g. decode steps of a padded batch): one host sync
+        return
     if not bool(real[:, :, -1].all()):
         raise ValueError(
             "tokensparse supports left padding only: the last token of a row is padding (right padding). "
             "Set tokenizer.padding_side = 'left'."
         )
     ev = call.evicting
-    if ev is not None and not bool(real.all()):
+    if ev is not None:
         empty = torch.zeros(call.batch, 1, ev.n, dtype=torch.bool, device=real.device)
         empty[:, :, ev.n - lq :] = ~real
         ev.mark_empty(empty)
-        call.__dict__.pop("mask", None)  # the mask depends on the empty rows: rebuild it lazily
 
 
 class UnsupportedCacheError(ValueError):
@@ -230,8 +232,6 @@ def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, **kwargs):
             "such as transformers' static cache (cache_implementation='static'). Pass cache=session.new_cache() "
             "(preallocated and written in place, the fastest cache here) or use the default dynamic cache."
         )
-    from transformers.masking_utils import sdpa_mask
-
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, **kwargs)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .executors import _expand_heads, causal_mask
-from .selection import _grouped_logits
+from .selection import _grouped_logits, mask_from_indices
 
 
 @dataclass
@@ -59,9 +59,7 @@ class Selection:
 
     def mask(self, length: int) -> torch.Tensor:
         """``(B, H, length)`` bool: the positions this selection holds (filler entries ignored)."""
-        marks = torch.ones_like(self.idx) if self.valid is None else self.valid.long()
-        shape = (*self.idx.shape[:2], length)
-        return torch.zeros(shape, dtype=torch.long, device=self.idx.device).scatter_add_(2, self.idx, marks) > 0
+        return mask_from_indices(self.idx, length, self.valid)
 
 
 class Telemetry:

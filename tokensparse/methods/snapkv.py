@@ -43,6 +43,7 @@ from ..engine.selection import (
     GQA_REDUCTIONS,
     aggregate_gqa,
     indices_from_mask,
+    mask_from_indices,
     pool1d,
     resolve_budget_rows,
     select_topk,
@@ -110,8 +111,7 @@ class SnapKV(Method):
             if valid is not None:
                 scores = scores.masked_fill(~valid[:, None, : length - w], -1.0)
             top, top_valid = select_topk(scores, k_max, n_top[:, :, None])
-            chosen = torch.zeros_like(scores, dtype=torch.long).scatter_add_(-1, top, top_valid.long())
-            keep_mask[..., : length - w] |= chosen > 0
+            keep_mask[..., : length - w] |= mask_from_indices(top, length - w, top_valid)
         idx, kept = indices_from_mask(keep_mask)
         call.session.observe(call, Selection.keys(idx, kept))
         cache.keep(idx, None if bool(kept.all()) else kept)

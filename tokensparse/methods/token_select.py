@@ -65,6 +65,7 @@ from ..engine.config import param
 from ..engine.selection import (
     grouped_dot,
     indices_from_mask,
+    mask_from_indices,
     pool1d,
     resolve_budget,
     resolve_budget_rows,
@@ -246,8 +247,7 @@ class TokenSelect(Method):
                 return select_topk(self._vote(call, q_fp, 0, length, cand), k_max, n_top[:, :, None])
 
             top, top_valid = self._select(call, ("rows", tuple(n_top.flatten().tolist())), fresh)
-            chosen = torch.zeros(*top.shape[:2], length, dtype=torch.long, device=top.device)
-            keep = keep | (chosen.scatter_add_(-1, top, top_valid.long()) > 0)
+            keep = keep | mask_from_indices(top, length, top_valid)
         idx, idx_valid = indices_from_mask(keep)  # (B, 1 | Hkv, n), sorted
         call.session.observe(call, Selection.keys(idx, idx_valid))
         qpos = torch.arange(length - lq, length, device=idx.device)
