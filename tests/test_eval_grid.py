@@ -15,19 +15,32 @@ SMALL = {
 }
 
 
+V2_TASKS = {"needle_number", "needle_uuid", "multikey", "multivalue", "multiquery", "vartrack", "long_answer"}
+
+
 def test_suites_load_and_are_sized():
-    assert {"smoke", "standard"} <= set(G.suite_names())
+    assert {"smoke", "standard", "standard-8k", "passkey"} <= set(G.suite_names())
     smoke = G.build_grid(G.load_suite("smoke"))
-    assert smoke.size() == (2, 16)
-    assert {t.task for t in smoke.tasks} == {"passkey"} and smoke.tasks[0].lengths == [512]
+    assert smoke.size() == (7, 56)
+    assert {t.task for t in smoke.tasks} == V2_TASKS and smoke.tasks[0].lengths == [512]
     methods = {m.name for m in smoke.methods}
     assert methods == {"dense", "token_sparse", "token_select", "snapkv", "streaming_llm"}
+    # v2: every task, 2K and 4K, >= 5 samples per cell, dense + 6 method runs per sample, eviction
+    # methods with the question inside and after, decode-path scores without a second prefill
     standard = G.build_grid(G.load_suite("standard"))
-    n_samples, n_runs = standard.size()
-    assert n_runs <= 100 and {m.name for m in standard.methods} == methods
-    assert {L for t in standard.tasks for L in t.lengths} == {2048, 4096, 7936}
+    assert {t.task for t in standard.tasks} == V2_TASKS and standard.samples >= 5
+    assert {L for t in standard.tasks for L in t.lengths} == {2048, 4096}
+    assert standard.size() == (70, 490) and {m.name for m in standard.methods} == methods
+    assert {m.placement for m in standard.methods if m.name == "snapkv"} == {"inside", "after"}
+    assert standard.answer_loglik and not standard.telemetry
+    eight = G.build_grid(G.load_suite("standard-8k"))
+    assert [m.label for m in eight.methods] == [m.label for m in standard.methods]
+    assert {L for t in eight.tasks for L in t.lengths} == {7936}
     # prompt (+2% tolerance) and the longest answer stay inside SmolLM2's 8192 positions
-    assert max(L for t in standard.tasks for L in t.lengths) * 1.02 + 64 < 8192
+    assert 7936 * 1.02 + 64 < 8192
+    # the v1 suite stays available as `passkey`
+    v1 = G.build_grid(G.load_suite("passkey"))
+    assert {t.task for t in v1.tasks} == {"passkey", "niah_multikey"} and v1.name == "passkey"
 
 
 def test_dense_first_union_of_placements_and_duplicates_dropped():
@@ -97,5 +110,5 @@ def test_load_config_errors(tmp_path):
     bad.write_text("{")
     with pytest.raises(G.ConfigError, match="not valid JSON"):
         G.load_config(bad)
-    with pytest.raises(G.ConfigError, match="unknown suite 'big'; built-in suites: smoke, standard"):
+    with pytest.raises(G.ConfigError, match="unknown suite 'big'; built-in suites: passkey, smoke, standard, standard-8k"):
         G.load_suite("big")

@@ -102,15 +102,16 @@ def test_answer_loglik_matches_hand_computation(model):
     prompt, answer = ids[:, :15], ids[:, 15:]
     lp = _hand_logprobs(model, ids)
     hand = sum(float(lp[p - 1, ids[0, p]]) for p in range(15, 20))
-    assert metrics.answer_loglik(model, prompt, answer) == pytest.approx(hand, abs=1e-4)
-    assert metrics.answer_loglik(model, prompt[0], answer[0]) == pytest.approx(hand, abs=1e-4)  # 1-D ids
+    for fn in (metrics.prefill_answer_loglik, metrics.answer_loglik):  # one forward / decode path: equal for dense
+        assert fn(model, prompt, answer) == pytest.approx(hand, abs=1e-4)
+        assert fn(model, prompt[0], answer[0]) == pytest.approx(hand, abs=1e-4)  # 1-D ids
+        with pytest.raises(ValueError, match=r"shape \(1, N\)"):
+            fn(model, torch.zeros(2, 3, dtype=torch.long), answer)
 
     def all_positions(input_ids, logits_to_keep=None, **kw):  # a model that ignores logits_to_keep
         return (model(input_ids=input_ids, **kw).logits,)
 
-    assert metrics.answer_loglik(all_positions, prompt, answer) == pytest.approx(hand, abs=1e-4)
-    with pytest.raises(ValueError, match=r"shape \(1, N\)"):
-        metrics.answer_loglik(model, torch.zeros(2, 3, dtype=torch.long), answer)
+    assert metrics.prefill_answer_loglik(all_positions, prompt, answer) == pytest.approx(hand, abs=1e-4)
 
 
 def test_perplexity_single_and_sliding_windows(model):

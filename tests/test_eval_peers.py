@@ -127,15 +127,27 @@ def test_worker_measures_without_autograd():
 
 def test_standard_suite_has_matched_kvpress_presses():
     std = G.build_grid(G.load_suite("standard"))
-    ts_budgets = {m.settings["budget"] for m in std.methods if m.name in ("snapkv", "streaming_llm")}
+    ts_runs = {(m.name, m.settings["budget"], m.placement) for m in std.methods if m.name in ("snapkv", "streaming_llm")}
     runs = std.peer_runs()
-    assert {r.press for r in runs} == {"dense", "snapkv", "streaming_llm", "expected_attention", "tova", "knorm"}
-    kept = {r.kv_kept_share for r in runs if r.press != "dense"}
-    assert ts_budgets <= kept and 0.5 in kept  # every tokensparse eviction budget has a kvpress match
-    assert {r.placement for r in runs if r.press != "dense"} == {"inside", "after"}
+    assert {r.press for r in runs} == {"dense", "snapkv", "streaming_llm"}
+    peer_runs = {(r.press, r.kv_kept_share, r.placement) for r in runs if r.press != "dense"}
+    assert ts_runs == peer_runs  # every tokensparse eviction run has a kvpress twin at the same kept share
+    assert all(p.lengths == [2048] for p in std.peers) and std.peer_size() == 35 * 4
     assert not std.skip_peers
     smoke = G.build_grid(G.load_suite("smoke"))
     assert smoke.peers == [] and smoke.peer_size() == 0
+    v1 = G.build_grid(G.load_suite("passkey"))
+    assert {r.press for r in v1.peer_runs()} == {"dense", "snapkv", "streaming_llm", "expected_attention", "tova", "knorm"}
+
+
+def test_peer_lengths_filter_and_errors():
+    base = {"tasks": [{"task": "passkey", "depths": [0.5]}], "lengths": [128, 256]}
+    g = G.build_grid({**base, "peers": [{"peer": "kvpress", "presses": [["snapkv", 0.5]], "lengths": [256],
+                                         "include_dense": False}]})
+    assert g.peer_size() == 1 and g.peers[0].lengths == [256]
+    for bad in ([], [0], "256", [True]):
+        with pytest.raises(G.ConfigError, match="lengths must be null or a non-empty list"):
+            G.build_grid({**base, "peers": [{"peer": "kvpress", "presses": [["snapkv", 0.5]], "lengths": bad}]})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_teacher_forced_pass_matches_answer_loglik(model, tok):
     sample = tasks.make_samples("passkey", tok, 160, depth=0.5)[0]
     ctx, q = encode_sample(tok, sample)
     ans = torch.tensor([tok(runner.answer_target(sample), add_special_tokens=False).input_ids])
-    expect = metrics.answer_loglik(model, torch.cat([ctx, q], 1), ans)
+    expect = metrics.prefill_answer_loglik(model, torch.cat([ctx, q], 1), ans)
     for placement in ("inside", "after"):
         ll, logits, n = runner.teacher_forced_answer(model, tok, sample, None, placement)
         assert n == ans.shape[1] == logits.shape[0] and logits.shape[1] == 256
@@ -169,7 +169,7 @@ def test_commands_dry_run_and_errors(capsys):
     args = _parser().parse_args(["eval", "--suite", "smoke", "--dry-run"])
     assert args.func(args) == 0  # never loads the model
     out = capsys.readouterr().out
-    assert "2 samples × 8 method runs = 16 runs" in out and "snapkv(budget=0.25) [after]" in out
+    assert "7 samples × 8 method runs = 56 runs" in out and "snapkv(budget=0.25) [after]" in out
     args = _parser().parse_args(["eval", "--suite", "smoke", "--set", "methods.0.method=nope", "--dry-run"])
     with pytest.raises(SystemExit, match="tokensparse eval: methods.0: unknown method 'nope'"):
         args.func(args)

@@ -1,8 +1,12 @@
 """Natural text shipped with tokensparse, for perplexity and natural-text haystacks.
 
-The only corpus is ``"kjv"``: the King James Bible (public domain), one verse per line in book order,
-chapters separated by a blank line, pure ASCII. It is stored gzipped at ``tokensparse/data/kjv.txt.gz``;
-``tokensparse/data/README.md`` gives its source, licence and the commands that produced it.
+Two public-domain corpora, both pure ASCII without digits (so numeric needles never collide with
+the text), stored gzipped in ``tokensparse/data/``; ``tokensparse/data/README.md`` gives their
+sources, licences and the commands that produced them:
+
+* ``"kjv"``: the King James Bible, one verse per line in book order, chapters separated by a blank line;
+* ``"devil"``: Ambrose Bierce's *The Devil's Dictionary* (1911), one sentence per line, entries
+  separated by a blank line (satirical prose definitions and verse: another register than the KJV).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import gzip
 from importlib import resources
 
 #: corpus name -> file inside the ``tokensparse/data`` folder
-CORPORA = {"kjv": "kjv.txt.gz"}
+CORPORA = {"kjv": "kjv.txt.gz", "devil": "devil.txt.gz"}
 
 
 def _check(name: str) -> str:
@@ -31,5 +35,6 @@ def load_corpus(name: str = "kjv") -> str:
 
 @functools.lru_cache(maxsize=None)
 def load_lines(name: str = "kjv") -> tuple[str, ...]:
-    """The non-empty lines of a corpus (for ``"kjv"``: the 31,102 verses, in order), cached."""
+    """The non-empty lines of a corpus (``"kjv"``: its 31,102 verses; ``"devil"``: its 4,010
+    sentences and headwords), in order, cached."""
     return tuple(line for line in load_corpus(name).splitlines() if line.strip())

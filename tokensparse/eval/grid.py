@@ -46,6 +46,7 @@ by the same scorer, their rows appended to the same results file. One entry per 
        "placements": ["inside", "after"],          # default: the grid's placements
        "include_dense": true,                      # the peer's own dense run at each placement
                                                    # (or at a list of placements; false: none)
+       "lengths": null,                            # only the samples of these lengths (null: all)
        "python": null,                             # the peer env's interpreter (default .venv-kvpress)
        "timeout_s": null}                          # per worker call; null: no limit
     ]
@@ -89,7 +90,7 @@ DEFAULTS: dict[str, Any] = {
 }
 TASK_KEYS = ("task", "lengths", "depths", "options")
 METHOD_KEYS = ("method", "configs", "placements")
-PEER_KEYS = ("peer", "presses", "compression_ratios", "placements", "include_dense", "python", "timeout_s")
+PEER_KEYS = ("peer", "presses", "compression_ratios", "placements", "include_dense", "lengths", "python", "timeout_s")
 DENSE = "dense"
 
 
@@ -248,6 +249,10 @@ class PeerSpec:
     runs: list[PeerRunSpec]
     python: str | None = None
     timeout_s: float | None = None
+    lengths: list[int] | None = None  # run only on the samples of these lengths (None: every sample)
+
+    def covers(self, sample: "SampleSpec") -> bool:
+        return self.lengths is None or sample.length in self.lengths
 
 
 @dataclass
@@ -308,8 +313,9 @@ class Grid:
         return [r for p in self.peers for r in p.runs]
 
     def peer_size(self) -> int:
-        """How many peer runs the grid holds (samples × peer run configurations)."""
-        return len(self.sample_specs()) * len(self.peer_runs())
+        """How many peer runs the grid holds (the samples each entry covers × its run configurations)."""
+        specs = self.sample_specs()
+        return sum(len(p.runs) * sum(p.covers(s) for s in specs) for p in self.peers)
 
 
 def _jsonable(value):
@@ -502,9 +508,13 @@ def _peer_spec(entry, default_placements: list[str], i: int) -> PeerSpec:
     if (DENSE, 0.0) in presses and not dense_placements:
         raise ConfigError(f"peers.{i}: 'dense' is listed in presses but include_dense is false")
     presses = [p for p in dict.fromkeys(presses) if p[0] != DENSE]  # dense runs follow include_dense
+    lengths = entry.get("lengths")
+    if lengths is not None and (not isinstance(lengths, list) or not lengths
+                                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths)):
+        raise ConfigError(f"peers.{i}.lengths must be null or a non-empty list of positive token counts, got {lengths!r}")
     runs = [PeerRunSpec(peer, DENSE, 0.0, p) for p in dense_placements]
     runs += [PeerRunSpec(peer, name, r, p) for p in placements for name, r in presses]
-    return PeerSpec(peer, runs, python, None if timeout is None else float(timeout))
+    return PeerSpec(peer, runs, python, None if timeout is None else float(timeout), lengths)
 
 
 def build_grid(config: dict) -> Grid:
@@ -553,8 +563,8 @@ def build_grid(config: dict) -> Grid:
     peers, seen = [], set()
     for i, entry in enumerate(cfg["peers"]):
         spec = _peer_spec(entry, placements, i)
-        spec.runs = [r for r in spec.runs if json.dumps([r.full_config(), r.placement]) not in seen]
-        seen |= {json.dumps([r.full_config(), r.placement]) for r in spec.runs}
+        spec.runs = [r for r in spec.runs if json.dumps([r.full_config(), r.placement, spec.lengths]) not in seen]
+        seen |= {json.dumps([r.full_config(), r.placement, spec.lengths]) for r in spec.runs}
         if spec.runs:
             peers.append(spec)
     return Grid(

@@ -10,6 +10,10 @@ Used by ``tokensparse demo`` and the benchmark scripts, so every method is measu
 * greedy decoding with a manual loop so prefill and per-token decode time are measured apart;
   exactly ``max_new_tokens`` steps are run (no early stop), so decode timings are comparable;
 * dense runs use the engine's preallocated :class:`tokensparse.KVCache` unless ``cache="dynamic"``;
+* ``teacher_ids`` (the gold answer's token ids) also scores the answer on the decode path
+  (:func:`tokensparse.eval.scoring.teacher_force`) from a copy of the cache and of the method's
+  per-layer state taken right after the timed prefill, so generation and scoring share one
+  prefill (the copy is made outside the timed regions);
 * ``measure=True`` also records the time spent inside attention (:func:`tokensparse.time_attention`,
   prefill seconds and decode ms/token, same split as the end-to-end times) and the process's peak
   resident memory over the run (:class:`tokensparse.eval.env.PeakMemory`).
@@ -17,6 +21,7 @@ Used by ``tokensparse demo`` and the benchmark scripts, so every method is measu
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -48,6 +53,8 @@ class RunResult:
     attention_prefill_s: float | None = None
     attention_decode_ms_per_token: float | None = None
     memory: dict[str, Any] | None = None
+    #: with ``teacher_ids``: the decode-path score of the gold answer (a ``scoring.AnswerScore``)
+    teacher: Any = None
 
 
 def kept_positions(cache) -> list[list[torch.Tensor]] | None:
@@ -99,11 +106,12 @@ def prefill(model, context_ids, question_ids, cache, placement: str = "inside"):
 
 @torch.no_grad()
 def greedy(model, context_ids, question_ids, *, session=None, placement: str = "inside",
-           max_new_tokens: int = 8, cache: str = "prealloc", timer=None):
+           max_new_tokens: int = 8, cache: str = "prealloc", timer=None, after_prefill=None):
     """Greedy decode; returns ``(new_token_ids, prefill_s, decode_s_list, cache)``.
 
     With ``timer`` (an :class:`tokensparse.engine.AttentionTimer` active on ``model``), its laps
     ``"prefill"`` and ``"decode"`` hold the attention time of the two timed regions.
+    ``after_prefill(cache, last_logits)`` is called between the two timed regions.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -115,6 +123,10 @@ def greedy(model, context_ids, question_ids, *, session=None, placement: str = "
     prefill_s = time.perf_counter() - t0
     if timer is not None:
         timer.lap("prefill")
+    if after_prefill is not None:
+        after_prefill(kv, logits[:, -1])
+        if timer is not None:
+            timer.reset()
     tok = logits[:, -1].argmax(-1, keepdim=True)
     out = [int(tok)]
     steps = []
@@ -131,26 +143,46 @@ def greedy(model, context_ids, question_ids, *, session=None, placement: str = "
 
 def run_sample(model, tokenizer, sample, method=None, *, placement: str = "inside",
                max_new_tokens: int | None = None, telemetry: bool = False, cache: str = "prealloc",
-               measure: bool = False) -> RunResult:
+               measure: bool = False, teacher_ids: torch.Tensor | None = None) -> RunResult:
     """Run ``sample`` densely (``method=None``) or with a method config; score by exact match of
     every gold answer in the generated text. ``telemetry`` fills ``telemetry`` with
     :meth:`tokensparse.Telemetry.report` (overall and per layer); ``measure`` adds attention-only
-    times and the peak memory of the run."""
+    times and the peak memory of the run; ``teacher_ids`` ``(1, A)`` fills ``teacher`` with the
+    decode-path score of those tokens from the same prefill (not with ``telemetry``, whose report
+    would then mix both passes)."""
     from .env import PeakMemory
+    from .scoring import teacher_force
 
+    if teacher_ids is not None and telemetry:
+        raise ValueError("teacher_ids and telemetry cannot be combined: the telemetry would count both passes")
     ctx, q = encode_sample(tokenizer, sample)
     n_new = max_new_tokens or sample.max_new_tokens
     mem = PeakMemory(next(model.parameters()).device).start() if measure else None
     ctxmgr = ts.sparsify(model, method, telemetry=telemetry) if method is not None else nullcontext()
     with ctxmgr as session:
+        snap: dict[str, Any] = {}
+
+        def keep(kv, last_logits):
+            snap["cache"] = kv.clone() if hasattr(kv, "clone") else copy.deepcopy(kv)
+            snap["logits"] = last_logits[0].detach().clone()
+            snap["scratch"] = [copy.deepcopy(layer.scratch) for layer in session.layers] if session else None
+
         with ts.time_attention(model) if measure else nullcontext() as timer:
             ids, prefill_s, steps, kv = greedy(
-                model, ctx, q, session=session, placement=placement, max_new_tokens=n_new, cache=cache, timer=timer
+                model, ctx, q, session=session, placement=placement, max_new_tokens=n_new, cache=cache, timer=timer,
+                after_prefill=keep if teacher_ids is not None else None,
             )
         stats = dict(session.stats) if session is not None else {}
         if session is not None and session.info:
             stats.update({f"info.{k}": v for k, v in session.info.items()})
         tele = session.telemetry.report() if (session is not None and session.telemetry) else None
+        teacher = None
+        if teacher_ids is not None:
+            if session is not None:  # the method's per-layer state as it was right after the prefill
+                for layer, saved in zip(session.layers, snap["scratch"]):
+                    layer.scratch.clear()
+                    layer.scratch.update(saved)
+            teacher = teacher_force(model, snap["cache"], snap["logits"], teacher_ids)
     attn_prefill = attn_decode = None
     if timer is not None:
         attn_prefill = timer.laps["prefill"][0]
@@ -171,4 +203,5 @@ def run_sample(model, tokenizer, sample, method=None, *, placement: str = "insid
         attention_prefill_s=attn_prefill,
         attention_decode_ms_per_token=attn_decode,
         memory=mem.stop() if mem is not None else None,
+        teacher=teacher,
     )

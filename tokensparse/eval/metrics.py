@@ -1,11 +1,17 @@
 """Metrics of the evaluation harness: answer matching, likelihoods, perplexity, logit fidelity,
 needle retention and memory. Pure functions; the model-facing ones only call ``model(...)``.
 
-The model-facing functions (:func:`answer_loglik`, :func:`perplexity`) run one plain forward call
-under ``torch.no_grad()``, so they measure whatever attention the model currently has: wrap the call
-in ``with ts.sparsify(model, method):`` to score a sparse method, and pass ``cache=`` (forwarded to
-``model(...)``) when the method needs its own cache object. They accept any callable returning an
-object with ``.logits`` (or a tuple whose first item is the logits) of shape ``(B, L, V)``.
+The model-facing functions (:func:`prefill_answer_loglik`, :func:`perplexity`) run one plain
+forward call under ``torch.no_grad()``, so they measure whatever attention the model currently has
+*in a prefill*: wrap the call in ``with ts.sparsify(model, method):`` to score a prefill-time method,
+and pass ``cache=`` (forwarded to ``model(...)``) when the method needs its own cache object. They
+accept any callable returning an object with ``.logits`` (or a tuple whose first item is the
+logits) of shape ``(B, L, V)``.
+
+Decode-time methods (TokenSelect, ...) never act in a prefill, and eviction methods (SnapKV, ...)
+evict only after one, so a one-forward score would silently be dense attention's:
+:func:`prefill_answer_loglik` refuses them. :func:`answer_loglik` is the decode-path scorer
+(:func:`tokensparse.eval.scoring.answer_loglik`): prefill, then the answer one token per step.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ __all__ = [
     "first_word_match",
     "score",
     "answer_loglik",
+    "prefill_answer_loglik",
     "perplexity",
     "logit_fidelity",
     "needle_retention",
@@ -117,16 +124,50 @@ def _device_of(model) -> torch.device | None:
         return None
 
 
-def answer_loglik(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, *, cache=None,
-                  **forward_kwargs) -> float:
-    """Teacher-forced ``sum_t log p(answer_t | prompt, answer_<t)`` in nats, from one forward over
-    ``prompt + answer``.
+def answer_loglik(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, *, method=None,
+                  question_ids: torch.Tensor | None = None, placement: str = "inside") -> float:
+    """Decode-path ``sum_t log p(answer_t | prompt, answer_<t)`` in nats: the prompt is prefilled
+    under ``method`` (or the model's current attention), then the answer is fed one token per step,
+    so decode-time and eviction methods act as they do when generating. The float of
+    :func:`tokensparse.eval.scoring.answer_loglik` (see there for ``question_ids`` / ``placement``;
+    it also returns per-token log-probabilities and the logits)."""
+    from .scoring import answer_loglik as decode_path
+
+    return decode_path(model, prompt_ids, answer_ids, method=method, question_ids=question_ids,
+                       placement=placement).loglik
+
+
+def _refuse_decode_methods(model) -> None:
+    try:
+        from .scoring import _active_session
+    except ImportError:  # pragma: no cover - metrics used without the engine
+        return
+    try:
+        session = _active_session(model)
+    except Exception:  # not a transformers model (a plain callable): nothing can be active on it
+        return
+    if session is not None and getattr(session.method, "phase", "prefill") in ("decode", "eviction"):
+        raise ValueError(
+            f"prefill_answer_loglik scores prompt + answer in one forward pass, where the active "
+            f"{session.method.phase}-time method {session.method.name!r} never acts (the number would be dense "
+            "attention's); use tokensparse.eval.metrics.answer_loglik (decode path) instead")
+
+
+def prefill_answer_loglik(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, *, cache=None,
+                          **forward_kwargs) -> float:
+    """Teacher-forced ``sum_t log p(answer_t | prompt, answer_<t)`` in nats, from ONE forward over
+    ``prompt + answer`` (prefill only: the answer tokens are queries of the same prefill).
+
+    Valid for dense attention and prefill-time methods; inside ``ts.sparsify`` with a decode-time or
+    eviction method it raises ``ValueError`` (those act only on decode steps / after the prefill, so
+    the number would be dense attention's): use :func:`answer_loglik` for them.
 
     ``prompt_ids`` is ``(1, L)`` with ``L >= 1``, ``answer_ids`` is ``(1, A)`` (1-D tensors are
     accepted too). Only the last ``A + 1`` positions' logits are requested (``logits_to_keep``);
     a model that ignores that and returns all positions works as well. ``cache`` is passed on as
     ``cache=`` (and turns ``use_cache`` on unless given); other keyword arguments go to ``model``.
     """
+    _refuse_decode_methods(model)
     prompt_ids, answer_ids = _as_2d(prompt_ids, "prompt_ids"), _as_2d(answer_ids, "answer_ids")
     L, A = prompt_ids.shape[1], answer_ids.shape[1]
     if L < 1 or A < 1:

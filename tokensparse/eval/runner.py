@@ -7,18 +7,21 @@ runs go first, then every method run, all through :func:`tokensparse.eval.harnes
 (greedy decoding, prefill and decode timed apart, question placement explicit).
 
 Per run, besides the generation, an optional *teacher-forced pass* (``answer_loglik`` in the grid)
-prefills the same prompt under the same method and placement, then feeds the gold answer one token
-at a time exactly as decoding would. It gives the answer's log-likelihood under the method and the
+scores the gold answer on the decode path (:mod:`tokensparse.eval.scoring`): the prompt prefilled
+under the same method and placement, then the gold answer fed one token at a time exactly as
+decoding would. It gives the answer's log-likelihood under the method (total and per token) and the
 logits over the answer positions, which are compared with the dense run's (KL and top-1
-agreement, :func:`metrics.logit_fidelity`). It costs one more prefill per run, so
-``loglik_max_length`` can turn it off for long prompts.
+agreement, :func:`metrics.logit_fidelity`). Without telemetry it shares the generation's prefill
+(the cache and the method's per-layer state are copied right after the timed prefill and the
+answer is fed from the copy), so it costs only its decode steps; ``loglik_max_length`` can turn it
+off for long prompts.
 
-The engine's telemetry (``telemetry`` in the grid) is recorded in that teacher-forced pass, never
-in the timed generation: its sampled-row statistics run inside the attention function and would be
-counted as the method's time. With telemetry on, sparse runs therefore always get the pass (its
-log-likelihood is kept only where ``answer_loglik`` and ``loglik_max_length`` allow). Before the
-first run, one short untimed dense generation warms the process up (allocator, kernels), so the
-first sample's dense timings are not inflated.
+The engine's telemetry (``telemetry`` in the grid) is recorded in a separate teacher-forced pass with
+its own prefill, never in the timed generation: its sampled-row statistics run inside the attention
+function and would be counted as the method's time. With telemetry on, sparse runs therefore always
+get that pass (its log-likelihood is kept only where ``answer_loglik`` and ``loglik_max_length``
+allow). Before the first run, one short untimed dense generation warms the process up (allocator,
+kernels), so the first sample's dense timings are not inflated.
 
 Row fields: ``key`` (hash of what identifies the run: model, task, options, length, requested depth,
 seed, index, placement, full method config, max_new_tokens), ``suite``, ``run_id``, ``time``,
@@ -32,7 +35,8 @@ memory of the generation run: ``{"peak_rss_bytes", "rss_start_bytes", "scope"}``
 :class:`tokensparse.eval.env.PeakMemory`), ``kv_bytes``, ``stats``, ``telemetry`` (sparse runs:
 ``{"density", "mass", "error", "layers_observed", "per_layer"}`` from
 :meth:`tokensparse.Telemetry.report`, ``error`` being the relative error of the attention output on
-sampled query rows, recorded in the teacher-forced pass; null for dense), ``answer_loglik`` (nats) with ``answer_tokens`` and ``loglik_target``, ``fidelity``
+sampled query rows, recorded in the teacher-forced pass; null for dense), ``answer_loglik`` (nats) with ``answer_tokens``, ``loglik_target`` and ``answer_token_logprobs`` (one
+per answer token, so losses can be read by answer position), ``fidelity``
 (``{"kl", "kl_max", "top1", "positions"}`` against dense, or null), ``loadavg``, ``env``
 (versions, git commit, torch threads, hardware, command). A failed run has ``error`` instead of
 the results; it is not counted as done, so a rerun retries it.
@@ -67,10 +71,11 @@ import torch
 
 import tokensparse as ts
 
-from . import metrics, tasks
+from . import metrics, scoring, tasks
 from .env import environment, loadavg
 from .grid import DENSE, Grid, MethodSpec, PeerRunSpec, PeerSpec, SampleSpec
-from .harness import encode_sample, greedy, prefill, run_sample
+from .harness import encode_sample, greedy, run_sample
+from .scoring import answer_target
 from .peers import kvpress as kvpress_peer
 from .peers import rows as peer_rows
 
@@ -141,43 +146,16 @@ def _append(path: Path, row: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# the teacher-forced pass
+# the teacher-forced pass (public: tokensparse.eval.scoring)
 
 
-def answer_target(sample) -> str:
-    """The text whose likelihood is scored: the gold answers after a space, comma-separated."""
-    return " " + ", ".join(sample.answers)
-
-
-@torch.no_grad()
 def teacher_forced_answer(model, tokenizer, sample, method=None, placement: str = "inside",
                           target: str | None = None, telemetry: "ts.Telemetry | None" = None
                           ) -> tuple[float, torch.Tensor, int]:
-    """``(log p(target | prompt) in nats, logits (A, V) predicting each target token, A)``.
-
-    The prompt is prefilled as :func:`harness.greedy` does for ``placement`` (under ``method``,
-    with the cache its session provides), then the target is fed one token per step, so decode-time
-    and eviction methods see it exactly as they see generated tokens. For dense attention this
-    equals :func:`metrics.answer_loglik` on ``prompt + target``. A :class:`tokensparse.Telemetry`
-    passed as ``telemetry`` records the method's calls of this pass (prefill and answer steps).
-    """
-    ctx, q = encode_sample(tokenizer, sample)
-    target = answer_target(sample) if target is None else target
-    ans = torch.tensor([tokenizer(target, add_special_tokens=False).input_ids])
-    if ans.shape[1] == 0:
-        raise ValueError(f"the answer target {target!r} has no tokens")
-    dev = next(model.parameters()).device
-    ctxmgr = ts.sparsify(model, method, telemetry=telemetry or False) if method is not None else nullcontext()
-    with ctxmgr as session:
-        kv = session.new_cache() if session is not None else ts.KVCache(model)
-        out = prefill(model, ctx, q, kv, placement)
-        rows = [out.logits[0, -1].float()]
-        for tok in ans[0, :-1]:
-            out = model(input_ids=tok.view(1, 1).to(dev), cache=kv, use_cache=True)
-            rows.append(out.logits[0, -1].float())
-    logits = torch.stack(rows)  # (A, V)
-    logp = torch.log_softmax(logits, -1).gather(-1, ans[0, :, None].to(logits.device))
-    return float(logp.sum()), logits.cpu(), int(ans.shape[1])
+    """``(log p(target | prompt) in nats, logits (A, V), A)`` on the decode path: a tuple view of
+    :func:`tokensparse.eval.scoring.score_sample` (kept for callers of the runner)."""
+    r = scoring.score_sample(model, tokenizer, sample, method, placement, target, telemetry)
+    return r.loglik, r.logits, r.tokens
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,11 +194,19 @@ def needle_retention_of(result, sample, tokenizer) -> dict | None:
 def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: torch.Tensor | None = None):
     """Measure one (sample, method, placement); returns ``(result fields, teacher-forced logits or None)``."""
     method = spec.build()
-    # timed generation without telemetry: its sampled-row statistics would be timed with the method
-    # (and TokenSelect would also build the full key-index tensor it otherwise skips on its segmented
-    # decode path, only to report it)
+    want_ll = grid.answer_loglik and (grid.loglik_max_length is None or
+                                      _prompt_tokens(tokenizer, sample) <= grid.loglik_max_length)
+    tele = ts.Telemetry() if grid.telemetry and method is not None else None
+    target = answer_target(sample)
+    # Without telemetry, the generation and the decode-path score share one prefill (the cache and
+    # the method's state are copied after it, outside the timed regions). With telemetry, the score
+    # gets its own prefill: the telemetry must not run inside the timed generation (its sampled-row
+    # statistics would be timed with the method, and TokenSelect would build the full key-index
+    # tensor it otherwise skips on its segmented decode path, only to report it).
+    shared = want_ll and tele is None
+    teacher_ids = torch.tensor([tokenizer(target, add_special_tokens=False).input_ids]) if shared else None
     r = run_sample(model, tokenizer, sample, method, placement=spec.placement,
-                   max_new_tokens=grid.max_new_tokens, measure=True)
+                   max_new_tokens=grid.max_new_tokens, measure=True, teacher_ids=teacher_ids)
     metric = sample.metadata.get("metric", "all")
     score = metrics.score(r.prediction, sample.answers, metric)
     depths = sample.metadata.get("needle_depths")
@@ -232,24 +218,27 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
         "attention_prefill_s": r.attention_prefill_s, "attention_decode_ms_per_token": r.attention_decode_ms_per_token,
         "memory": r.memory, "kv_bytes": r.kv_bytes,
         "stats": dict(r.stats), "telemetry": r.telemetry,
-        "answer_loglik": None, "answer_tokens": None, "loglik_target": None, "fidelity": None,
-        "needle_retention": needle_retention_of(r, sample, tokenizer),
+        "answer_loglik": None, "answer_tokens": None, "loglik_target": None, "answer_token_logprobs": None,
+        "fidelity": None, "needle_retention": needle_retention_of(r, sample, tokenizer),
     }
-    logits = None
-    want_ll = grid.answer_loglik and (grid.loglik_max_length is None or r.prompt_tokens <= grid.loglik_max_length)
-    tele = ts.Telemetry() if grid.telemetry and method is not None else None
-    if want_ll or tele is not None:
-        target = answer_target(sample)
-        ll, logits, n = teacher_forced_answer(model, tokenizer, sample, method, spec.placement, target, telemetry=tele)
+    scored = r.teacher
+    if scored is None and (want_ll or tele is not None):
+        scored = scoring.score_sample(model, tokenizer, sample, method, spec.placement, target, telemetry=tele)
         if tele is not None:
             fields["telemetry"] = tele.report()
-        if want_ll:
-            fields.update(answer_loglik=ll, answer_tokens=n, loglik_target=target)
-            if reference is not None and method is not None:
-                fields["fidelity"] = metrics.logit_fidelity(reference, logits)
-        else:
-            logits = None
+    logits = None
+    if want_ll and scored is not None:
+        logits = scored.logits
+        fields.update(answer_loglik=scored.loglik, answer_tokens=scored.tokens, loglik_target=target,
+                      answer_token_logprobs=[round(float(x), 5) for x in scored.token_logprobs])
+        if reference is not None and method is not None:
+            fields["fidelity"] = metrics.logit_fidelity(reference, logits)
     return fields, logits
+
+
+def _prompt_tokens(tokenizer, sample) -> int:
+    ctx, q = encode_sample(tokenizer, sample)
+    return int(ctx.shape[1] + q.shape[1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,6 +391,8 @@ def _peer_plan(grid: Grid, minfo: dict, done: set[str]):
             runs = [(r, r.full_config()) for r in pspec.runs if r.placement == placement]
             todo = []
             for sspec in sspecs:
+                if not pspec.covers(sspec):
+                    continue
                 cells = [(r, c, row_key(minfo, sspec, r, c, grid.max_new_tokens)) for r, c in runs]
                 total += len(cells)
                 cells = [cell for cell in cells if cell[2] not in done]

@@ -406,7 +406,12 @@ def passkey(tokenizer, length: int, *, seed: int = 0, index: int = 0, depth: flo
 # --------------------------------------------------------------------------------------------------
 # RULER needle-in-a-haystack family
 
-_VALUE_TYPES = {"number": ("number", "numbers"), "uuid": ("uuid", "uuids")}
+_VALUE_TYPES = {"number": ("number", "numbers"), "uuid": ("uuid", "uuids"), "phrase": ("phrase", "phrases")}
+
+#: words per ``"phrase"`` value, and the fewest answer tokens one must take (more words are added
+#: until it does, so a long-answer sample always needs >= this many decode steps to answer)
+PHRASE_WORDS = 12
+PHRASE_MIN_TOKENS = 16
 
 
 def _make_value(kind: str) -> Callable[[random.Random], str]:
@@ -414,6 +419,9 @@ def _make_value(kind: str) -> Callable[[random.Random], str]:
         return lambda r: str(r.randint(1_000_000, 9_999_999))
     if kind == "uuid":
         return lambda r: str(uuid.UUID(int=r.getrandbits(128), version=4))
+    if kind == "phrase":
+        vocab = _corpus_vocab()
+        return lambda r: " ".join(r.choice(vocab) for _ in range(PHRASE_WORDS))
     raise ValueError(f"unknown value type {kind!r}; use one of {sorted(_VALUE_TYPES)}")
 
 
@@ -429,26 +437,47 @@ def _join_keys(keys: Sequence[str]) -> str:
     return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
 
 
-def _make_haystack(kind: str, rng: random.Random):
+#: natural-text haystacks: name -> corpus (``"essay"`` is the historical name of the KJV one);
+#: ``"natural"`` alternates the shipped corpora by sample index (even: KJV, odd: Devil's Dictionary)
+NATURAL_HAYSTACKS = {"essay": "kjv", "kjv": "kjv", "devil": "devil"}
+_NATURAL_ROTATION = ("kjv", "devil")
+
+
+def _haystack_corpus(kind: str, index: int) -> str | None:
+    """The corpus a haystack kind reads (``None`` for the synthetic ones)."""
+    if kind == "natural":
+        return _NATURAL_ROTATION[index % len(_NATURAL_ROTATION)]
+    return NATURAL_HAYSTACKS.get(kind)
+
+
+def _make_haystack(kind: str, rng: random.Random, index: int = 0):
     if kind == "noise":
         return _Noise()
-    if kind == "essay":
-        return _Essay(rng)
-    raise ValueError(f"unknown haystack {kind!r}; use 'noise' or 'essay' (or 'needle' for multikey)")
+    corpus = _haystack_corpus(kind, index)
+    if corpus is not None:
+        return _Essay(rng, corpus)
+    raise ValueError(f"unknown haystack {kind!r}; use 'noise', 'natural', 'kjv', 'devil' or 'essay' "
+                     "(or 'needle' for the NIAH tasks)")
 
 
 def niah(tokenizer, length: int, *, seed: int = 0, index: int = 0, depth: float | None = None,
          task: str = "niah_single", haystack: str = "noise", value_type: str = "number",
-         key_type: str = "word", num_keys: int = 1, num_values: int = 1, num_queries: int = 1) -> Sample:
+         key_type: str = "word", num_keys: int = 1, num_values: int = 1, num_queries: int = 1,
+         own_line: bool = False) -> Sample:
     """RULER's NIAH family in one generator.
 
     ``num_keys`` keys are hidden, each with ``num_values`` distinct values, one needle sentence
     per (key, value); the question asks for every value of the first ``num_queries`` keys. So
     single = (1, 1, 1), multikey = (4, 1, 1), multivalue = (1, 4, 1), multiquery = (4, 1, 4).
     Needles of the other keys are distractors. ``haystack``: ``"noise"`` (the repeated filler),
-    ``"essay"`` (KJV text) or ``"needle"`` (the haystack is itself made of distractor needles with
-    fresh keys, RULER's MK-NIAH-2/3). Every key and value is distinct and each value occurs exactly
-    once in the context. ``depth`` places the first gold needle; the others go at random depths.
+    natural text (``"kjv"`` / ``"essay"``, ``"devil"``, or ``"natural"``: KJV for even sample
+    indices, the Devil's Dictionary for odd ones) or ``"needle"`` (the haystack is itself made of
+    distractor needles with fresh keys, RULER's MK-NIAH-2/3). Every key and value is distinct and
+    each value occurs exactly once in the context. ``depth`` places the first gold needle; the
+    others go at random depths. ``value_type``: ``"number"`` (7 digits), ``"uuid"`` or ``"phrase"``
+    (:data:`PHRASE_WORDS` corpus words, lengthened until the gold phrase takes at least
+    :data:`PHRASE_MIN_TOKENS` tokens: the long-answer task, whose every answer token must be
+    retrieved again at decode time).
     """
     _check_depth(depth)
     if value_type not in _VALUE_TYPES:
@@ -469,11 +498,23 @@ def niah(tokenizer, length: int, *, seed: int = 0, index: int = 0, depth: float 
                 used.add(x)
                 return x
 
+    if value_type == "phrase":
+        base_make = make_value
+
+        def make_value(r: random.Random) -> str:
+            v = base_make(r)
+            vocab = _corpus_vocab()
+            while count_tokens(tokenizer, " " + v) - 1 < PHRASE_MIN_TOKENS:  # (-1: the leading space's share)
+                v += " " + r.choice(vocab)
+            return v
+
     keys = [fresh(make_key) for _ in range(num_keys)]
     values = {k: [fresh(make_value) for _ in range(num_values)] for k in keys}
     queried = keys[:num_queries]
 
     def render(k: str, v: str) -> str:
+        if own_line:
+            return f"\nOne special magic {singular} for {k} is: {v}.\n"
         return f" One special magic {singular} for {k} is: {v}."
 
     gold = [(k, v) for k in queried for v in values[k]]
@@ -503,7 +544,7 @@ def niah(tokenizer, length: int, *, seed: int = 0, index: int = 0, depth: float 
         per = round(count_tokens(tokenizer, render(make_key(random.Random(0)), make_value(random.Random(1)))) / sentence)
         hay = _NeedleHaystack(pool, lambda kv: render(*kv), per)
     else:
-        hay = _make_haystack(haystack, rng)
+        hay = _make_haystack(haystack, rng, index)
 
     header = (
         f"A long text follows. Hidden in it are some special magic {plural}; "
@@ -533,6 +574,7 @@ def niah(tokenizer, length: int, *, seed: int = 0, index: int = 0, depth: float 
         "values": {k: list(v) for k, v in values.items()},
         "distractors": [list(p) for p in distractors],
         "haystack": haystack,
+        "corpus": _haystack_corpus(haystack, index),
         "value_type": value_type,
         "key_type": key_type,
         "prompt_tokens": tokens,
@@ -557,7 +599,7 @@ def _var_name(r: random.Random) -> str:
 
 def variable_tracking(tokenizer, length: int, *, seed: int = 0, index: int = 0, depth: float | None = None,
                       task: str = "variable_tracking", num_chains: int = 1, num_hops: int = 4,
-                      haystack: str = "noise") -> Sample:
+                      haystack: str = "noise", own_line: bool = False) -> Sample:
     """RULER's variable tracking: a chain ``VAR A = 12345``, ``VAR B = VAR A``, ... (``num_hops``
     hops, so ``num_hops + 1`` variables) hidden in order in the haystack, plus ``num_chains - 1``
     distractor chains with other values; the answer is every variable of the first chain.
@@ -591,10 +633,11 @@ def variable_tracking(tokenizer, length: int, *, seed: int = 0, index: int = 0, 
             ds = [depth] + sorted(depth + (1.0 - depth) * rng.random() for _ in range(num_hops))
         else:
             ds = sorted(rng.random() for _ in range(num_hops + 1))
-        needles.append((f" VAR {chain[0]} = {value}.", ds[0]))
+        lead, tail = ("\n", "\n") if own_line else (" ", "")
+        needles.append((f"{lead}VAR {chain[0]} = {value}.{tail}", ds[0]))
         for h in range(1, num_hops + 1):
-            needles.append((f" VAR {chain[h]} = VAR {chain[h - 1]}.", ds[h]))
-    hay = _make_haystack(haystack, rng)
+            needles.append((f"{lead}VAR {chain[h]} = VAR {chain[h - 1]}.{tail}", ds[h]))
+    hay = _make_haystack(haystack, rng, index)
     header = "Memorize and track the chains of variable assignments hidden in the following text.\n"
     value = chain_values[0]
     question = f"\nQuestion: Find all variables that are assigned the value {value} in the text above."
@@ -616,6 +659,7 @@ def variable_tracking(tokenizer, length: int, *, seed: int = 0, index: int = 0, 
         depth=needles[0][1],
         metadata={"needle_spans": spans[:k], "distractor_spans": spans[k:], "needle_depths": depths[:k],
                   "chains": chains, "chain_values": chain_values, "value": value, "haystack": haystack,
+                  "corpus": _haystack_corpus(haystack, index),
                   "prompt_tokens": tokens, "metric": "all"},
     )
 
@@ -831,6 +875,17 @@ TASKS: dict[str, Callable[..., Sample]] = {
     "niah_multivalue": functools.partial(niah, task="niah_multivalue", haystack="essay", num_values=4),
     "niah_multiquery": functools.partial(niah, task="niah_multiquery", haystack="essay", num_keys=4, num_queries=4),
     "variable_tracking": variable_tracking,
+    # the standard suite's tasks (v2): natural-text haystacks from both shipped corpora (alternating
+    # by sample index), distractors, several answers, long answers
+    "needle_number": functools.partial(niah, task="needle_number", haystack="natural", value_type="number"),
+    "needle_uuid": functools.partial(niah, task="needle_uuid", haystack="natural", value_type="uuid"),
+    "multikey": functools.partial(niah, task="multikey", haystack="natural", num_keys=4),
+    "multivalue": functools.partial(niah, task="multivalue", haystack="natural", num_values=4),
+    "multiquery": functools.partial(niah, task="multiquery", haystack="natural", num_keys=4, num_queries=4),
+    "vartrack": functools.partial(variable_tracking, task="vartrack", haystack="natural", num_chains=2,
+                                  num_hops=2),
+    "long_answer": functools.partial(niah, task="long_answer", haystack="natural", value_type="phrase",
+                                     num_keys=2),
     "common_words": common_words,
     "frequent_words": frequent_words,
     "letter_count": letter_count,
@@ -839,7 +894,11 @@ TASKS: dict[str, Callable[..., Sample]] = {
 
 
 #: tasks whose ``depth`` argument places a needle (the others ignore it)
-DEPTH_TASKS = frozenset(name for name in TASKS if name == "passkey" or name.startswith("niah") or name == "variable_tracking")
+DEPTH_TASKS = frozenset(
+    name for name in TASKS
+    if name == "passkey" or name.startswith("niah") or name in ("variable_tracking", "vartrack", "needle_number",
+                                                                  "needle_uuid", "multikey", "multivalue",
+                                                                  "multiquery", "long_answer"))
 
 
 def make_samples(task: str, tokenizer, length: int, n: int = 1, seed: int = 0, depth: float | None = None,
