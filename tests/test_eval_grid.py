@@ -21,7 +21,7 @@ V2_TASKS = {"needle_number", "needle_uuid", "multikey", "multivalue", "multiquer
 def test_suites_load_and_are_sized():
     assert {"smoke", "standard", "standard-8k", "passkey"} <= set(G.suite_names())
     smoke = G.build_grid(G.load_suite("smoke"))
-    assert smoke.size() == (7, 56)
+    assert smoke.size() == (7, 42)
     assert {t.task for t in smoke.tasks} == V2_TASKS and smoke.tasks[0].lengths == [512]
     methods = {m.name for m in smoke.methods}
     assert methods == {"dense", "token_sparse", "token_select", "snapkv", "streaming_llm"}

@@ -169,7 +169,7 @@ def test_commands_dry_run_and_errors(capsys):
     args = _parser().parse_args(["eval", "--suite", "smoke", "--dry-run"])
     assert args.func(args) == 0  # never loads the model
     out = capsys.readouterr().out
-    assert "7 samples × 8 method runs = 56 runs" in out and "snapkv(budget=0.25) [after]" in out
+    assert "7 samples × 6 method runs = 42 runs" in out and "snapkv(budget=0.25) [after]" in out
     args = _parser().parse_args(["eval", "--suite", "smoke", "--set", "methods.0.method=nope", "--dry-run"])
     with pytest.raises(SystemExit, match="tokensparse eval: methods.0: unknown method 'nope'"):
         args.func(args)

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import stats as stats_lib
 from .harness import PLACEMENTS
 from .runner import read_rows
 
@@ -449,6 +450,83 @@ def matched_budget_table(groups: list[Group]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: paired log-likelihood differences smaller than this (nats) are ties: the decode path at full budget
+#: is equal to dense only up to floating-point summation order
+LOGLIK_TIE_NATS = 1e-3
+
+
+def paired_tests(rows: list[dict], groups: list[Group]) -> list[dict]:
+    """Per non-dense group, over all its tasks and per task: :func:`stats.paired` of the accuracy
+    and answer log-likelihood differences against dense on the same samples."""
+    dense_of = pair_with_dense(rows)
+    out = []
+    for g in groups:
+        if g.is_dense:
+            continue
+        tasks = sorted({r["task"] for r in g.rows})
+        for task in [None, *tasks]:
+            rs = [r for r in g.rows if (task is None or r["task"] == task) and id(r) in dense_of]
+            if not rs:
+                continue
+            ds = [dense_of[id(r)] for r in rs]
+            acc = stats_lib.paired([r["score"] - d["score"] for r, d in zip(rs, ds)])
+            ll_pairs = [(r.get("answer_loglik"), d.get("answer_loglik")) for r, d in zip(rs, ds)]
+            ll_pairs = [(a, b) for a, b in ll_pairs if a is not None and b is not None]
+            ll = stats_lib.paired([a - b for a, b in ll_pairs], tol=LOGLIK_TIE_NATS)
+            out.append({"group": g, "task": task or "all tasks", "n": len(rs),
+                        "accuracy": _mean([r["score"] for r in rs]), "dense_accuracy": _mean([d["score"] for d in ds]),
+                        "acc": acc, "ll": ll})
+    return out
+
+
+def _ci(p: dict, scale: float, spec: str) -> str:
+    if p["mean"] is None:
+        return "—"
+    return f"{scale * p['mean']:+{spec}} [{scale * p['low']:+{spec}}, {scale * p['high']:+{spec}}]"
+
+
+def _flag(t: dict) -> str:
+    marks = []
+    for key, what in (("acc", "accuracy"), ("ll", "loglik")):
+        f = t[key]["flag"]
+        if f:
+            marks.append(f"{'⚠ ' if f == 'below' else ''}{what} {f}")
+    return ", ".join(marks)
+
+
+def paired_section(rows: list[dict], groups: list[Group]) -> str:
+    tests = paired_tests(rows, groups)
+    if not tests:
+        return ""
+    flagged = [t for t in tests if t["task"] != "all tasks" and (t["acc"]["flag"] == "below" or t["ll"]["flag"] == "below")]
+    lines = [
+        "## Paired differences vs dense, per method and task\n",
+        "Each run minus dense attention's run on the same sample. Δ accuracy in points and Δ answer "
+        "log-likelihood (decode path, nats) with 95% percentile-bootstrap intervals over samples "
+        "(10,000 resamples, seed 0); ↑/↓/= counts samples above / below / equal to dense (log-likelihood "
+        f"ties: within {LOGLIK_TIE_NATS:g} nats); sign p: exact two-sided sign test on ↑ vs ↓. **Flag**: the "
+        "interval excludes zero (only with at least 5 pairs). With 5-10 samples per cell, no flag does not "
+        "mean \"equal to dense\".\n",
+    ]
+    if flagged:
+        lines.append("Flagged below dense (task level): " + "; ".join(
+            f"`{t['group'].label}` [{t['group'].placement}] on {t['task']}" for t in flagged) + ".\n")
+    lines += ["| method (settings) | placement | task | n | accuracy (dense) | Δ accuracy, pt [95% CI] | ↑/↓/= "
+              "| sign p | Δ loglik, nats [95% CI] | ↑/↓/= | sign p | flag |",
+              "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    for t in tests:
+        g, a, ll = t["group"], t["acc"], t["ll"]
+        name = f"**{t['task']}**" if t["task"] == "all tasks" else t["task"]
+        lines.append("| " + " | ".join([
+            f"`{g.label}`", g.placement, name, str(t["n"]),
+            f"{_fmt(100 * t['accuracy'], '.0f', '%')} ({_fmt(100 * t['dense_accuracy'], '.0f', '%')})",
+            _ci(a, 100, ".1f"), f"{a['wins']}/{a['losses']}/{a['ties']}", _fmt(a["p_sign"], ".2g"),
+            _ci(ll, 1, ".2f"), f"{ll['wins']}/{ll['losses']}/{ll['ties']}" if ll["n"] else "—",
+            _fmt(ll["p_sign"], ".2g"), _flag(t),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def task_tables(groups: list[Group]) -> str:
     """Accuracy (n) per task, one table per task: a row per group, a column per length."""
     out = []
@@ -558,6 +636,7 @@ def render_markdown(rows: list[dict], errors: list[dict], groups: list[Group], p
         + (f"; {len(errors)} failed run{'s' if len(errors) > 1 else ''} listed below" if errors else "") + ".\n",
         "## Environment\n", environment_section(rows),
         "## Summary per method, config and placement\n", summary_table(groups), NOTES,
+        paired_section(rows, groups),
         time_memory_table(groups), per_layer_table(groups),
         peer_section(groups),
         "## Accuracy by task and context length\n", "Accuracy (runs) per cell.\n", task_tables(groups),
