@@ -138,3 +138,62 @@ def test_kv_kept_share_comes_from_the_method_phase():
     assert group("token_select", 0.25).kv_kept_share is None  # decode selection keeps the whole cache
     assert group("snapkv", 256).kv_kept_share is None  # a token count is not a share
     assert group(report.DENSE, None).kv_kept_share == 1.0
+
+
+# ---- paired statistics and speed next to accuracy ------------------------------------------------
+
+
+def test_paired_section_matches_the_stats_module(written):
+    rows, _ = report.load_results(FIXTURE)
+    groups = report.summarize(rows)
+    tests = report.paired_tests(rows, groups)
+    by = {(t["group"].name, t["task"]): t for t in tests}
+    dense = {r["sample_id"]: r for r in rows if r["label"] == "dense" and r["placement"] == "after"}
+    snap = [r for r in rows if r["label"] == "snapkv(budget=0.25)" and r["placement"] == "after"]
+    t = by[("snapkv(budget=0.25) [after]", "all tasks")]
+    from tokensparse.eval import stats
+
+    diffs = [r["score"] - dense[r["sample_id"]]["score"] for r in snap]
+    assert t["acc"] == stats.paired(diffs) and t["n"] == len(snap) == 8
+    assert {t2["task"] for (name, _), t2 in by.items() if name == "snapkv(budget=0.25) [after]"} == {
+        "all tasks", "passkey", "niah_multikey"}
+    md = written[0].read_text()
+    assert "## Paired differences vs dense, per method and task" in md
+    assert "| Δ accuracy, pt [95% CI] | ↑/↓/= | sign p | Δ loglik, nats [95% CI] |" in md
+    assert not any(t["group"].is_dense for t in tests)
+
+
+def test_speed_next_to_accuracy_matches_configs_exactly(tmp_path):
+    rows, _ = report.load_results(FIXTURE)
+    snap_cfg = next(r["config"] for r in rows if r["label"] == "snapkv(budget=0.25)")
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"kind": "decode", "results": [
+        {"length": 8193, "variant": "same config", "config": snap_cfg, "ms_per_token": {"median": 50.0},
+         "speedup_vs_dense_prealloc": 1.5},
+        {"length": 8193, "variant": "another config", "config": {**snap_cfg, "budget": 0.3},
+         "ms_per_token": {"median": 40.0}, "speedup_vs_dense_prealloc": 2.0},
+        {"length": 8193, "variant": "dense", "ms_per_token": {"median": 75.0}},  # no config: not a method row
+    ]}))
+    md = report.write_report(FIXTURE, tmp_path / "r", plots=False, bench=[bench]).read_text()
+    sec = md.split("## Speed next to accuracy, same configurations")[1].split("\n## ")[0]
+    same = [ln for ln in sec.splitlines() if "| same config |" in ln]
+    assert len(same) == 2 and {("| inside |" in ln, "| after |" in ln) for ln in same} == {(True, False), (False, True)}
+    assert all("| 1.50× |" in ln and "`snapkv(budget=0.25)`" in ln for ln in same)
+    other = [ln for ln in sec.splitlines() if "| another config |" in ln]
+    assert len(other) == 1 and "no accuracy measured for this config" in other[0]
+    assert "| dense |" not in sec
+
+
+def test_needle_heatmap_bins_the_realised_depth_of_random_depth_samples(tmp_path):
+    rows, _ = report.load_results(FIXTURE)
+    rnd = []
+    for i, r in enumerate(r for r in rows if r["task"] == "passkey"):
+        r = copy.deepcopy(r)
+        r.update(task="random_depth_task", depth=None, needle_depth=(i % 8) / 8 + 0.01)
+        rnd.append(r)
+    assert [plots._depth_cell(r) for r in rnd[:3]] == [(0.0, "0–0.25"), (0.0, "0–0.25"), (0.25, "0.25–0.5")]
+    assert plots._depth_cell({"depth": 0.3}) == (0.3, "0.3") and plots._depth_cell({"depth": None}) is None
+    assert plots._depth_cell({"depth": None, "needle_depth": 1.0}) == (0.75, "0.75–1")
+    made = plots.make_all(rnd, report.summarize(rnd), tmp_path)
+    png = made["Needle retrieval: random_depth_task"]
+    assert png.name == "needle_random_depth_task.png" and matplotlib.image.imread(png).shape[0] > 100

@@ -195,3 +195,25 @@ def test_kept_positions_reads_evicting_cache_slots(model):
     assert [t.tolist() for t in kept[1]] == [list(range(10))] * 2
     ret = metrics.needle_retention(kept, [3, 9])
     assert ret["per_layer"][0] == pytest.approx(0.5) and ret["per_layer"][1] == 1.0
+
+
+def test_without_telemetry_the_score_shares_the_generation_prefill(model, tok, tmp_path):
+    """telemetry off: one prefill per run serves the timed generation and the decode-path score;
+    the score equals a separate scoring pass, per answer token, for every method."""
+    from tokensparse.eval import scoring
+
+    cfg = {**CONFIG, "telemetry": False,
+           "methods": CONFIG["methods"] + [{"method": "token_select", "configs": [
+               {"budget": 0.5, "n_sink": 4, "n_local": 16, "reuse_threshold": 0.5}]}]}
+    out = runner.run_grid(model, tok, G.build_grid(cfg), tmp_path, progress=False)
+    assert out["errors"] == 0
+    sample = tasks.make_samples("passkey", tok, 160, depth=0.3)[0]
+    grid = G.build_grid(cfg)
+    for r, spec in zip(runner.read_rows(out["path"]), grid.methods):
+        assert r["telemetry"] is None
+        alone = scoring.score_sample(model, tok, sample, spec.build(), spec.placement)
+        assert r["answer_loglik"] == pytest.approx(alone.loglik, abs=1e-4)
+        assert r["answer_token_logprobs"] == pytest.approx(alone.token_logprobs.tolist(), abs=1e-4)
+        assert len(r["answer_token_logprobs"]) == r["answer_tokens"]
+        if r["method"] != "dense":
+            assert r["fidelity"]["kl"] >= 0

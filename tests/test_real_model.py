@@ -60,28 +60,6 @@ def test_eviction_reduces_kv_bytes(bundled, sample):
     assert snap.kv_bytes < 0.6 * dense.kv_bytes
 
 
-def test_smoke_suite_and_report_on_the_bundled_model(bundled, tmp_path):
-    """`tokensparse eval --suite smoke` (without peers) and `tokensparse report` on the real model:
-    every run succeeds, dense retrieves both pass keys, rows carry the measurements, plots render."""
-    from tokensparse.eval import grid as G
-    from tokensparse.eval import report, runner
-
-    grid = G.build_grid(G.load_suite("smoke"))
-    out = runner.run_grid(*bundled, grid, tmp_path, progress=False, skip_peers=True, command="pytest")
-    assert out["errors"] == 0 and out["ran"] == grid.size()[1]
-    rows = runner.read_rows(out["path"])
-    assert all(r["score"] == 1 for r in rows if r["method"] == "dense")
-    for r in rows:
-        assert r["attention_prefill_s"] > 0 and r["memory"]["peak_rss_bytes"] > 0 and r["answer_loglik"] < 0
-        if r["method"] != "dense":
-            assert r["telemetry"]["layers_observed"] > 0 and r["fidelity"]["kl"] >= 0
-        if r["method"] in ("snapkv", "streaming_llm"):
-            assert len(r["needle_retention"]["per_layer"]) == 30
-    md = report.write_report(out["path"], tmp_path / "report")
-    assert (tmp_path / "report" / "needle_passkey.png").stat().st_size > 20_000
-    assert "## Per-layer fidelity" in md.read_text()
-
-
 # ---- correctness on the real model (issue: padded batches, short prompts, static caches) ------
 
 SPARSE_REAL = {

@@ -3,10 +3,11 @@
 ``cli.py`` registers them with ``add_commands(sub)``; each parser sets ``func(args) -> int``.
 
     tokensparse eval --suite smoke --out results                 # ~2 minutes on 2 cores
-    tokensparse eval --suite standard --threads 2 --out results
+    tokensparse eval --suite standard --threads 2 --out results    # v2: ~100 min + ~25 min of kvpress peers
+    tokensparse eval --suite passkey --threads 2 --out results     # the v1 suite (pass key + multi-key)
     tokensparse eval --config grid.json --set lengths=[1024] --set seeds=[0,1] --out results
     tokensparse eval --suite standard --skip-peers --out results  # without the kvpress peers
-    tokensparse report --results results --out results/report
+    tokensparse report --results results --out results/report [--bench decode.json]
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def add_commands(subparsers) -> None:
                    help="results directories (every *.jsonl inside) or .jsonl files")
     r.add_argument("--out", default="report", metavar="DIR", help="where report.md and the PNGs go (default: report)")
     r.add_argument("--no-plots", action="store_true", help="only the Markdown")
+    r.add_argument("--bench", nargs="+", default=[], metavar="JSON",
+                   help="benchmark JSON files (tokensparse bench ... --json): their speed-ups are shown next to the "
+                        "accuracy rows of the same method configurations (exact config match)")
     r.set_defaults(func=cmd_report)
 
 
@@ -126,7 +130,7 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     try:
-        md = write_report(args.results, args.out, plots=not args.no_plots)
+        md = write_report(args.results, args.out, plots=not args.no_plots, bench=args.bench)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"tokensparse report: {e}") from None
     print(f"report written to {md}", file=sys.stdout)

@@ -58,16 +58,34 @@ def _legend(ax, **kw):
 # needle heatmaps
 
 
+#: realised needle depths of random-depth samples are shown in these bins
+DEPTH_BINS = 4
+
+
+def _depth_cell(r: dict):
+    """``(sort key, label)`` of a row's depth cell: the requested depth, or for a random-depth sample
+    (``depth`` null) the bin of its realised needle depth (``needle_depth``); ``None`` without either."""
+    if r.get("depth") is not None:
+        d = round(r["depth"], 4)
+        return d, f"{d:g}"
+    nd = r.get("needle_depth")
+    if nd is None:
+        return None
+    b = min(int(nd * DEPTH_BINS), DEPTH_BINS - 1)
+    return b / DEPTH_BINS, f"{b / DEPTH_BINS:g}–{(b + 1) / DEPTH_BINS:g}"
+
+
 def needle_heatmap(groups, task: str, out: Path) -> Path | None:
-    """Accuracy per (requested depth, length) of ``task``, one panel per method config and placement."""
+    """Accuracy per (needle depth, length) of ``task``, one panel per method config and placement.
+    Depth: the requested one, or for random-depth samples the bin of the realised needle depth."""
     panels = []
     for g in groups:
-        rs = [r for r in g.rows if r["task"] == task and r.get("depth") is not None]
+        rs = [r for r in g.rows if r["task"] == task and _depth_cell(r) is not None]
         if rs:
             panels.append((g, rs))
     if not panels:
         return None
-    depths = sorted({round(r["depth"], 4) for _, rs in panels for r in rs})
+    depths = sorted({_depth_cell(r) for _, rs in panels for r in rs})
     lengths = sorted({r["length"] for _, rs in panels for r in rs})
     ncol = min(4, len(panels))
     nrow = math.ceil(len(panels) / ncol)
@@ -80,7 +98,7 @@ def needle_heatmap(groups, task: str, out: Path) -> Path | None:
     for ax, (g, rs) in zip(axes.flat, panels):
         cells: dict[tuple, list] = defaultdict(list)
         for r in rs:
-            cells[(round(r["depth"], 4), r["length"])].append(r["score"])
+            cells[(_depth_cell(r), r["length"])].append(r["score"])
         grid = np.full((len(depths), len(lengths)), np.nan)
         for (d, L), sc in cells.items():
             grid[depths.index(d), lengths.index(L)] = sum(sc) / len(sc)
@@ -91,7 +109,7 @@ def needle_heatmap(groups, task: str, out: Path) -> Path | None:
                 if not np.isnan(v):
                     ax.text(j, i, f"{v:.0f}" if v in (0, 1) else f"{v:.2f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [label for _, label in depths], fontsize=7)
         ax.set_title(textwrap.fill(g.name, 30), fontsize=8, fontweight="bold" if g.is_dense else "normal")
     fig.supxlabel("context length (tokens)", fontsize=9)
     fig.supylabel("needle depth (fraction of the context)", fontsize=9)
@@ -106,7 +124,7 @@ def _cell_n(panels) -> str:
     for _, rs in panels:
         c: dict[tuple, int] = defaultdict(int)
         for r in rs:
-            c[(round(r["depth"], 4), r["length"])] += 1
+            c[(_depth_cell(r), r["length"])] += 1
         counts |= set(c.values())
     lo, hi = min(counts), max(counts)
     return f"{lo} run{'s' if hi > 1 else ''}" if lo == hi else f"{lo}–{hi} runs"
@@ -325,7 +343,7 @@ def per_layer(groups, out: Path) -> Path | None:
 def make_all(rows, groups, out: Path) -> dict[str, Path]:
     """Every plot the results allow: ``{title: path}``."""
     made: dict[str, Path] = {}
-    for task in sorted({r["task"] for r in rows if r.get("depth") is not None}):
+    for task in sorted({r["task"] for r in rows if r.get("depth") is not None or r.get("needle_depth") is not None}):
         p = needle_heatmap(groups, task, out)
         if p:
             made[f"Needle retrieval: {task}"] = p

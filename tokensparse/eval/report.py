@@ -527,6 +527,54 @@ def paired_section(rows: list[dict], groups: list[Group]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_bench(paths) -> list[dict]:
+    """The result rows of benchmark JSON files (``tokensparse bench ... --json``), each with its file."""
+    out = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        for r in data.get("results", []):
+            out.append({**r, "file": str(p), "kind": data.get("kind")})
+    return out
+
+
+def speed_accuracy_section(rows: list[dict], groups: list[Group], bench: list[dict]) -> str:
+    """Each benchmarked method configuration next to the accuracy rows of the *same* configuration
+    (exact match of every config field): a speed-up is only reported with the accuracy it costs."""
+    if not bench:
+        return ""
+    tests = {(id(t["group"]), t["task"]): t for t in paired_tests(rows, groups)}
+    lines = ["## Speed next to accuracy, same configurations\n",
+             "Speed from the benchmark files (ratios against dense in the same benchmark run); accuracy and "
+             "answer log-likelihood from this report's runs of the identical method config, all tasks, paired "
+             "with dense (95% bootstrap intervals). A benchmarked config without accuracy rows says so.\n",
+             "| benchmark | L | variant | ms/token (median) | speed-up vs dense | accuracy rows | placement | n "
+             "| accuracy (dense) | Δ accuracy, pt [95% CI] | Δ loglik, nats [95% CI] |",
+             "|---|--:|---|--:|--:|---|---|--:|--:|--:|--:|"]
+    for b in bench:
+        cfg = b.get("config")
+        if not cfg:
+            continue
+        key = json.dumps(cfg, sort_keys=True)
+        match = [g for g in groups if json.dumps(g.config, sort_keys=True) == key]
+        ms = (b.get("ms_per_token") or {}).get("median")
+        speed = b.get("speedup_vs_dense_prealloc") or b.get("speedup_vs_dense")
+        head = [Path(b["file"]).name, str(b.get("length", "—")), b.get("variant", "—"), _fmt(ms, ".1f"),
+                _fmt(speed, ".2f", "×")]
+        if not match:
+            lines.append("| " + " | ".join(head + ["**none: no accuracy measured for this config**"] + ["—"] * 5) + " |")
+            continue
+        for g in match:
+            t = tests.get((id(g), "all tasks"))
+            if t is None:
+                continue
+            lines.append("| " + " | ".join(head + [
+                f"`{g.label}`", g.placement, str(t["n"]),
+                f"{_fmt(100 * t['accuracy'], '.0f', '%')} ({_fmt(100 * t['dense_accuracy'], '.0f', '%')})",
+                _ci(t["acc"], 100, ".1f"), _ci(t["ll"], 1, ".2f"),
+            ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def task_tables(groups: list[Group]) -> str:
     """Accuracy (n) per task, one table per task: a row per group, a column per length."""
     out = []
@@ -629,14 +677,14 @@ EOS. `kvpress:dense` is kvpress's driver without a press: its gap to `dense` is 
 
 
 def render_markdown(rows: list[dict], errors: list[dict], groups: list[Group], plots: dict[str, Path],
-                    sources: list[Path], out_dir: Path) -> str:
+                    sources: list[Path], out_dir: Path, bench: list[dict] | None = None) -> str:
     parts = [
         "# tokensparse evaluation report\n",
         f"{len(rows)} runs from " + ", ".join(f"`{s}`" for s in sources)
         + (f"; {len(errors)} failed run{'s' if len(errors) > 1 else ''} listed below" if errors else "") + ".\n",
         "## Environment\n", environment_section(rows),
         "## Summary per method, config and placement\n", summary_table(groups), NOTES,
-        paired_section(rows, groups),
+        paired_section(rows, groups), speed_accuracy_section(rows, groups, bench or []),
         time_memory_table(groups), per_layer_table(groups),
         peer_section(groups),
         "## Accuracy by task and context length\n", "Accuracy (runs) per cell.\n", task_tables(groups),
@@ -650,8 +698,9 @@ def render_markdown(rows: list[dict], errors: list[dict], groups: list[Group], p
     return "\n".join(parts)
 
 
-def write_report(sources, out_dir: str | Path, *, plots: bool = True) -> Path:
-    """Write ``out_dir/report.md`` (and the PNGs next to it); returns the Markdown path."""
+def write_report(sources, out_dir: str | Path, *, plots: bool = True, bench=()) -> Path:
+    """Write ``out_dir/report.md`` (and the PNGs next to it); returns the Markdown path. ``bench``:
+    benchmark JSON files whose speed-ups are shown next to the accuracy of the same configs."""
     from . import plots as plot_lib
 
     files = result_files(sources)
@@ -664,5 +713,5 @@ def write_report(sources, out_dir: str | Path, *, plots: bool = True) -> Path:
     groups = summarize(rows)
     made = plot_lib.make_all(rows, groups, out) if plots else {}
     md = out / "report.md"
-    md.write_text(render_markdown(rows, errors, groups, made, files, out))
+    md.write_text(render_markdown(rows, errors, groups, made, files, out, load_bench(bench)))
     return md
