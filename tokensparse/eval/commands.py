@@ -94,13 +94,14 @@ def cmd_eval(args) -> int:
           f"-> {path} ({torch.get_num_threads()} torch threads)")
     skip_peers = args.skip_peers or grid.skip_peers
     if grid.peers:
-        peer_runs = grid.peer_runs()
         names = ", ".join(dict.fromkeys(p.peer for p in grid.peers))
+        specs = grid.sample_specs()
+        parts = " + ".join(f"{sum(p.covers(s) for s in specs)} samples × {len(p.runs)}" for p in grid.peers)
         if skip_peers:
-            print(f"peers SKIPPED (--skip-peers or skip_peers): {n_samples} samples × {len(peer_runs)} {names} runs = "
+            print(f"peers SKIPPED (--skip-peers or skip_peers): {parts} {names} runs = "
                   f"{grid.peer_size()} runs will not be run")
         else:
-            print(f"peers: {n_samples} samples × {len(peer_runs)} {names} runs = {grid.peer_size()} runs, "
+            print(f"peers: {parts} {names} runs = {grid.peer_size()} runs, "
                   "after the tokensparse runs, in their own environment (docs/peers.md)")
     if args.dry_run:
         for t in grid.tasks:
@@ -110,6 +111,9 @@ def cmd_eval(args) -> int:
             print(f"  {m.label} [{m.placement}]")
         for r in grid.peer_runs():
             print(f"  {r.label} [{r.placement}] (kv kept {r.kv_kept_share:g}){' - skipped' if skip_peers else ''}")
+        for i, p in enumerate(grid.peers):
+            if p.lengths is not None:
+                print(f"  (peers.{i} runs only on the samples of lengths {p.lengths})")
         return 0
     model, tokenizer = load_model_or_exit(args.model, "eval")
     try:
