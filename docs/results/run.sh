@@ -10,9 +10,9 @@ OUT=docs/results
 $TS eval --suite standard --out $OUT/standard --threads 2 --skip-peers
 # the kvpress peers on the same samples (2K; resumes into the same results file)
 $TS eval --suite standard --out $OUT/standard --threads 2
-# why TokenSelect's Selection Cache and SnapKV lose (decode-path traces; ~10 minutes)
-.venv/bin/python -m tokensparse.eval.diagnose --out $OUT/diagnosis --tasks multikey,long_answer --lengths 4096 --samples 4 --threads 2
-# decode speed of exactly the suite's TokenSelect configurations (1 thread, interleaved; ~6 minutes)
+# why TokenSelect's Selection Cache and SnapKV lose (decode-path traces; ~7 minutes)
+.venv/bin/python -m tokensparse.eval.diagnose --out $OUT/diagnosis --tasks long_answer,multikey,needle_uuid --lengths 2048 --samples 3 --threads 2
+# decode speed of exactly the suite's TokenSelect configurations (1 thread, interleaved; ~3 minutes)
 $TS bench decode --lengths 4096,8192 --repeats 2 --steps 24 --threads 1 --json $OUT/decode_v2.json | tee $OUT/decode_v2.txt
 # the report, with the benchmark's speed-ups next to the accuracy of the same configs
 $TS report --results $OUT/standard --out $OUT/standard/report --bench $OUT/decode_v2.json

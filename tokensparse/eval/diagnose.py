@@ -15,8 +15,8 @@ attention's tells *where in the answer* the loss happens.
 
 Run it from the command line (it writes ``diagnosis.json`` and ``diagnosis.md``)::
 
-    python -m tokensparse.eval.diagnose --out docs/results/diagnosis --tasks multikey,long_answer \\
-        --lengths 2048,4096 --samples 5 --threads 2
+    python -m tokensparse.eval.diagnose --out docs/results/diagnosis --tasks long_answer,multikey,needle_uuid \\
+        --lengths 2048 --samples 3 --threads 2
 """
 
 from __future__ import annotations
