@@ -173,15 +173,23 @@ def test_speed_next_to_accuracy_matches_configs_exactly(tmp_path):
         {"length": 8193, "variant": "another config", "config": {**snap_cfg, "budget": 0.3},
          "ms_per_token": {"median": 40.0}, "speedup_vs_dense_prealloc": 2.0},
         {"length": 8193, "variant": "dense", "ms_per_token": {"median": 75.0}},  # no config: not a method row
+        {"length": 4100, "variant": "at 4K", "config": snap_cfg, "ms_per_token": {"median": 50.0},
+         "speedup_vs_dense_prealloc": 1.2},
     ]}))
     md = report.write_report(FIXTURE, tmp_path / "r", plots=False, bench=[bench]).read_text()
     sec = md.split("## Speed next to accuracy, same configurations")[1].split("\n## ")[0]
     same = [ln for ln in sec.splitlines() if "| same config |" in ln]
     assert len(same) == 2 and {("| inside |" in ln, "| after |" in ln) for ln in same} == {(True, False), (False, True)}
     assert all("| 1.50× |" in ln and "`snapkv(budget=0.25)`" in ln for ln in same)
+    # the fixture has no run at 8K: accuracy comes from the lengths it has, and the row says so
+    assert all("| **no**: at 1024, 4096 |" in ln for ln in same)
     other = [ln for ln in sec.splitlines() if "| another config |" in ln]
     assert len(other) == 1 and "no accuracy measured for this config" in other[0]
     assert "| dense |" not in sec
+    at4k = [ln for ln in sec.splitlines() if "| at 4K |" in ln]
+    assert len(at4k) == 2 and all("| yes |" in ln for ln in at4k)
+    n4k = sum(1 for r in rows if r["label"] == "snapkv(budget=0.25)" and r["placement"] == "after" and r["length"] == 4096)
+    assert any(f"| yes | {n4k} |" in ln for ln in at4k)
 
 
 def test_needle_heatmap_bins_the_realised_depth_of_random_depth_samples(tmp_path):

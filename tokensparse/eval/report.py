@@ -537,19 +537,37 @@ def load_bench(paths) -> list[dict]:
     return out
 
 
+def _paired_at(rows: list[dict], g: Group, dense_of: dict, length: int | None) -> dict | None:
+    """Paired accuracy / log-likelihood statistics of ``g``'s runs whose prompt length is within 5%
+    of ``length`` (every run when ``length`` is None); None when there is no such run."""
+    rs = [r for r in g.rows if id(r) in dense_of and (length is None or abs(r["length"] - length) <= 0.05 * length)]
+    if not rs:
+        return None
+    ds = [dense_of[id(r)] for r in rs]
+    ll = [(r.get("answer_loglik"), d.get("answer_loglik")) for r, d in zip(rs, ds)]
+    ll = [(a, b) for a, b in ll if a is not None and b is not None]
+    return {"n": len(rs), "accuracy": _mean([r["score"] for r in rs]), "dense_accuracy": _mean([d["score"] for d in ds]),
+            "acc": stats_lib.paired([r["score"] - d["score"] for r, d in zip(rs, ds)]),
+            "ll": stats_lib.paired([a - b for a, b in ll], tol=LOGLIK_TIE_NATS),
+            "lengths": sorted({r["length"] for r in rs})}
+
+
 def speed_accuracy_section(rows: list[dict], groups: list[Group], bench: list[dict]) -> str:
     """Each benchmarked method configuration next to the accuracy rows of the *same* configuration
-    (exact match of every config field): a speed-up is only reported with the accuracy it costs."""
+    (exact match of every config field) at the benchmark's context length (within 5%), or, when the
+    report has no run at that length, at every length it has, said so: a speed-up is only reported
+    with the accuracy it costs."""
     if not bench:
         return ""
-    tests = {(id(t["group"]), t["task"]): t for t in paired_tests(rows, groups)}
+    dense_of = pair_with_dense(rows)
     lines = ["## Speed next to accuracy, same configurations\n",
              "Speed from the benchmark files (ratios against dense in the same benchmark run); accuracy and "
-             "answer log-likelihood from this report's runs of the identical method config, all tasks, paired "
-             "with dense (95% bootstrap intervals). A benchmarked config without accuracy rows says so.\n",
-             "| benchmark | L | variant | ms/token (median) | speed-up vs dense | accuracy rows | placement | n "
-             "| accuracy (dense) | Δ accuracy, pt [95% CI] | Δ loglik, nats [95% CI] |",
-             "|---|--:|---|--:|--:|---|---|--:|--:|--:|--:|"]
+             "answer log-likelihood from this report's runs of the identical method config, paired with dense "
+             "(95% bootstrap intervals, all tasks), at the benchmark's context length (±5%) when this report has "
+             "runs there, else at the lengths it has (listed). A benchmarked config without accuracy rows says so.\n",
+             "| benchmark | L | variant | ms/token (median) | speed-up vs dense | accuracy rows | placement | accuracy at L "
+             "| n | accuracy (dense) | Δ accuracy, pt [95% CI] | Δ loglik, nats [95% CI] |",
+             "|---|--:|---|--:|--:|---|---|---|--:|--:|--:|--:|"]
     for b in bench:
         cfg = b.get("config")
         if not cfg:
@@ -558,17 +576,21 @@ def speed_accuracy_section(rows: list[dict], groups: list[Group], bench: list[di
         match = [g for g in groups if json.dumps(g.config, sort_keys=True) == key]
         ms = (b.get("ms_per_token") or {}).get("median")
         speed = b.get("speedup_vs_dense_prealloc") or b.get("speedup_vs_dense")
-        head = [Path(b["file"]).name, str(b.get("length", "—")), b.get("variant", "—"), _fmt(ms, ".1f"),
-                _fmt(speed, ".2f", "×")]
+        length = b.get("length")
+        head = [Path(b["file"]).name, str(length or "—"), b.get("variant", "—"), _fmt(ms, ".1f"), _fmt(speed, ".2f", "×")]
         if not match:
-            lines.append("| " + " | ".join(head + ["**none: no accuracy measured for this config**"] + ["—"] * 5) + " |")
+            lines.append("| " + " | ".join(head + ["**none: no accuracy measured for this config**"] + ["—"] * 6) + " |")
             continue
         for g in match:
-            t = tests.get((id(g), "all tasks"))
+            t = _paired_at(rows, g, dense_of, length) if isinstance(length, int) else None
+            where = "yes"
             if t is None:
-                continue
+                t = _paired_at(rows, g, dense_of, None)
+                if t is None:
+                    continue
+                where = "**no**: at " + ", ".join(str(n) for n in t["lengths"])
             lines.append("| " + " | ".join(head + [
-                f"`{g.label}`", g.placement, str(t["n"]),
+                f"`{g.label}`", g.placement, where, str(t["n"]),
                 f"{_fmt(100 * t['accuracy'], '.0f', '%')} ({_fmt(100 * t['dense_accuracy'], '.0f', '%')})",
                 _ci(t["acc"], 100, ".1f"), _ci(t["ll"], 1, ".2f"),
             ]) + " |")
