@@ -91,7 +91,6 @@ def trace_sample(model, tokenizer, sample, method=None, placement: str = "inside
     ans = torch.tensor([tokenizer(answer_target(sample), add_special_tokens=False).input_ids])
     needle = task_lib.needle_token_positions(sample, tokenizer)
     trace = SelectionTrace(needle)
-    dev = next(model.parameters()).device
     sparsify = ts.sparsify(model, method, telemetry=trace) if method is not None else None
     session = sparsify.__enter__() if sparsify is not None else None
     try:
@@ -102,18 +101,17 @@ def trace_sample(model, tokenizer, sample, method=None, placement: str = "inside
         if kept is not None:
             nd = torch.tensor(needle)
             held = [float(sum(torch.isin(nd, h).float().mean() for h in heads) / len(heads)) for heads in kept]
-        rows = [out.logits[0, -1].float()]
-        for t, tok in enumerate(ans[0, :-1]):
-            trace.step = t + 1  # decode step t + 1 predicts answer token t + 2 (1-based)
-            o = model(input_ids=tok.view(1, 1).to(dev), cache=kv, use_cache=True)
-            rows.append(o.logits[0, -1].float())
+
+        def tag(t: int) -> None:
+            trace.step = t  # decode step t predicts answer token t + 1 (1-based)
+
+        scored = teacher_force(model, kv, out.logits[0, -1], ans, before_step=tag)
         stats = dict(session.stats) if session is not None else {}
     finally:
         if sparsify is not None:
             sparsify.__exit__(None, None, None)
-    logits = torch.stack(rows)
-    logp = torch.log_softmax(logits, -1).gather(-1, ans[0, :, None].to(logits.device))[:, 0].cpu()
-    pred = logits.argmax(-1).cpu()
+    logp = scored.token_logprobs
+    pred = scored.logits.argmax(-1)
     return {"token_logprobs": [float(x) for x in logp], "top1_is_gold": [bool(x) for x in (pred == ans[0])],
             "records": trace.records, "needle_held_per_layer": held, "stats": stats,
             "answer_tokens": int(ans.shape[1]), "needle_tokens": len(needle)}

@@ -25,6 +25,7 @@ import torch
 import tokensparse as ts
 
 from .harness import PLACEMENTS, encode_sample, prefill
+from .metrics import _as_2d as _ids
 
 __all__ = ["AnswerScore", "answer_loglik", "score_sample", "teacher_force", "answer_target"]
 
@@ -46,26 +47,22 @@ def answer_target(sample) -> str:
     return " " + ", ".join(sample.answers)
 
 
-def _ids(x, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
-    if t.dim() == 1:
-        t = t.unsqueeze(0)
-    if t.dim() != 2 or t.shape[0] != 1:
-        raise ValueError(f"{name} must have shape (1, N) (or (N,)), got {tuple(t.shape)}")
-    return t.long()
-
-
 @torch.no_grad()
-def teacher_force(model, cache, first_logits: torch.Tensor, answer_ids: torch.Tensor) -> AnswerScore:
+def teacher_force(model, cache, first_logits: torch.Tensor, answer_ids: torch.Tensor,
+                  before_step=None) -> AnswerScore:
     """Continue a prefilled ``cache``: ``first_logits`` (V,) predicted the first answer token; each
     answer token but the last is then fed as one decode step. Runs under whatever attention the
-    model has now (call it inside the same ``ts.sparsify`` block as the prefill)."""
+    model has now (call it inside the same ``ts.sparsify`` block as the prefill).
+    ``before_step(t)`` is called before decode step ``t`` (1-based; step ``t`` predicts answer token
+    ``t + 1``), e.g. to tag what a tracer records."""
     answer_ids = _ids(answer_ids, "answer_ids")
     if answer_ids.shape[1] == 0:
         raise ValueError("the answer has no tokens")
     dev = next(model.parameters()).device
     rows = [first_logits.float()]
-    for tok in answer_ids[0, :-1]:
+    for t, tok in enumerate(answer_ids[0, :-1], start=1):
+        if before_step is not None:
+            before_step(t)
         out = model(input_ids=tok.view(1, 1).to(dev), cache=cache, use_cache=True)
         rows.append(out.logits[0, -1].float())
     logits = torch.stack(rows)  # (A, V)
