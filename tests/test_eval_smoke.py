@@ -1,5 +1,5 @@
 """The CI-sized smoke version of the v2 standard suite on the bundled SmolLM2-135M (part of the
-default test run, about 2 minutes): `tokensparse eval --suite smoke` (no peers) and `tokensparse
+default test run; a few minutes): `tokensparse eval --suite smoke` (no peers) and `tokensparse
 report` end to end on the real model and its real tokenizer. Mechanics, not accuracy: every run
 succeeds, rows carry the decode-path answer score, telemetry, fidelity and needle retention, dense
 reads the needles of the single-needle tasks, and the report has its tables and plots."""

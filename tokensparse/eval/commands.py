@@ -2,7 +2,7 @@
 
 ``cli.py`` registers them with ``add_commands(sub)``; each parser sets ``func(args) -> int``.
 
-    tokensparse eval --suite smoke --out results                 # ~2 minutes on 2 cores
+    tokensparse eval --suite smoke --out results                 # a few minutes on 2 cores
     tokensparse eval --suite standard --threads 2 --out results    # v2: ~100 min + ~25 min of kvpress peers
     tokensparse eval --suite passkey --threads 2 --out results     # the v1 suite (pass key + multi-key)
     tokensparse eval --config grid.json --set lengths=[1024] --set seeds=[0,1] --out results
