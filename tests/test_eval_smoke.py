@@ -4,6 +4,8 @@ report` end to end on the real model and its real tokenizer. Mechanics, not accu
 succeeds, rows carry the decode-path answer score, telemetry, fidelity and needle retention, dense
 reads the needles of the single-needle tasks, and the report has its tables and plots."""
 
+import os
+
 import pytest
 import torch
 
@@ -14,11 +16,16 @@ from tokensparse.eval import report, runner
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, tok = ts.load_model()
-    grid = G.build_grid(G.load_suite("smoke"))
-    out_dir = tmp_path_factory.mktemp("smoke")
-    out = runner.run_grid(model, tok, grid, out_dir, progress=False, skip_peers=True, command="pytest")
+    # other test modules pin torch to 1 thread at import; the real model runs on every core (restored after)
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    try:
+        model, tok = ts.load_model()
+        grid = G.build_grid(G.load_suite("smoke"))
+        out_dir = tmp_path_factory.mktemp("smoke")
+        out = runner.run_grid(model, tok, grid, out_dir, progress=False, skip_peers=True, command="pytest")
+    finally:
+        torch.set_num_threads(before)
     return grid, out, runner.read_rows(out["path"]), out_dir
 
 
