@@ -60,23 +60,26 @@ def test_registry_phases_are_exact_and_a_free_text_phase_is_refused(monkeypatch)
     from tokensparse import methods
     from tokensparse.engine import Method
 
+    from tokensparse.engine import Phase
+
     for name in methods.names():
         cls = methods.get(name)
-        assert cls.phase in methods.PHASES and cls.schedule, name
-    assert {r["phase"] for r in methods.table()} == set(methods.PHASES)
+        assert isinstance(cls.phase, Phase) and cls.phase in methods.PHASES and cls.schedule, name
+    assert {r["phase"] for r in methods.table()} == set(methods.PHASES)  # every phase has a method
+    assert Phase.EVICTION == "eviction" and str(Phase.DECODE) == "decode"  # compares and prints as its value
 
     @dataclass(eq=False)
     class Bad(Method):
         name = "bad_phase"
-        phase = "eviction (every step)"  # the old free text
+        phase = "eviction"  # a plain string, even a valid value, is refused: code relies on the enum
 
     module = types.ModuleType("tokensparse.methods.bad_phase")
     module.Bad = Bad
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(methods, "_MODULES", methods._MODULES + ("bad_phase",))
     monkeypatch.setattr(methods, "_REGISTRY", {})
-    with pytest.raises(ValueError, match=r"phase='eviction \(every step\)'; phase must be one of 'prefill', "
-                                         r"'decode', 'eviction'"):
+    with pytest.raises(ValueError, match=r"phase='eviction'; phase must be a tokensparse.engine.Phase, one of "
+                                         r"PREFILL, DECODE, EVICTION, REWEIGHT"):
         methods.names()
     assert methods._REGISTRY == {}  # nothing half-registered
 
@@ -249,7 +252,7 @@ def test_token_select_selection_invariants_and_reuse(model):
         assert (idx[..., :3] == torch.arange(3)).all()
         assert (idx[..., -5:] == torch.arange(58, 63)).all()  # local window includes the current token
     # 4 new tokens = 3 decode steps; threshold -1: every step after the first reuses the selection
-    assert s.stats["token_select.select"] == 3 and s.stats["token_select.reuse"] == 3 * 2
+    assert s.stats["select"] == 3 and s.stats["reuse"] == 3 * 2
 
 
 @pytest.mark.parametrize(
@@ -297,7 +300,7 @@ def test_token_select_segmented_decode_matches_reference(model, select_per, reus
     assert max_diff(torch.stack(outs[0].logits), torch.stack(outs[1].logits)) < 1e-4
     assert stats[0] == stats[1]
     if reuse is not None:
-        assert stats[0].get("token_select.reuse", 0) > 0  # the reuse branch was exercised
+        assert stats[0].get("reuse", 0) > 0  # the reuse branch was exercised
 
 
 def test_telemetry_reports_density_and_mass(model):

@@ -38,7 +38,7 @@ def test_trace_matches_the_scorer_and_records_every_decode_call(model, tok):
             assert any(r["needle_in_selection"] < 1.0 for r in tr["records"])  # a budget of 30% misses some
             reused = [r["reused"] for r in tr["records"]]
             if "θ" in name:
-                assert any(reused) and tr["stats"]["token_select.reuse"] == sum(reused)
+                assert any(reused) and tr["stats"]["reuse"] == sum(reused)
             else:
                 assert not any(reused)
             assert tr["needle_held_per_layer"] is None

@@ -114,7 +114,7 @@ def test_telemetry_comes_from_the_untimed_pass_even_without_loglik(model, tok, t
     assert 0 < tele["density"] < 1 and tele["error"] > 0
     # the teacher-forced pass feeds the 6 answer tokens (5 decode steps), the generation only 3
     assert {v["calls"] for v in tele["per_layer"].values()} == {5}
-    assert sel["stats"]["token_select.select"] + sel["stats"].get("token_select.reuse", 0) == 3 * 2
+    assert sel["stats"]["select"] + sel["stats"].get("reuse", 0) == 3 * 2
 
 
 def test_failed_runs_are_recorded_and_retried(model, tok, tmp_path):

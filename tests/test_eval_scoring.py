@@ -11,7 +11,7 @@ import tokensparse as ts
 from eval_fakes import model, tok  # noqa: F401 (pytest fixtures shared by the eval tests)
 from tokensparse.engine.config import param
 from tokensparse.engine.executors import dense_attention
-from tokensparse.engine.session import Method
+from tokensparse.engine import Method
 from tokensparse.eval import metrics, scoring, tasks
 from tokensparse.eval.harness import encode_sample, run_sample
 from tokensparse.testing import tiny_inputs

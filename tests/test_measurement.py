@@ -105,7 +105,7 @@ def test_time_attention_counts_every_layer_and_changes_nothing():
             with ts.time_attention(model) as timer:
                 sparse = model(ids).logits
             assert model.config._attn_implementation == "tokensparse"
-        assert s.stats["token_sparse.sparse_layers"] == 6 and timer.calls == 3
+        assert s.stats["sparse_calls"] == 6 and timer.calls == 3
         assert torch.equal(sparse, sparse_ref) and max_diff(sparse, ref) > 1e-4  # the method ran under the timer
         assert model.config._attn_implementation == before
 
@@ -135,7 +135,7 @@ def test_time_attention_counts_the_method_in_either_nesting_order(order):
                     calls_in_session = timer.calls
     assert model.config._attn_implementation == before
     # one timed call per layer, each of them through the method (which made all 3 layers sparse)
-    assert calls_in_session == 3 and s.stats["token_sparse.sparse_layers"] == 3
+    assert calls_in_session == 3 and s.stats["sparse_calls"] == 3
     assert timer.calls == (6 if order == "timer_outside" else 3)
     assert torch.equal(out, ref) and max_diff(out, dense) > 1e-4
 

@@ -160,8 +160,9 @@ class Recorder(Telemetry):
         kv = torch.ones(b, lk, dtype=torch.bool) if kv is None else kv.detach().cpu().clone()
         idx = valid = None
         if selection.idx is not None:
-            idx = selection.idx.detach().cpu().clone()
-            valid = torch.ones_like(idx, dtype=torch.bool) if selection.valid is None else selection.valid.detach().cpu().clone()
+            full, full_valid = selection.full_idx(call.k_len)  # sinks/window ranges listed too
+            idx = full.detach().cpu().clone()
+            valid = torch.ones_like(idx, dtype=torch.bool) if full_valid is None else full_valid.detach().cpu().clone()
         ev = call.evicting
         self.seen.append(
             Record(
@@ -281,7 +282,7 @@ def _ranks(r: Record, i: int, pos: torch.Tensor) -> set[int]:
 
 
 def check_general(r: Record) -> None:
-    assert r.kind in ("dense", "rows", "keys"), r.kind
+    assert r.kind in ("dense", "rows", "keys", "keep"), r.kind
     if r.kind == "dense":
         return
     idx, valid = r.idx, r.valid
@@ -322,6 +323,8 @@ def check_token_sparse(m, r: Record, sc: Scenario) -> None:
 
 
 def check_token_select(m, r: Record, sc: Scenario) -> None:
+    if r.kind == "dense":  # a budget that covers the call (observed as dense)
+        return
     assert r.call_kind in ("decode", "chunk") and r.kind == "keys"
     assert r.q_len <= m.n_local
     # one set per layer, or per KV head (a single set still when no top-k token is chosen)
@@ -339,7 +342,10 @@ def check_token_select(m, r: Record, sc: Scenario) -> None:
 
 
 def check_snapkv(m, r: Record, sc: Scenario) -> None:
-    assert r.call_kind == "prefill" and r.kind == "keys" and r.slots is not None
+    assert r.call_kind == "prefill"
+    if r.kind == "dense":  # the budget holds the whole prompt: nothing evicted
+        return
+    assert r.kind == "keep" and r.slots is not None
     for i, j, pos in _rows(r):
         real = int(r.n_real[i])
         keep = min(_resolve(m.budget, real), real)
@@ -349,7 +355,9 @@ def check_snapkv(m, r: Record, sc: Scenario) -> None:
 
 
 def check_streaming_llm(m, r: Record, sc: Scenario) -> None:
-    assert r.kind == "keys" and r.slots is not None
+    if r.kind == "dense":  # the cache still fits the budget
+        return
+    assert r.kind == "keep" and r.slots is not None
     first = sc.first_call_real()
     for i, j, pos in _rows(r):
         keep = max(_resolve(m.budget, first[i]), m.n_sink + 1)
@@ -361,12 +369,48 @@ def check_streaming_llm(m, r: Record, sc: Scenario) -> None:
         assert got == expected, f"row {i}, head {j}: kept tokens {sorted(got)}, expected {sorted(expected)}"
 
 
+@st.composite
+def tidal_decode_configs(draw):
+    return dict(
+        budget=draw(st.one_of(SHARES, st.integers(0, 30))),
+        selection_layers=draw(st.sampled_from(["paper", [0], [1], [0, 1]])),  # the test models have 2 layers
+        gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)),
+    )
+
+
+def check_tidal_decode(m, r: Record, sc: Scenario) -> None:
+    assert r.call_kind == "decode", r.call_kind
+    if r.kind == "dense":  # a selection layer, or a budget that covers the step
+        return
+    assert r.kind == "keys"
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        got = _ranks(r, i, pos)
+        assert real in got, f"row {i}, head {j}: the current token is not attended"
+        assert len(pos) == min(_resolve(m.budget, real), real), f"row {i}, head {j}: {len(pos)} keys"
+
+
+@st.composite
+def zero_tuning_configs(draw):
+    return dict(
+        gamma=draw(st.one_of(st.sampled_from([1.0, 0.25, 4.0]), st.floats(0.01, 20.0), st.floats(-1.0, 0.0))),
+        heads=draw(st.sampled_from(["all", [0], [1, 3], [3]])),
+        layers=draw(st.sampled_from(["all", [0], [1], [0, 1]])),
+    )
+
+
+def check_zero_tuning(m, r: Record, sc: Scenario) -> None:
+    raise AssertionError(f"zero_tuning selects nothing, yet a {r.kind!r} selection was observed")
+
+
 #: every registered method needs a config strategy and an invariant check (``None``: general only)
 METHODS = {
     "token_sparse": (token_sparse_configs(), check_token_sparse),
     "token_select": (token_select_configs(), check_token_select),
     "snapkv": (snapkv_configs(), check_snapkv),
     "streaming_llm": (streaming_llm_configs(), check_streaming_llm),
+    "tidal_decode": (tidal_decode_configs(), check_tidal_decode),
+    "zero_tuning": (zero_tuning_configs(), check_zero_tuning),
 }
 
 

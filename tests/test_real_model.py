@@ -104,7 +104,7 @@ def test_default_configs_run_a_short_chat_prompt(bundled, name):
 
 
 def test_static_cache_is_refused_on_the_bundled_model(bundled):
-    from tokensparse.engine.session import UnsupportedCacheError
+    from tokensparse.engine import UnsupportedCacheError
 
     model, tok = bundled
     ids = tok("The quick brown fox", return_tensors="pt")

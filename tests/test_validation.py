@@ -30,7 +30,7 @@ def bad_values(spec):
         out += [0, -3, 0.0, 1.5, float("nan"), np.float64(-0.5)]
     if spec.kind == "choice":
         out += ["no-such-choice", 3, (spec.choices[0],)]
-    if spec.kind == "layers":
+    if spec.kind in ("layers", "indices"):
         out += [7, "no-such-choice", ["a"], [1.5], [-1], [], [1, 1]]
     if spec.kind == "path":
         out += [3, ["a.json"]]

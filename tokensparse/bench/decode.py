@@ -88,8 +88,8 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
                     with ts.sparsify(model, method) as s:
                         t = _decode(model, kv.clone(), first, n)
                     if not warm:
-                        hits[label][0] += s.stats.get("token_select.reuse", 0)
-                        hits[label][1] += s.stats.get("token_select.reuse", 0) + s.stats.get("token_select.select", 0)
+                        hits[label][0] += s.stats.get("reuse", 0)
+                        hits[label][1] += s.stats.get("reuse", 0) + s.stats.get("select", 0)
                 if not warm:
                     times[label] += t
         base = statistics.median(times["dense KVCache (prealloc)"])

@@ -4,22 +4,23 @@ End to end: ``model(ids, cache=KVCache, logits_to_keep=1)`` on a pass key prompt
 length (the needle at depth 0.5), dense and each configuration interleaved, ``repeats`` times.
 
 Attention only: the Q/K/V each layer receives in one dense prefill are captured, then per layer
-dense SDPA, the method's selection (scoring + coverage + top-k) and its executor
-(compress → attend → scatter) are timed separately on those real tensors (one warm-up call, then
+dense SDPA, the method's ``select`` (scoring + coverage + top-k) and the engine's executor for
+that selection (:func:`tokensparse.engine.execute`: compress → attend → scatter) are timed
+separately on those real tensors (one warm-up call, then
 ``repeats`` timed calls), and summed over layers per repetition (dense in the layers a
 configuration leaves dense): medians over repetitions with min–max.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 import tokensparse as ts
 from tokensparse.demo import environment
-from tokensparse.engine import Method
-from tokensparse.engine.executors import compress_attend_scatter, dense_attention
+from tokensparse.engine import Method, execute
+from tokensparse.engine.executors import dense_attention
 from tokensparse.eval import tasks
 from tokensparse.eval.harness import encode_sample
 
@@ -80,8 +81,8 @@ def run(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, 
                 if method is not None:
                     meta[label] = {
                         "layers": info.get("token_sparse_layers"),
-                        "kept_share": st.get("token_sparse.kept_tokens", 0) / max(st.get("token_sparse.total_tokens", 1), 1),
-                        "sparse_layers": st.get("token_sparse.sparse_layers", 0),
+                        "kept_share": st.get("kept_keys", 0) / max(st.get("total_keys", 1), 1),
+                        "sparse_layers": st.get("sparse_calls", 0),
                         "config": method.config_dict(),
                     }
         dense = spread(times["dense (sdpa)"])
@@ -127,19 +128,18 @@ def run_attention_only(lengths, repeats: int = 3, steps: int = 0, configs=CONFIG
               f"over {len(calls)} layers")
         for label, kw in configs:
             method = ts.methods.get("token_sparse")(**kw)
-            with ts.sparsify(model, method) as session:  # resolves the sparse layers (profile)
-                layers = session.state["token_sparse_layers"]
             sel_r, exe_r, kept = [0.0] * repeats, [0.0] * repeats, []
-            for call, td in zip(calls, dense_t):
-                idx = method.select(call) if call.layer_idx in layers else None
-                if idx is None:
-                    exe_r = [a + b for a, b in zip(exe_r, td)]
-                    continue
-                sel_r = [a + b for a, b in zip(sel_r, _timed_repeats(lambda: method.select(call), repeats))]
-                exe = _timed_repeats(lambda: compress_attend_scatter(call.query, call.key, call.value, idx, call.scale),
-                                     repeats)
-                exe_r = [a + b for a, b in zip(exe_r, exe)]
-                kept.append(idx.shape[-1] / call.k_len)
+            with ts.sparsify(model, method) as session:  # the method's own session (its layers, profile)
+                for call, td in zip(calls, dense_t):
+                    call = replace(call, session=session, layer=session.layers[call.layer_idx])
+                    sel = method.select(call)
+                    if sel is None or sel.complete:  # a call the method leaves dense
+                        exe_r = [a + b for a, b in zip(exe_r, td)]
+                        continue
+                    sel_r = [a + b for a, b in zip(sel_r, _timed_repeats(lambda: method.select(call), repeats))]
+                    exe = _timed_repeats(lambda: execute(call, sel), repeats)
+                    exe_r = [a + b for a, b in zip(exe_r, exe)]
+                    kept.append(sel.kept() / call.k_len)
             sel, exe = spread(sel_r), spread(exe_r)
             tot = spread([a + b for a, b in zip(sel_r, exe_r)])
             row = {

@@ -1,12 +1,27 @@
-"""Shared mechanics: executors, selection helpers, cache layers, transformers integration, telemetry,
-calibration-profile files (lookup by model fingerprint, format/version checks; what a profile holds
-belongs to its method, e.g. :mod:`tokensparse.methods.drift_profile`). The engine knows no method
-names."""
+"""Shared mechanics: executors, selection helpers and the selection pipeline, cache layers,
+transformers integration, telemetry, calibration-profile files (lookup by model fingerprint,
+format/version checks; what a profile holds belongs to its method, e.g.
+:mod:`tokensparse.methods.drift_profile`). The engine knows no method names.
+
+Rooms (imports flow downwards only):
+
+* :mod:`.config` (declared method fields), :mod:`.selection` (scores → indices, ``Selection``,
+  ``KeyBias``), :mod:`.executors` (where a selection is applied), :mod:`.cache` (cache layers);
+* :mod:`.call` (one attention call), :mod:`.telemetry`, :mod:`.pipeline` (select → execute →
+  observe, ``KeyPlan``);
+* :mod:`.method` (the ``Method`` base and ``Phase``), :mod:`.session` (a method attached to a
+  model);
+* :mod:`.integration` (the registered attention function, ``sparsify``), :mod:`.timing`.
+"""
 
 from .cache import EvictingLayer, KVCache, PreallocLayer, cache_bytes
 from .call import AttentionCall, CacheRequiredError
-from .session import Method, Session, exercise_sparse_paths, sparse_paths_forced, sparsify
-from .telemetry import Selection, Telemetry
+from .integration import UnsupportedCacheError, sparsify
+from .method import Method, Phase
+from .pipeline import KeyPlan, exercise_sparse_paths, execute, sparse_paths_forced
+from .selection import KeyBias, Selection
+from .session import LayerState, Session
+from .telemetry import Telemetry
 from .timing import AttentionTimer, time_attention
 
 __all__ = [
@@ -15,13 +30,19 @@ __all__ = [
     "CacheRequiredError",
     "EvictingLayer",
     "KVCache",
+    "KeyBias",
+    "KeyPlan",
+    "LayerState",
     "Method",
+    "Phase",
     "PreallocLayer",
     "Selection",
     "Session",
     "Telemetry",
+    "UnsupportedCacheError",
     "cache_bytes",
     "exercise_sparse_paths",
+    "execute",
     "sparse_paths_forced",
     "sparsify",
     "time_attention",

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .cache import EvictingLayer, PreallocLayer
 from .executors import causal_mask, dense_attention
-
-if TYPE_CHECKING:
-    from .session import LayerState, Session
 
 
 class CacheRequiredError(RuntimeError):
@@ -26,7 +23,10 @@ class AttentionCall:
     ``query (B, Hq, Lq, D)`` is post-RoPE; ``key/value (B, Hkv, Lk, D)`` are post-RoPE and already
     include this call's tokens (transformers updates the cache first). ``hf_mask`` is what
     transformers built (``None`` = causal, no padding). ``cache_layer`` is the tokensparse cache
-    layer that produced ``key`` (``None`` for a stock cache or no cache).
+    layer that produced ``key`` (``None`` for a stock cache or no cache). ``session`` is the
+    :class:`~tokensparse.engine.session.Session` and ``layer`` its
+    :class:`~tokensparse.engine.session.LayerState` for this layer (typed loosely here: this module
+    sits below the session in the import graph).
     """
 
     module: Any
@@ -35,8 +35,8 @@ class AttentionCall:
     value: torch.Tensor
     hf_mask: torch.Tensor | None
     scale: float
-    session: "Session"
-    layer: "LayerState"
+    session: Any
+    layer: Any
     cache_layer: PreallocLayer | None
     use_cache: bool = True
     extra: dict = field(default_factory=dict)
@@ -181,9 +181,15 @@ class AttentionCall:
         return r * v
 
     # ---- helpers ---------------------------------------------------------------------------------
-    def dense(self) -> torch.Tensor:
-        """Dense attention for this call, ``(B, Hq, Lq, D)``."""
-        return dense_attention(self.query, self.key, self.value, self.mask, self.scale)
+    def dense(self, bias=None) -> torch.Tensor:
+        """Dense attention for this call, ``(B, Hq, Lq, D)``; ``bias``: an optional
+        :class:`~tokensparse.engine.selection.KeyBias`."""
+        return dense_attention(self.query, self.key, self.value, self.mask, self.scale, bias)
+
+    @property
+    def carry(self) -> dict:
+        """The session's channel between the layers of the current forward pass (cleared per pass)."""
+        return self.session.carry
 
     def require_evicting_cache(self, method_name: str) -> EvictingLayer | None:
         """The evicting cache layer, or an error that names the fix when a stock cache is in use."""

@@ -15,7 +15,7 @@ import numbers
 import os
 from dataclasses import dataclass, field, fields
 
-KINDS = ("int", "float", "budget", "choice", "layers", "path")
+KINDS = ("int", "float", "budget", "choice", "layers", "indices", "path")
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,9 @@ class Spec:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
         elif self.kind == "budget":
             text = "an int > 0 (tokens) or a float ratio in (0, 1]"
-        elif self.kind == "layers":
-            text = "one of " + ", ".join(repr(c) for c in self.choices) + " or a non-empty list of distinct layer indices >= 0"
+        elif self.kind in ("layers", "indices"):
+            what = "layer indices" if self.kind == "layers" else "indices"
+            text = "one of " + ", ".join(repr(c) for c in self.choices) + f" or a non-empty list of distinct {what} >= 0"
         elif self.kind == "path":
             text = "a file path (str)"
         else:
@@ -120,7 +121,7 @@ def check_value(owner: str, name: str, spec: Spec, value):
         if value not in spec.choices:
             fail()
         return value
-    if kind == "layers":
+    if kind in ("layers", "indices"):
         if isinstance(value, str):
             if value not in spec.choices:
                 fail()

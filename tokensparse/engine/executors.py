@@ -13,6 +13,13 @@ aligned bottom-right (query ``i`` is at absolute position ``Lk - Lq + i``). All 
 * :func:`gather_attend` (decode-time selection): read only the selected K/V rows with one flat
   ``index_select`` and run SDPA; ``torch.gather`` with expanded indices measured slower than dense
   on CPU, so it is never used on the hot path.
+
+Every executor takes an optional ``bias`` (:class:`~tokensparse.engine.selection.KeyBias`: an
+additive logit bias on a few key columns per row and query head). The references add it to the
+logits; the SDPA paths apply it exactly through :func:`with_key_bias`, which appends ``n`` columns
+to Q, K and V (Q: the bias over the scale, K: a one-hot of the biased positions, V: zeros) so that
+``scale · q'·k' = scale · q·k + bias`` and the output is unchanged otherwise. SDPA keeps its fused
+CPU kernel only when Q, K and V have the same head size, hence the zero columns of V.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .selection import mask_from_indices
+from .selection import KeyBias, mask_from_indices
 
 
 def _expand_heads(mask: torch.Tensor | None, hq: int) -> torch.Tensor | None:
@@ -38,7 +45,45 @@ def causal_mask(lq: int, lk: int, device=None) -> torch.Tensor:
     return torch.arange(lk, device=device)[None, :] <= qpos[:, None]
 
 
-def reference_attention(q, k, v, mask=None, scale=None):
+def bias_at(bias: KeyBias, key_pos: torch.Tensor, hq: int) -> torch.Tensor:
+    """The bias of keys at positions ``key_pos (B|1, 1|Hkv|Hq, n)``: ``(B, Hq, n)`` float32."""
+    kp = key_pos
+    if kp.shape[1] not in (1, hq):
+        kp = kp.repeat_interleave(hq // kp.shape[1], dim=1)
+    match = kp[..., None] == bias.pos[:, None, None, :]  # (B, 1|Hq, n, nb)
+    return (match.float() * bias.value.float()[:, :, None, :]).sum(-1).expand(match.shape[0], hq, kp.shape[-1])
+
+
+def with_key_bias(q, k, v, bias: KeyBias, scale: float, key_pos: torch.Tensor | None = None):
+    """``(q', k', v')`` with ``nb`` appended columns such that SDPA at ``scale`` over them adds
+    ``bias`` to the logits of the biased keys (exactly, up to one rounding of ``bias / scale``).
+
+    ``key_pos (B|1, 1|Hk, Lk)``: the position each row of ``k`` holds (default ``0 .. Lk-1``, i.e.
+    ``k`` is the whole cache; a gathered ``k`` passes its indices). Output of SDPA on the result is
+    sliced back to ``v``'s head size by the caller.
+    """
+    b, hq, lq, _ = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    nb = bias.pos.shape[-1]
+    if key_pos is None:
+        key_pos = torch.arange(lk, device=k.device)[None, None]
+    onehot = (key_pos[..., None] == bias.pos[:, None, None, :]).to(k.dtype).expand(b, hk, lk, nb)
+    qe = (bias.value.float() / scale).to(q.dtype)[:, :, None, :].expand(b, hq, lq, nb)
+    zeros = v.new_zeros(1, 1, 1, 1).expand(b, v.shape[1], v.shape[2], nb)
+    return torch.cat([q, qe], -1), torch.cat([k, onehot], -1), torch.cat([v, zeros], -1)
+
+
+def _sdpa(q, k, v, *, mask=None, is_causal=False, scale, bias=None, key_pos=None):
+    """SDPA over un-repeated GQA K/V with an optional key bias; returns ``(B, Hq, Lq, Dv)``."""
+    dv = v.shape[-1]
+    if bias is not None:
+        q, k, v = with_key_bias(q, k, v, bias, scale, key_pos)
+    g = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=g > 1)
+    return out if bias is None else out[..., :dv]
+
+
+def reference_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = None):
     """Plain matmul/softmax attention in fp32 (the oracle). Masked logits use ``finfo.min``."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -46,6 +91,8 @@ def reference_attention(q, k, v, mask=None, scale=None):
     scale = d**-0.5 if scale is None else scale
     qf = q.float().reshape(b, hkv, g * lq, d)
     s = (qf @ k.float().transpose(-1, -2) * scale).view(b, hkv, g, lq, lk).reshape(b, hq, lq, lk)
+    if bias is not None:
+        s = s + bias_at(bias, torch.arange(lk, device=q.device)[None, None], hq)[:, :, None, :]
     allowed = _expand_heads(mask, hq) if mask is not None else causal_mask(lq, lk, q.device)
     s = s.masked_fill(~allowed, torch.finfo(torch.float32).min)
     p = s.softmax(-1)
@@ -53,11 +100,16 @@ def reference_attention(q, k, v, mask=None, scale=None):
     return out.to(q.dtype)
 
 
-def dense_attention(q, k, v, mask=None, scale=None):
+def dense_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = None):
     """SDPA over un-repeated GQA K/V. ``mask=None`` means bottom-right causal."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g = hq // hkv
+    if bias is not None:
+        scale = d**-0.5 if scale is None else scale
+        if mask is None and lq != lk:
+            mask = causal_mask(lq, lk, q.device)[None, None]
+        return _sdpa(q, k, v, mask=_expand_heads(mask, hq), is_causal=mask is None and lq > 1, scale=scale, bias=bias)
     if mask is None and lq == 1:
         # one query: fold the G query heads of a group into the query axis (no K/V copy, no mask)
         out = F.scaled_dot_product_attention(q.reshape(b, hkv, g, d), k, v, scale=scale)
@@ -106,7 +158,8 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, heads: torch.Tensor | None =
     return rows.index_select(0, (idx * sl + base).reshape(-1)).view(b, h, k, x.shape[-1])
 
 
-def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str = "fast", valid=None):
+def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str = "fast", valid=None,
+                            bias: KeyBias | None = None):
     """Token-sparse attention: per head, attend among the selected tokens only; other rows get 0.
 
     Parameters
@@ -141,7 +194,7 @@ def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str 
         if key_valid is not None:
             allowed = allowed & key_valid[:, None, None, :]
         allowed = allowed | torch.eye(lq, dtype=torch.bool, device=q.device)  # keep rows finite; zeroed below
-        out = reference_attention(q, k, v, allowed, scale)
+        out = reference_attention(q, k, v, allowed, scale, bias)
         return out * sel[..., None].to(out.dtype)
     if impl != "fast":
         raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
@@ -173,7 +226,10 @@ def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str 
     if kv_sel is not None:
         mask = causal_mask(n, n, dev)[None, None] & kv_sel
         mask = mask | torch.eye(n, dtype=torch.bool, device=dev)  # padded/filler query rows stay finite
-    if mask is None:
+    if bias is not None:
+        o = _sdpa(qs, ks, vs, mask=_expand_heads(mask, hq), is_causal=mask is None, scale=d**-0.5 if scale is None else scale,
+                  bias=bias, key_pos=idx)
+    elif mask is None:
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=ks.shape[1] != hq)
     else:
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_expand_heads(mask, hq), scale=scale, enable_gqa=ks.shape[1] != hq)
@@ -193,7 +249,7 @@ def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str 
 # --------------------------------------------------------------------------------------------------
 
 
-def gather_attend(q, k, v, idx, scale=None, mask=None, impl: str = "fast"):
+def gather_attend(q, k, v, idx, scale=None, mask=None, impl: str = "fast", bias: KeyBias | None = None):
     """Attend only to the K/V rows ``idx`` ``(B, 1 | Hkv, n)`` (sorted; shared by the heads above them).
 
     ``mask``: optional bool ``(B, 1|Hkv, Lq, n)`` over the *selected* keys (causality inside the
@@ -208,7 +264,7 @@ def gather_attend(q, k, v, idx, scale=None, mask=None, impl: str = "fast"):
     n = idx.shape[-1]
     if impl == "reference":
         full = mask_from_indices(idx[:, :, None, :].expand(b, idx.shape[1], lq, n), lk, None if mask is None else mask.expand(b, idx.shape[1], lq, n))
-        return reference_attention(q, k, v, full, scale)
+        return reference_attention(q, k, v, full, scale, bias)
     if impl != "fast":
         raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
     if idx.shape[1] == 1:
@@ -217,6 +273,8 @@ def gather_attend(q, k, v, idx, scale=None, mask=None, impl: str = "fast"):
             mask = mask.expand(b, hkv, lq, n)
     ks = gather_rows(k, idx)  # (B, Hkv, n, D)
     vs = gather_rows(v, idx)
+    if bias is not None:
+        return _sdpa(q, ks, vs, mask=_expand_heads(mask, hq), scale=d**-0.5 if scale is None else scale, bias=bias, key_pos=idx)
     if lq == 1 and mask is None:
         out = F.scaled_dot_product_attention(q.reshape(b, hkv, g, d), ks, vs, scale=scale)
         return out.reshape(b, hq, 1, v.shape[-1])
@@ -230,7 +288,7 @@ def gather_attend(q, k, v, idx, scale=None, mask=None, impl: str = "fast"):
 # --------------------------------------------------------------------------------------------------
 
 
-def segments_attend(q, segments, scale=None, impl: str = "fast"):
+def segments_attend(q, segments, scale=None, impl: str = "fast", bias: KeyBias | None = None, positions=None):
     """One softmax over the union of key segments, without copying them into one tensor.
 
     ``q (B, Hq, Lq, D)``; ``segments``: a list of ``(k_i, v_i)`` with ``k_i, v_i (B, Hkv, n_i, D)``,
@@ -239,8 +297,14 @@ def segments_attend(q, segments, scale=None, impl: str = "fast"):
     The fast path computes the logits of each segment with a grouped matmul, one softmax over
     their concatenation (only ``Lq × Σ n_i`` floats per head), and sums ``p_i @ v_i``: reading a
     cache view costs nothing, whereas ``torch.cat`` would copy every row each step.
-    ``impl="reference"`` concatenates the segments and calls :func:`reference_attention`.
+    ``impl="reference"`` concatenates the segments and takes one plain fp32 softmax over them.
+    ``bias`` needs ``positions``: one ``(B|1, 1|Hkv, n_i)`` long tensor per segment, the key
+    positions its rows hold.
     """
+    if bias is not None and (positions is None or len(positions) != len(segments)):
+        raise ValueError("segments_attend: a bias needs the key positions of every segment")
+    if bias is not None:
+        positions = [p for (k, _), p in zip(segments, positions) if k.shape[2] > 0]
     segments = [(k, v) for k, v in segments if k.shape[2] > 0]
     if not segments:
         raise ValueError("segments_attend needs at least one non-empty key segment")
@@ -251,11 +315,21 @@ def segments_attend(q, segments, scale=None, impl: str = "fast"):
     if impl == "reference":
         k = torch.cat([s[0] for s in segments], 2)
         v = torch.cat([s[1] for s in segments], 2)
-        return reference_attention(q, k, v, torch.ones(b, 1, lq, k.shape[2], dtype=torch.bool, device=q.device), scale)
+        qf = q.float().reshape(b, hkv, g * lq, d)
+        logits = (qf @ k.float().transpose(-1, -2) * scale).view(b, hq, lq, k.shape[2])
+        if bias is not None:
+            pos = torch.cat([p.expand(b, hkv, p.shape[-1]) for p in positions], -1)
+            logits = logits + bias_at(bias, pos, hq)[:, :, None, :]
+        p_ = logits.softmax(-1)
+        return (p_.reshape(b, hkv, g * lq, -1) @ v.float()).view(b, hq, lq, -1).to(q.dtype)
     if impl != "fast":
         raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
     qg = (q.float() * scale).reshape(b, hkv, g * lq, d)
     logits = torch.cat([qg @ k.float().transpose(-1, -2) for k, _ in segments], dim=-1)  # (B, Hkv, G·Lq, Σn)
+    if bias is not None:
+        pos = torch.cat([p.expand(b, hkv, p.shape[-1]) for p in positions], -1)
+        add = bias_at(bias, pos, hq)  # (B, Hq, Σn)
+        logits = logits + add.view(b, hkv, g, 1, -1).expand(b, hkv, g, lq, add.shape[-1]).reshape(logits.shape)
     p = logits.softmax(-1)
     out, start = None, 0
     for k, v in segments:

@@ -5,6 +5,8 @@ Conventions as in :mod:`tokensparse.engine.executors`. Scores are "higher = keep
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -13,7 +15,7 @@ from .config import Spec, check_value
 GQA_REDUCTIONS = ("mean", "max", "sum")
 
 
-def _grouped_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def grouped_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """``q (B, Hq, W, D)`` · ``k (B, Hkv, C, D)`` → ``(B, Hq, W, C)`` in fp32 without repeating K."""
     b, hq, w, d = q.shape
     hkv, c = k.shape[1], k.shape[2]
@@ -90,7 +92,7 @@ def window_scores_reference(q_win, k, scale, key_valid=None) -> torch.Tensor:
     """Unchunked twin of :func:`window_scores` (full ``W × Lk`` softmax), for tests."""
     b, hq, w, _ = q_win.shape
     lk = k.shape[2]
-    s = _grouped_logits(q_win, k, scale)
+    s = grouped_logits(q_win, k, scale)
     qpos = torch.arange(lk - w, lk, device=q_win.device)
     allowed = (torch.arange(lk, device=q_win.device)[None, :] <= qpos[:, None])[None, None]
     if key_valid is not None:
@@ -276,3 +278,117 @@ def validate_budget(name: str, budget) -> None:
     """Reject booleans, non-positive counts and ratios outside (0, 1] with a clear message (the
     rule of a ``param(..., "budget")`` method field, for budgets that are not config fields)."""
     check_value("budget", name, Spec("budget"), budget)
+
+
+# --------------------------------------------------------------------------------------------------
+# what a method chose for one call
+# --------------------------------------------------------------------------------------------------
+
+SELECTION_KINDS = ("dense", "rows", "keys", "keep")
+
+
+@dataclass(eq=False)
+class Selection:
+    """What a method chose for one attention call; the engine's executor for ``kind`` applies it.
+
+    ``kind``:
+
+    * ``"dense"``: the method looked at the call and chose every key (observed as dense);
+    * ``"rows"``: compress → attend → scatter (prefill): the selected positions restrict both the
+      queries and the keys, per query head or per KV head (``idx`` with ``Hq`` or ``Hkv`` heads);
+    * ``"keys"``: every query of the call attends only to the selected keys of the full cache
+      (decode-time selection; ``idx`` with 1 or ``Hkv`` heads);
+    * ``"keep"``: the call attends densely, then the evicting cache keeps only the selected rows
+      (eviction; ``idx`` with ``Hkv`` heads).
+
+    ``idx (B, H, n)`` are sorted physical key positions; ``valid`` (like ``idx``, or ``None`` =
+    all valid) marks filler entries of rows that selected fewer than the widest row. ``prefix`` and
+    ``suffix`` add the key ranges ``[0, prefix)`` and ``[Lk - suffix, Lk)`` to every row without
+    listing them (sinks and a local window of an unpadded call: the decode executor reads them as
+    views of the cache instead of gathering them); ``idx`` then lies strictly between the two.
+    ``complete``: the selection holds every real key, so the engine runs the call dense unless the
+    sparse paths are forced (:func:`tokensparse.engine.exercise_sparse_paths`).
+    """
+
+    kind: str
+    idx: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    prefix: int = 0
+    suffix: int = 0
+    complete: bool = False
+
+    def __post_init__(self):
+        if self.kind not in SELECTION_KINDS:
+            raise ValueError(f"selection kind must be one of {SELECTION_KINDS}, got {self.kind!r}")
+        if self.kind != "dense" and self.idx is None:
+            raise ValueError(f"a {self.kind!r} selection needs idx")
+
+    @classmethod
+    def dense(cls):
+        return cls("dense", complete=True)
+
+    @classmethod
+    def rows(cls, idx, valid=None, **kw):
+        return cls("rows", idx, valid, **kw)
+
+    @classmethod
+    def keys(cls, idx, valid=None, **kw):
+        return cls("keys", idx, valid, **kw)
+
+    @classmethod
+    def keep(cls, idx, valid=None, **kw):
+        return cls("keep", idx, valid, **kw)
+
+    @property
+    def heads(self) -> int:
+        return self.idx.shape[1]
+
+    def full_idx(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(idx, valid)`` with the ``prefix``/``suffix`` ranges listed (sorted)."""
+        if not (self.prefix or self.suffix):
+            return self.idx, self.valid
+        b, h = self.idx.shape[:2]
+        dev = self.idx.device
+        pre = torch.arange(0, self.prefix, device=dev).expand(b, h, self.prefix)
+        suf = torch.arange(length - self.suffix, length, device=dev).expand(b, h, self.suffix)
+        idx = torch.cat([pre, self.idx, suf], dim=-1)
+        if self.valid is None:
+            return idx, None
+        ones = torch.ones(b, h, 1, dtype=torch.bool, device=dev)
+        valid = torch.cat([ones.expand(b, h, self.prefix), self.valid, ones.expand(b, h, self.suffix)], dim=-1)
+        return idx, valid
+
+    def mask(self, length: int) -> torch.Tensor:
+        """``(B, H, length)`` bool: the positions this selection holds (filler entries ignored)."""
+        out = mask_from_indices(self.idx, length, self.valid)
+        if self.prefix:
+            out[..., : self.prefix] = True
+        if self.suffix:
+            out[..., length - self.suffix :] = True
+        return out
+
+    def kept(self) -> float:
+        """Selected keys per row and head, averaged (filler entries not counted)."""
+        n = self.idx.shape[-1] if self.valid is None else float(self.valid.float().sum(-1).mean())
+        return float(n + self.prefix + self.suffix)
+
+
+@dataclass(eq=False)
+class KeyBias:
+    """An additive logit bias on a few key columns: ``value[b, h, j]`` is added to the logit of key
+    ``pos[b, j]`` for every query of query head ``h`` (ZeroTuning's ``log γ`` on the first token,
+    a compensation token's ``log N``).
+
+    ``pos (B, n)`` long physical key positions; ``value (1 | B, Hq, n)`` float. Every executor applies
+    it exactly, fast paths included (see :func:`tokensparse.engine.executors.with_key_bias`).
+    """
+
+    pos: torch.Tensor
+    value: torch.Tensor
+
+    def dense(self, b: int, hq: int, length: int) -> torch.Tensor:
+        """The bias as a dense ``(B, Hq, 1, Lk)`` float tensor (the reference executors add it)."""
+        out = torch.zeros(b, hq, length, dtype=torch.float32, device=self.pos.device)
+        val = self.value.float().expand(b, hq, self.pos.shape[-1])
+        out.scatter_add_(-1, self.pos[:, None, :].expand(b, hq, self.pos.shape[-1]), val)
+        return out[:, :, None, :]

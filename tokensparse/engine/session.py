@@ -1,115 +1,19 @@
-"""transformers integration: the registered attention function, ``sparsify`` and per-layer state.
+"""A method attached to a model: per-layer state, the cross-layer carry, statistics, telemetry.
 
-Integration goes only through public extension points:
-
-* ``AttentionInterface.register("tokensparse", fn)`` and ``AttentionMaskInterface.register(
-  "tokensparse", sdpa_mask)`` (without the mask registration transformers passes ``mask=None`` and
-  padding/chunking masks are silently lost), done lazily on the first :func:`sparsify`, never at
-  import time;
-* ``model.set_attn_implementation(...)`` to switch in and back out;
-* ``Cache(layers=[...])`` for the engine's cache layers (:mod:`tokensparse.engine.cache`).
-
-Per-layer state lives in the :class:`Session`, reached from the attention module through a weak
-map, never through ``generate`` kwargs (``generate`` rejects unknown kwargs).
+The attention function (:mod:`tokensparse.engine.integration`) reaches the :class:`Session` of a
+module through a weak map; methods reach it as ``call.session`` and their layer's state as
+``call.layer``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
-import torch
-from transformers.masking_utils import sdpa_mask
-
-from ..models import check_supported
-from .cache import KVCache, consume_last_update
-from .call import AttentionCall
-from .config import check_fields
-from .telemetry import Selection, Telemetry
-
-ATTN_NAME = "tokensparse"
-
-_registered = False
-_register_lock = threading.Lock()
-_SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Session]" = weakref.WeakKeyDictionary()
-
-_force_sparse = threading.local()
-
-
-def sparse_paths_forced() -> bool:
-    """True inside :func:`exercise_sparse_paths` (tests): methods must not short-circuit to dense."""
-    return getattr(_force_sparse, "on", False)
-
-
-@contextlib.contextmanager
-def exercise_sparse_paths():
-    """Make methods run their sparse executors even when the selection covers every token.
-
-    Methods normally skip straight to dense attention when their budget covers everything; under
-    this context they select "all tokens" and go through the real gather/scatter/eviction code,
-    which lets the full-budget equality tests check those paths.
-    """
-    old = sparse_paths_forced()
-    _force_sparse.on = True
-    try:
-        yield
-    finally:
-        _force_sparse.on = old
-
-
-@dataclass(eq=False)
-class Method:
-    """Base class of every method config. Subclasses are ``@dataclass`` es registered by name.
-
-    Class attributes describe the method for the registry table: ``name``, ``phase`` (exactly one
-    of ``"prefill"``, ``"decode"``, ``"eviction"``: code such as the eval report compares it, and the
-    registry refuses anything else), ``schedule`` (free text saying when it acts, e.g. ``"every
-    step"``), ``kv_memory`` (effect on KV memory), ``calibration`` (what offline step it needs,
-    ``"no"`` if none), ``paper``.
-    """
-
-    name: ClassVar[str] = ""
-    phase: ClassVar[str] = ""
-    schedule: ClassVar[str] = ""
-    kv_memory: ClassVar[str] = ""
-    calibration: ClassVar[str] = "no"
-    paper: ClassVar[str] = ""
-    needs_evicting_cache: ClassVar[bool] = False
-
-    def __post_init__(self):
-        check_fields(self)  # every field declared with engine.config.param: type, range, choices
-        self.validate()
-
-    def validate(self) -> None:
-        """Cross-field checks; raise ``ValueError`` naming the fields (called on construction, after
-        every declared field was checked on its own)."""
-
-    @classmethod
-    def at_full_budget(cls) -> "Method":
-        """A config under which the method must reproduce dense attention."""
-        raise NotImplementedError
-
-    @classmethod
-    def at_sparse_budget(cls) -> "Method":
-        """A config that really skips or evicts tokens on the 20–40-token prompts of the test
-        matrices (used to check that a row of a padded batch equals the same prompt alone)."""
-        raise NotImplementedError
-
-    def setup(self, session: "Session") -> None:
-        """Called once when the method is attached to a model (resolve layers, load profiles)."""
-
-    def forward(self, call: AttentionCall) -> torch.Tensor:
-        """Attention output ``(B, Hq, Lq, D)`` for one call. The default is dense attention."""
-        return call.dense()
-
-    def config_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return {"method": self.name, **asdict(self)}
+from .cache import KVCache
+from .selection import Selection
+from .telemetry import Telemetry
 
 
 @dataclass(eq=False)
@@ -118,18 +22,32 @@ class LayerState:
 
     layer_idx: int
     scratch: dict = field(default_factory=dict)
+    #: the decode executor's gathered K/V rows of the last selection (engine-owned, see pipeline._gathered)
+    gathered: tuple | None = None
 
 
 class Session:
-    """A method attached to a model (what :func:`sparsify` yields)."""
+    """A method (a :class:`~tokensparse.engine.method.Method`) attached to a model: what
+    :func:`~tokensparse.engine.integration.sparsify` yields.
 
-    def __init__(self, model, method: Method, telemetry: Telemetry | None):
+    ``stats`` counts, for every call the method acted on: ``calls``, ``dense_calls``,
+    ``sparse_calls``, ``kept_keys`` and ``total_keys`` (summed over sparse calls; kept = mean
+    selected keys per row and head), plus events a method counts itself (e.g. TokenSelect's
+    ``reuse``/``select``) and ``sliding_dense_calls`` (sliding-window layers, always dense).
+    """
+
+    def __init__(self, model, method, telemetry: Telemetry | None):
         self.model = model
         self.method = method
         self.telemetry = telemetry
         self.stats: Counter = Counter()
         self.info: dict[str, Any] = {}  # facts worth reporting (e.g. which layers a method made sparse)
         self.state: dict[str, Any] = {}  # method-wide state resolved in Method.setup
+        #: the channel between the layers of one forward pass (e.g. positions a selection layer
+        #: chose for the layers after it); cleared at the start of every pass, so a layer that did
+        #: not run in this pass cannot leave stale entries behind
+        self.carry: dict[Any, Any] = {}
+        self.forward_passes = 0
         cfg = model.config.get_text_config(decoder=True)
         self.num_layers = cfg.num_hidden_layers
         self.layers = [LayerState(i) for i in range(self.num_layers)]
@@ -138,168 +56,21 @@ class Session:
         """A cache suited to the method: evicting layers for eviction methods, else preallocated ones."""
         return KVCache(self.model, evicting=self.method.needs_evicting_cache, capacity=capacity, headroom=headroom)
 
-    def observe(self, call: AttentionCall, selection: Selection) -> None:
+    def observe(self, call, selection: Selection) -> None:
         if self.telemetry is not None:
             self.telemetry.observe(call, selection)
 
+    def begin_forward(self) -> None:
+        """Start of a model forward pass (a forward pre-hook installed by ``sparsify``)."""
+        self.carry.clear()
+        self.forward_passes += 1
+        self.method.on_forward_start(self)
+
     def reset_state(self) -> None:
         """Forget per-layer method state (e.g. selection caches) before an unrelated sequence."""
+        self.carry.clear()
         for layer in self.layers:
             layer.scratch.clear()
+            layer.gathered = None
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    session = _SESSIONS.get(module)
-    if session is None:
-        raise RuntimeError(
-            f"attention implementation {ATTN_NAME!r} is active on a model that is not inside ts.sparsify(...); "
-            "use the context manager, which restores the previous implementation on exit"
-        )
-    if dropout and dropout > 0:
-        raise RuntimeError("tokensparse methods are for inference; call model.eval() (attention dropout is on)")
-    if attention_mask is not None and attention_mask.dtype != torch.bool:
-        raise TypeError(f"tokensparse expects a boolean attention mask, got {attention_mask.dtype}")
-    call = AttentionCall(
-        module=module,
-        query=query,
-        key=key,
-        value=value,
-        hf_mask=attention_mask,
-        scale=module.scaling if scaling is None else scaling,
-        session=session,
-        layer=session.layers[module.layer_idx],
-        cache_layer=consume_last_update(key),
-        use_cache=bool(kwargs.get("use_cache", True)),
-        extra=kwargs,
-    )
-    if attention_mask is not None:
-        _mark_padding(call, attention_mask)
-    if call.is_sliding:
-        # methods assume global attention; a sliding layer's window already bounds its cost
-        session.stats["engine.sliding_dense_calls"] += 1
-        out = call.dense()
-    else:
-        out = session.method.forward(call)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _mark_padding(call: AttentionCall, attention_mask: torch.Tensor) -> None:
-    """Check the padding side and record this call's padding rows in an evicting cache.
-
-    A new token is padding exactly when it cannot see itself: transformers' mask functions
-    (causal, sliding window, chunked) all keep the diagonal, and its padding mask removes a padded
-    key from every query, its own included. So the diagonal of the call's mask is exact on any
-    layer type (the last mask row is not: on a sliding layer it misses everything outside the
-    window). Recording padding *before* the method runs lets eviction policies count sinks,
-    windows and budgets over real tokens only.
-    """
-    lq = call.q_len
-    i = torch.arange(lq, device=attention_mask.device)
-    # the call's own tokens are the mask's last Lq columns, whatever layer transformers sized it from
-    real = attention_mask[:, :, i, attention_mask.shape[-1] - lq + i].any(1, keepdim=True)  # (B, 1, Lq)
-    if bool(real.all()):  # the common case (e.g. decode steps of a padded batch): one host sync
-        return
-    if not bool(real[:, :, -1].all()):
-        raise ValueError(
-            "tokensparse supports left padding only: the last token of a row is padding (right padding). "
-            "Set tokenizer.padding_side = 'left'."
-        )
-    ev = call.evicting
-    if ev is not None:
-        empty = torch.zeros(call.batch, 1, ev.n, dtype=torch.bool, device=real.device)
-        empty[:, :, ev.n - lq :] = ~real
-        ev.mark_empty(empty)
-
-
-class UnsupportedCacheError(ValueError):
-    """A cache whose key/value rows extend past the current token (e.g. transformers' static cache)."""
-
-
-def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, **kwargs):
-    """transformers' ``sdpa_mask``, after checking that the cache's keys end at the current token.
-
-    Every tokensparse method reads ``key.shape[-2]`` as the context length and ``mask=None`` as
-    bottom-right causal. A static cache (``cache_implementation="static"``) hands back all
-    ``max_cache_len`` preallocated rows, most of them unwritten, and transformers then passes
-    ``mask=None``: methods would attend to and select empty slots. It is refused here, before the
-    first layer runs, instead of producing silently wrong results.
-    """
-    end_q = int(q_offset) + int(q_length)
-    end_kv = int(kv_offset) + int(kv_length)
-    if end_kv != end_q:
-        raise UnsupportedCacheError(
-            f"tokensparse cannot run on a cache whose key rows ({end_kv}) extend past the current token ({end_q}), "
-            "such as transformers' static cache (cache_implementation='static'). Pass cache=session.new_cache() "
-            "(preallocated and written in place, the fastest cache here) or use the default dynamic cache."
-        )
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, **kwargs)
-
-
-def _ensure_registered() -> None:
-    global _registered
-    with _register_lock:
-        if _registered:
-            return
-        from transformers import AttentionInterface, AttentionMaskInterface
-
-        AttentionInterface.register(ATTN_NAME, _attention)
-        AttentionMaskInterface.register(ATTN_NAME, _mask)
-        _registered = True
-
-
-def _attention_modules(model):
-    for module in model.modules():
-        if hasattr(module, "layer_idx") and hasattr(module, "num_key_value_groups") and hasattr(module, "scaling"):
-            yield module
-
-
-@contextlib.contextmanager
-def attached(model, modules, registry: weakref.WeakKeyDictionary, obj, attn_name: str):
-    """Map every attention module to ``obj`` in ``registry`` and switch the model to the registered
-    attention implementation ``attn_name`` for the block; both are undone on exit, also on error.
-    (How :func:`sparsify` and :func:`tokensparse.time_attention` reach their state from inside an
-    attention call.)"""
-    previous = model.config._attn_implementation
-    for m in modules:
-        registry[m] = obj
-    try:
-        model.set_attn_implementation(attn_name)
-        yield obj
-    finally:
-        for m in modules:
-            registry.pop(m, None)
-        model.set_attn_implementation(previous)
-
-
-@contextlib.contextmanager
-def sparsify(model, method: Method, *, telemetry: bool | Telemetry = False):
-    """Run ``model`` with ``method`` inside the block; the previous attention implementation and all
-    engine state are restored on exit, also when the block raises.
-
-    ``telemetry=True`` (or a :class:`Telemetry`) records per layer/head density, kept attention
-    mass and attention-output error in ``session.telemetry`` (computed inside the attention call:
-    do not time a run with telemetry on). Yields the :class:`Session`; eviction methods need its
-    ``session.new_cache()`` passed as ``cache=`` to ``model(...)`` / ``model.generate(...)``.
-    """
-    if not isinstance(method, Method):
-        raise TypeError(
-            f"sparsify expects a method config (e.g. ts.methods.get('token_sparse')()), got {type(method).__name__}"
-        )
-    check_supported(model)
-    modules = list(_attention_modules(model))
-    if not modules:
-        raise ValueError("found no attention modules with layer_idx in this model")
-    if any(m in _SESSIONS for m in modules):
-        raise RuntimeError("this model is already inside ts.sparsify(...); nesting is not supported")
-    _ensure_registered()
-    tele = telemetry if isinstance(telemetry, Telemetry) else (Telemetry() if telemetry else None)
-    session = Session(model, method, tele)
-    method.setup(session)
-    from .timing import timed_name  # (lazy: timing builds on this module)
-
-    # Entered inside ts.time_attention(...): switch to the timed wrapper of the method's attention
-    # instead, so that the timer (still mapped to the modules) counts the attention actually
-    # running in both nesting orders; the timed previous implementation is restored on exit.
-    attn_name = timed_name(model, ATTN_NAME)
-    with attached(model, modules, _SESSIONS, session, attn_name):
-        yield session

@@ -13,9 +13,9 @@ last one), so the cost is ``O(S · Lk)`` per head instead of ``O(Lq · Lk)``:
   selection, so this measures the selection, not executor round-off (executors are tested against
   their references separately).
 
-What a selection means depends on the phase: for prefill and decode-time selection it is what the
-call attends to, so ``error`` is the error of that call's output; an eviction method attends
-densely during prefill and reports the rows it *keeps*, so its ``error`` is what the prompt's own
+What a selection means depends on its kind: for ``rows`` and ``keys`` (prefill and decode-time
+selection) it is what the call attends to, so ``error`` is the error of that call's output; an
+eviction method (``keep``) attends densely and reports the rows it *keeps*, so its ``error`` is what the prompt's own
 queries would get from the kept cache (a proxy for later queries; its real effect shows in the
 logit fidelity of the evaluation rows). Decode steps over an already evicted cache are dense over
 what the cache holds and are not observed.
@@ -24,42 +24,13 @@ what the cache holds and are not observed.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 
 from .executors import _expand_heads, causal_mask
-from .selection import _grouped_logits, mask_from_indices
+from .selection import Selection, grouped_logits
 
-
-@dataclass
-class Selection:
-    """What a call attended to, for telemetry.
-
-    ``kind``: ``"dense"``; ``"rows"`` (compress→attend→scatter: ``idx`` restricts both queries and
-    keys, per query or KV head); ``"keys"`` (``idx`` restricts keys for every query of the call,
-    e.g. decode-time selection or the rows an eviction keeps).
-    """
-
-    kind: str
-    idx: torch.Tensor | None = None
-    valid: torch.Tensor | None = None  # like ``idx``; False = filler entry of a shorter row
-
-    @classmethod
-    def dense(cls):
-        return cls("dense")
-
-    @classmethod
-    def rows(cls, idx, valid=None):
-        return cls("rows", idx, valid)
-
-    @classmethod
-    def keys(cls, idx, valid=None):
-        return cls("keys", idx, valid)
-
-    def mask(self, length: int) -> torch.Tensor:
-        """``(B, H, length)`` bool: the positions this selection holds (filler entries ignored)."""
-        return mask_from_indices(self.idx, length, self.valid)
+__all__ = ["Selection", "Telemetry"]
 
 
 class Telemetry:
@@ -79,7 +50,7 @@ class Telemetry:
         hkv, lk = k.shape[1], k.shape[2]
         s = min(self.sample_queries, lq)
         rows = torch.linspace(0, lq - 1, s, device=q.device).round().long().unique()
-        logits = _grouped_logits(q[:, :, rows], k, call.scale)  # (B, Hq, S, Lk)
+        logits = grouped_logits(q[:, :, rows], k, call.scale)  # (B, Hq, S, Lk)
         m = call.mask
         allowed = causal_mask(lq, lk, q.device)[rows][None, None] if m is None else _expand_heads(m[:, :, rows], hq)
         allowed = allowed.expand(b, hq, len(rows), lk)
@@ -87,7 +58,6 @@ class Telemetry:
         att = allowed.clone()
         v = call.value
         if selection.kind != "dense":
-            idx = selection.idx
             sel = selection.mask(lk)
             sel = _expand_heads(sel[:, :, None, :], hq)[:, :, 0]  # (B, Hq, Lk)
             att &= sel[:, :, None, :]
@@ -95,7 +65,7 @@ class Telemetry:
                 qpos = rows + (lk - lq)
                 att &= sel[:, :, qpos][..., None]
             if self.keep_indices:
-                self.last_selection[call.layer_idx] = idx.detach().cpu()
+                self.last_selection[call.layer_idx] = selection.full_idx(lk)[0].detach().cpu()
         kept = p * att
         mass = kept.sum(-1)  # (B, Hq, S)
         n_allowed = allowed.sum(-1)

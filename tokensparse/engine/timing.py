@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .session import _attention_modules, attached
+from .integration import _attention_modules, attached
 
 _PREFIX = "tokensparse_timed_"
 _TIMERS: "weakref.WeakKeyDictionary[torch.nn.Module, AttentionTimer]" = weakref.WeakKeyDictionary()

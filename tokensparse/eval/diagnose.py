@@ -7,7 +7,7 @@ placement rules, then the answer one token per step, :mod:`tokensparse.eval.scor
 * which keys the method let the step attend to, and from that the share of the gold needle's
   prompt tokens among them ("needle in selection"; 1.0 for dense attention);
 * for TokenSelect with a Selection Cache, whether the step reused the previous step's selection
-  (read from the session's ``token_select.reuse`` counter, which the method increments on a hit).
+  (read from the session's ``reuse`` counter, which the method increments on a hit).
 
 For eviction methods the cache itself is inspected after the prefill: the share of the needle's
 tokens each layer still holds. Per answer token, the log-probability under the method minus dense
@@ -71,7 +71,7 @@ class SelectionTrace(ts.Telemetry):
     def observe(self, call, selection) -> None:
         if call.q_len != 1 or self.step < 0:
             return
-        reused_now = call.session.stats.get("token_select.reuse", 0)
+        reused_now = call.session.stats.get("reuse", 0)
         reused = reused_now > self._reuse_seen
         self._reuse_seen = reused_now
         if selection.kind == "dense" or selection.idx is None:

@@ -71,7 +71,7 @@ def teacher_force(model, cache, first_logits: torch.Tensor, answer_ids: torch.Te
 
 
 def _active_session(model):
-    from ..engine.session import _SESSIONS, _attention_modules
+    from ..engine.integration import _SESSIONS, _attention_modules
 
     for m in _attention_modules(model):
         if m in _SESSIONS:

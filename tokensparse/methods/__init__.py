@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib
 
-from ..engine.session import Method
+from ..engine.method import Method, Phase
 
-_MODULES = ("token_sparse", "token_select", "snapkv", "streaming_llm")
+_MODULES = ("token_sparse", "token_select", "tidal_decode", "snapkv", "streaming_llm", "zero_tuning")
 _REGISTRY: dict[str, type[Method]] = {}
 
 #: the values ``Method.phase`` may take (when it acts is the free-text ``Method.schedule``)
-PHASES = ("prefill", "decode", "eviction")
+PHASES = tuple(p.value for p in Phase)
 
 
 class UnknownMethodError(KeyError):
@@ -24,11 +24,11 @@ class UnknownMethodError(KeyError):
 
 
 def _check(cls: type[Method]) -> None:
-    """Refuse a method whose ``phase`` is not one of :data:`PHASES` (code compares it by value)."""
-    if cls.phase not in PHASES:
+    """Refuse a method whose ``phase`` is not a :class:`~tokensparse.engine.Phase` (code compares it)."""
+    if not isinstance(cls.phase, Phase):
         raise ValueError(
             f"method {cls.name!r} ({cls.__module__}.{cls.__qualname__}) has phase={cls.phase!r}; phase must be "
-            f"one of {', '.join(map(repr, PHASES))} (describe when it acts in `schedule`)"
+            f"a tokensparse.engine.Phase, one of {', '.join(p.name for p in Phase)} (describe when it acts in `schedule`)"
         )
 
 
@@ -71,7 +71,7 @@ def table() -> list[dict[str, str]]:
         rows.append(
             {
                 "name": name,
-                "phase": cls.phase,
+                "phase": cls.phase.value,
                 "schedule": cls.schedule,
                 "kv_memory": cls.kv_memory,
                 "calibration": cls.calibration,

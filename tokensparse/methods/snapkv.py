@@ -39,25 +39,23 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.config import param
+from ..engine.method import Method, Phase
+from ..engine.pipeline import KeyPlan, everything
 from ..engine.selection import (
     GQA_REDUCTIONS,
+    Selection,
     aggregate_gqa,
-    indices_from_mask,
-    mask_from_indices,
     pool1d,
     resolve_budget_rows,
-    select_topk,
     window_scores,
     window_scores_reference,
 )
-from ..engine.session import Method, sparse_paths_forced
-from ..engine.telemetry import Selection
 
 
 @dataclass(eq=False)
 class SnapKV(Method):
     name = "snapkv"
-    phase = "eviction"
+    phase = Phase.EVICTION
     schedule = "once after prefill"
     kv_memory = "reduced to the budget"
     calibration = "no"
@@ -83,37 +81,19 @@ class SnapKV(Method):
     def at_sparse_budget(cls) -> "Method":
         return cls(budget=12, window=4)
 
-    def forward(self, call) -> torch.Tensor:
-        out = call.dense()
+    def select(self, call) -> Selection | None:
+        """At the prefill: the rows each KV head keeps (window included); ``None`` afterwards."""
         if call.kind != "prefill":
-            return out
-        cache = call.require_evicting_cache(self.name)
-        if cache is None:  # use_cache=False: nothing is stored, nothing to evict
-            return out
+            return None
         # counted over each row's real tokens, so a row of a left-padded batch keeps what it would alone
         real = call.n_real  # (B, 1)
-        keep = torch.minimum(resolve_budget_rows(self.budget, real), real)
-        w_rows = real.clamp(max=self.window)  # a prompt shorter than the window is all window
-        n_top = (keep - w_rows).clamp_min(0)  # (B, 1)
-        if bool((torch.maximum(keep, w_rows) >= real).all()) and not sparse_paths_forced():
-            return out  # the window always stays: nothing to evict
-        length = call.k_len
-        w = min(self.window, length)
-        rank = call.key_rank  # (B, L), 0 on padding
-        keep_mask = (rank > real - w_rows)[:, None, :].expand(call.batch, call.n_kv_heads, length).clone()
-        k_max = int(n_top.max())
-        if k_max > 0:  # rows with n_top > 0 hold at least `window` real tokens: the last w queries are real
-            valid = call.key_valid
-            score_fn = window_scores if self.impl == "fast" else window_scores_reference
-            scores = score_fn(call.query[:, :, length - w :], call.key, call.scale, valid)[..., : length - w]
-            scores = pool1d(scores, self.pool_kernel, self.pool)
-            scores = aggregate_gqa(scores, call.n_kv_heads, self.gqa_reduce)  # (B, Hkv, L - w)
-            if valid is not None:
-                scores = scores.masked_fill(~valid[:, None, : length - w], -1.0)
-            top, top_valid = select_topk(scores, k_max, n_top[:, :, None])
-            keep_mask[..., : length - w] |= mask_from_indices(top, length - w, top_valid)
-        idx, kept = indices_from_mask(keep_mask)
-        call.session.observe(call, Selection.keys(idx, kept))
-        cache.keep(idx, None if bool(kept.all()) else kept)
-        call.session.stats["snapkv.compressed_layers"] += 1
-        return out
+        plan = KeyPlan(call, window=self.window)
+        n_top = torch.minimum(resolve_budget_rows(self.budget, real), real) - plan.n_always
+        if plan.covers(n_top):
+            return everything(call, "keep")  # the window always stays: nothing to evict
+        # rows that take candidates hold at least `window` real tokens: the last w queries are real
+        score_fn = window_scores if self.impl == "fast" else window_scores_reference
+        scores = score_fn(call.query[:, :, plan.hi :], call.key, call.scale, call.key_valid)[..., : plan.hi]
+        scores = pool1d(scores, self.pool_kernel, self.pool)
+        scores = aggregate_gqa(scores, call.n_kv_heads, self.gqa_reduce)  # (B, Hkv, L - w)
+        return plan.select(scores, n_top, "keep")

@@ -29,15 +29,15 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.config import param
-from ..engine.selection import indices_from_mask, resolve_budget_rows
-from ..engine.session import Method, sparse_paths_forced
-from ..engine.telemetry import Selection
+from ..engine.method import Method, Phase
+from ..engine.pipeline import everything
+from ..engine.selection import Selection, indices_from_mask, resolve_budget_rows
 
 
 @dataclass(eq=False)
 class StreamingLLM(Method):
     name = "streaming_llm"
-    phase = "eviction"
+    phase = Phase.EVICTION
     schedule = "every step"
     kv_memory = "bounded by the budget"
     calibration = "no"
@@ -69,21 +69,16 @@ class StreamingLLM(Method):
             cache.seq_state[key] = resolve_budget_rows(self.budget, real).clamp_min(self.n_sink + 1)
         return cache.seq_state[key]
 
-    def forward(self, call) -> torch.Tensor:
-        out = call.dense()
-        cache = call.require_evicting_cache(self.name)
-        if cache is None:
-            return out
+    def select(self, call) -> Selection:
+        """After every call: the first ``n_sink`` and the most recent real rows of each KV head."""
+        cache = call.evicting  # present: the engine refuses a stock cache for an eviction method
         valid = cache.valid_rows()  # (B, Hkv, n): padding was marked before this call
         n_valid = valid.sum(-1, keepdim=True)
         keep = self._keep(call, cache, n_valid)
-        if not sparse_paths_forced() and bool((n_valid <= keep).all()):
-            return out
+        if bool((n_valid <= keep).all()):
+            return everything(call, "keep")
         # rank real rows in physical (= arrival) order: sinks are the first ones, the window the last
         rank = valid.long().cumsum(-1)
         take = valid & ((rank <= self.n_sink) | (rank > n_valid - (keep - self.n_sink)))
         idx, kept = indices_from_mask(take)  # taken rows in physical order; shorter rows padded
-        call.session.observe(call, Selection.keys(idx, kept))
-        cache.keep(idx, None if bool(kept.all()) else kept)
-        call.session.stats["streaming_llm.evictions"] += 1
-        return out
+        return Selection.keep(idx, None if bool(kept.all()) else kept)

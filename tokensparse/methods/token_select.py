@@ -16,7 +16,7 @@ bandwidth, not memory.
 
 The *Selection Cache* reuses the previous step's top-k set (and its gathered rows) when the cosine
 similarity of consecutive query fingerprints is at least ``reuse_threshold``; hits and misses are counted in
-``session.stats`` (``token_select.reuse`` / ``token_select.select``).
+``session.stats`` (``reuse`` / ``select``).
 
 Parameters
 ----------
@@ -25,7 +25,7 @@ budget: int | float = 2688
     A float in (0, 1] is a share of the current context length (each row's real tokens). Where a
     share resolves below ``n_sink + n_local`` (short contexts: e.g. 0.25 below 2,560 tokens with
     the default 128 + 512), the step attends to everything, i.e. runs dense, and
-    ``session.stats["token_select.dense_short"]`` counts it; sinks and window are never shrunk.
+    ``session.stats["dense_short"]`` counts it; sinks and window are never shrunk.
 n_sink: int = 128
     First tokens always attended.
 n_local: int = 512
@@ -60,26 +60,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..engine.executors import gather_attend, gather_rows, segments_attend
 from ..engine.config import param
-from ..engine.selection import (
-    grouped_dot,
-    indices_from_mask,
-    mask_from_indices,
-    pool1d,
-    resolve_budget,
-    resolve_budget_rows,
-    select_topk,
-    topk_sorted,
-)
-from ..engine.session import Method, sparse_paths_forced
-from ..engine.telemetry import Selection
+from ..engine.method import Method, Phase
+from ..engine.pipeline import KeyPlan, everything
+from ..engine.selection import Selection, grouped_dot, pool1d, resolve_budget_rows
 
 
 @dataclass(eq=False)
 class TokenSelect(Method):
     name = "token_select"
-    phase = "decode"
+    phase = Phase.DECODE
     schedule = "each decode step and cache chunk"
     kv_memory = "none (full cache; reads only selected rows)"
     calibration = "no"
@@ -133,16 +123,17 @@ class TokenSelect(Method):
             vote = vote.masked_fill(~cand[:, None, :], -1.0)
         return vote
 
-    def _select(self, call, key: tuple, fresh):
-        """``fresh()`` (a tuple of ``(B, …)`` tensors), or the previous selection from the Selection Cache.
+    def _cached(self, call, key: tuple, fresh):
+        """``fresh()`` (a tuple of ``(B, …)`` tensors), or the previous choice from the Selection Cache.
 
         Reuse is decided per sequence (cosine similarity of its query fingerprint with the one its
         selection was made for); a fresh selection is computed when any row misses, and rows that
         hit keep their previous choice, so a row of a batch selects as it would alone.
         """
         thr = self.reuse_threshold
+        stats = call.session.stats
         if thr is None:
-            call.session.stats["token_select.select"] += 1
+            stats["select"] += 1
             return fresh()
         scratch = call.layer.scratch
         fp = call.query.mean(2).flatten(1).float()  # (B, Hq·D): the chunk's query fingerprint
@@ -150,106 +141,49 @@ class TokenSelect(Method):
         if scratch.get("key") == key:
             hit = F.cosine_similarity(fp, scratch["fingerprint"], dim=-1) >= thr  # (B,)
             if bool(hit.all()):
-                call.session.stats["token_select.reuse"] += 1
+                stats["reuse"] += 1
                 return scratch["sel"]
-        call.session.stats["token_select.select"] += 1
+        stats["select"] += 1
         sel = fresh()
         if hit is not None and bool(hit.any()):
-            sel = tuple(torch.where(hit.view(-1, *([1] * (new.dim() - 1))), old, new) for old, new in zip(scratch["sel"], sel))
+            sel = tuple(None if new is None else torch.where(hit.view(-1, *([1] * (new.dim() - 1))), old, new)
+                        for old, new in zip(scratch["sel"], sel))
             fp = torch.where(hit[:, None], scratch["fingerprint"], fp)
         scratch.update(fingerprint=fp, sel=sel, key=key)
         return sel
 
-    @staticmethod
-    def _top_rows(call, top: torch.Tensor):
-        """K/V rows of ``top`` ``(B, Hkv, k, D)``, gathered once per selection (cache rows never
-        change in place, so a reused selection reuses its rows)."""
-        scratch = call.layer.scratch
-        if scratch.get("rows_of") is not top:
-            sel = top.expand(call.batch, call.n_kv_heads, top.shape[-1])
-            scratch["rows"] = (gather_rows(call.key, sel), gather_rows(call.value, sel))
-            scratch["rows_of"] = top
-        return scratch["rows"]
-
-    def _short(self, call, budget) -> torch.Tensor | bool:
-        """Where a share-of-context budget cannot hold the sinks and the local window: such steps
-        attend to everything (dense), counted as ``token_select.dense_short`` in ``session.stats``."""
-        short = budget < self.n_sink + self.n_local
-        if bool(short if isinstance(short, bool) else short.any()):
-            call.session.stats["token_select.dense_short"] += 1
-        return short
-
-    def forward(self, call) -> torch.Tensor:
+    def select(self, call) -> Selection | None:
         if call.kind == "prefill":
             call.layer.scratch.clear()  # a new sequence: forget the selection cache
-            return call.dense()
+            return None
         if call.q_len > self.n_local:
-            call.session.stats["token_select.dense_chunks"] += 1
-            return call.dense()
-        if call.key_valid is None:
-            return self._forward_unpadded(call)
-        return self._forward_padded(call)
-
-    def _forward_unpadded(self, call) -> torch.Tensor:
-        length, lq = call.k_len, call.q_len
-        budget = resolve_budget(self.budget, length)
-        lo = min(self.n_sink, length)
-        hi = max(length - self.n_local, lo)  # sinks [0, lo), candidates [lo, hi), local window [hi, L)
-        n_top = hi - lo if self._short(call, budget) else min(budget - self.n_sink - self.n_local, hi - lo)
-        if n_top >= hi - lo and not sparse_paths_forced():
-            return call.dense()  # the budget covers the whole context
-        dev = call.query.device
-        if n_top > 0:
-            q_fp = call.query.mean(2)  # (B, Hq, D)
-            (top,) = self._select(call, ("range", n_top, lo), lambda: (topk_sorted(self._vote(call, q_fp, lo, hi), n_top) + lo,))
-        else:
-            top = torch.empty(call.batch, 1, 0, dtype=torch.long, device=dev)
-        heads = top.shape[1]
-        # decode of an fp32 model: sinks and the local window are read as views of the cache, only
-        # the top-k rows were gathered (and are reused with the selection). Chunks and bf16/fp16
-        # (where SDPA's own rounding is the dense reference) go through index_select + SDPA.
-        segmented = self.impl == "fast" and lq == 1 and call.query.dtype == torch.float32
-        idx = None
-        if call.session.telemetry is not None or not segmented:
-            sinks = torch.arange(0, lo, device=dev).expand(call.batch, heads, lo)
-            local = torch.arange(hi, length, device=dev).expand(call.batch, heads, length - hi)
-            idx = torch.cat([sinks, top, local], dim=-1)  # (B, 1 | Hkv, n), sorted
-            call.session.observe(call, Selection.keys(idx))
-        if segmented:
-            k, v = call.key, call.value
-            middle = [self._top_rows(call, top)] if n_top > 0 else []
-            segments = [(k[:, :, :lo], v[:, :, :lo])] + middle + [(k[:, :, hi:], v[:, :, hi:])]
-            return segments_attend(call.query, segments, call.scale)
-        mask = None
-        if lq > 1:
-            qpos = torch.arange(length - lq, length, device=dev)
-            mask = idx[:, :, None, :] <= qpos[None, None, :, None]  # causal inside the local window
-        return gather_attend(call.query, call.key, call.value, idx, call.scale, mask, impl=self.impl)
-
-    def _forward_padded(self, call) -> torch.Tensor:
-        """A left-padded batch: sinks, window and budget are counted over each row's real tokens."""
-        length, lq = call.k_len, call.q_len
-        valid, rank, real = call.key_valid, call.key_rank, call.n_real  # (B, L), (B, L), (B, 1)
-        budget = resolve_budget_rows(self.budget, real)
-        sink = valid & (rank <= self.n_sink)
-        local = rank > torch.maximum(real - self.n_local, real.clamp(max=self.n_sink))
-        cand = valid & ~sink & ~local  # (B, L)
-        n_cand = cand.long().sum(-1, keepdim=True)
-        n_top = torch.where(self._short(call, budget), n_cand, (budget - self.n_sink - self.n_local).clamp(0).minimum(n_cand))
-        if bool((n_top >= n_cand).all()) and not sparse_paths_forced():
-            return call.dense()
-        keep = (sink | local)[:, None, :]  # (B, 1, L)
-        k_max = int(n_top.max())
-        if k_max > 0:
-            q_fp = call.query.mean(2)
+            call.session.stats["dense_chunks"] += 1
+            return None
+        plan = KeyPlan(call, n_sink=self.n_sink, window=self.n_local)
+        budget = resolve_budget_rows(self.budget, call.n_real)  # (B, 1)
+        short = budget < self.n_sink + self.n_local  # a share too small for sinks + window: attend to all
+        if bool(short.any()):
+            call.session.stats["dense_short"] += 1
+        n_top = torch.where(short, plan.n_cand, budget - self.n_sink - self.n_local)
+        if plan.covers(n_top):
+            return everything(call, "keys")
+        n_top = plan.counts(n_top)
+        if not bool((n_top > 0).any()):  # the budget holds exactly the sinks and the window
+            return plan.selection(None, None, "keys", heads=call.n_kv_heads if self.select_per == "kv_head" else 1)
+        q_fp = call.query.mean(2)  # (B, Hq, D)
+        if plan.padded:  # votes over the whole row (as unpadded rows see it), candidates only
+            cand = torch.zeros_like(call.key_valid)
+            cand[:, : plan.hi] = plan.cand_mask
 
             def fresh():
-                return select_topk(self._vote(call, q_fp, 0, length, cand), k_max, n_top[:, :, None])
+                return plan.top(self._vote(call, q_fp, 0, call.k_len, cand)[..., : plan.hi], n_top)
 
-            top, top_valid = self._select(call, ("rows", tuple(n_top.flatten().tolist())), fresh)
-            keep = keep | mask_from_indices(top, length, top_valid)
-        idx, idx_valid = indices_from_mask(keep)  # (B, 1 | Hkv, n), sorted
-        call.session.observe(call, Selection.keys(idx, idx_valid))
-        qpos = torch.arange(length - lq, length, device=idx.device)
-        mask = (idx[:, :, None, :] <= qpos[None, None, :, None]) & idx_valid[:, :, None, :]
-        return gather_attend(call.query, call.key, call.value, idx, call.scale, mask, impl=self.impl)
+            key = ("rows", tuple(n_top.flatten().tolist()))
+        else:
+
+            def fresh():
+                return plan.top(self._vote(call, q_fp, plan.lo, plan.hi), n_top)
+
+            key = ("range", int(n_top.max()), plan.lo)
+        top, top_valid = self._cached(call, key, fresh)
+        return plan.selection(top, top_valid, "keys")

@@ -57,24 +57,23 @@ import torch
 
 from ..engine.calibration import find_profile
 from ..engine.config import param
-from ..engine.executors import compress_attend_scatter
 from ..engine.selection import (
     GQA_REDUCTIONS,
     aggregate_gqa,
     coverage_keep_count,
     pool1d,
-    select_topk,
     window_scores,
 )
-from ..engine.session import Method, sparse_paths_forced
-from ..engine.telemetry import Selection
+from ..engine.method import Method, Phase
+from ..engine.pipeline import KeyPlan, everything
+from ..engine.selection import Selection
 from .drift_profile import DriftProfile
 
 
 @dataclass(eq=False)
 class TokenSparse(Method):
     name = "token_sparse"
-    phase = "prefill"
+    phase = Phase.PREFILL
     schedule = "each prefill call of its sparse layers"
     kv_memory = "none (full cache; decode is dense)"
     calibration = "optional: representation-drift layer profile"
@@ -130,60 +129,34 @@ class TokenSparse(Method):
         session.state["token_sparse_layers"] = frozenset(chosen)
         session.info["token_sparse_layers"] = sorted(chosen)
 
-    def select(self, call) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Per-head indices ``(B, Hq | Hkv, n)`` (sorted, window included) and their validity
-        (``None`` = all valid; rows of a padded batch may keep fewer), or None for dense.
+    def select(self, call) -> Selection | None:
+        """Per-head rows to keep (window included) in the call's sparse layers, or ``None`` elsewhere.
 
         Windows, sinks, ``min_tokens`` and the coverage count are taken over each row's real tokens.
         """
-        q, k = call.query, call.key
+        if call.kind != "prefill" or call.layer_idx not in call.session.state["token_sparse_layers"]:
+            return None
         length = call.k_len
         w = min(self.window, length)
         n_cand = length - w
-        forced = sparse_paths_forced()
         real = call.n_real  # (B, 1)
-        if n_cand <= 0 or (not forced and bool((real <= self.min_tokens + self.window).all())):
-            return None
+        short = real <= self.min_tokens + self.window  # such rows stay dense
+        if n_cand <= 0 or bool(short.all()):
+            return everything(call, "rows")
+        plan = KeyPlan(call, n_sink=self.sink_tokens, window=self.window)
         valid = call.key_valid  # (B, L) or None; left padding: the last w queries are real
-        scores = window_scores(q[:, :, length - w :], k, call.scale, valid, self.score_chunk)[..., :n_cand]
+        scores = window_scores(call.query[:, :, n_cand:], call.key, call.scale, valid, self.score_chunk)[..., :n_cand]
         scores = pool1d(scores, self.pool_kernel, "avg")
         cand_valid = None if valid is None else valid[:, :n_cand]
         if cand_valid is not None:
             scores = scores * cand_valid[:, None, :]
-        keep = coverage_keep_count(scores, self.coverage, self.min_tokens, cand_valid)  # (B, 1)
+        keep = coverage_keep_count(scores, self.coverage, self.min_tokens, cand_valid)  # (B, 1), sinks included
         n_real_cand = (real - w).clamp_min(0)
-        keep = torch.maximum(keep, n_real_cand.clamp(max=self.sink_tokens))  # sinks come on top of coverage
-        keep = torch.where(real <= self.min_tokens + self.window, n_real_cand, keep)  # short rows stay dense
-        if not forced and bool((keep >= n_real_cand).all()):
-            return None
+        n_sinks = n_real_cand.clamp(max=self.sink_tokens)
+        keep = torch.where(short, n_real_cand, torch.maximum(keep, n_sinks))
+        n_top = keep - n_sinks  # the sinks are always kept by the plan
+        if plan.covers(n_top):
+            return everything(call, "rows")
         if self.select_per == "kv_head":
             scores = aggregate_gqa(scores, call.n_kv_heads, self.gqa_reduce)
-        if cand_valid is not None:
-            scores = scores.masked_fill(~cand_valid[:, None, :], -1.0)  # padding: never chosen
-        if self.sink_tokens:
-            sinks = call.key_rank[:, :n_cand] <= self.sink_tokens
-            if cand_valid is not None:
-                sinks = sinks & cand_valid
-            scores = scores.masked_fill(sinks[:, None, :], float("inf"))
-        idx, idx_valid = select_topk(scores, int(keep.max()), keep[:, :, None])
-        tail = torch.arange(n_cand, length, device=q.device).expand(*idx.shape[:2], w)
-        idx = torch.cat([idx, tail], dim=-1)
-        # the window's padding (a row with fewer real tokens than the window) is not a selected token
-        tail_valid = torch.ones_like(tail, dtype=torch.bool) if valid is None else valid[:, None, n_cand:].expand_as(tail)
-        idx_valid = torch.cat([idx_valid, tail_valid], dim=-1)
-        return idx, (None if bool(idx_valid.all()) else idx_valid)
-
-    def forward(self, call) -> torch.Tensor:
-        if call.kind != "prefill" or call.layer_idx not in call.session.state["token_sparse_layers"]:
-            return call.dense()
-        chosen = self.select(call)
-        if chosen is None:
-            call.session.stats["token_sparse.dense_layers"] += 1
-            call.session.observe(call, Selection.dense())
-            return call.dense()
-        idx, valid = chosen
-        call.session.stats["token_sparse.sparse_layers"] += 1
-        call.session.stats["token_sparse.kept_tokens"] += idx.shape[-1] if valid is None else int(valid[:, 0].sum()) // call.batch
-        call.session.stats["token_sparse.total_tokens"] += call.k_len
-        call.session.observe(call, Selection.rows(idx, valid))
-        return compress_attend_scatter(call.query, call.key, call.value, idx, call.scale, call.key_valid, valid=valid)
+        return plan.select(scores[..., plan.lo :], n_top, "rows")

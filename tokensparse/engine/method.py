@@ -1,0 +1,113 @@
+"""The method base class: a ``@dataclass`` config plus the hooks the engine calls.
+
+A method is a config (its fields are declared with :func:`tokensparse.engine.config.param` and
+checked on construction) and a few hooks; everything else — executors, telemetry, statistics,
+the forced-sparse test switch, eviction bookkeeping — belongs to the engine
+(:mod:`tokensparse.engine.pipeline`). Hooks, in the order the engine calls them:
+
+* ``setup(session)``: once when the method is attached to a model (resolve layers, load profiles);
+* ``on_forward_start(session)``: at the start of every model forward pass, after the engine has
+  cleared ``session.carry`` (the channel between the layers of one pass);
+* ``select(call) -> Selection | None``: per attention call; ``None`` = the method does not act on
+  this call (dense, not observed). Score-based methods build it with
+  :class:`~tokensparse.engine.pipeline.KeyPlan`;
+* ``key_bias(call) -> KeyBias | None``: an additive logit bias on a few key columns, applied by
+  whichever executor runs (fast paths included);
+* ``forward(call)``: the escape hatch for a method that is not "select then execute"; the default
+  runs the pipeline.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from .config import check_fields
+from .pipeline import run
+
+if TYPE_CHECKING:
+    from .call import AttentionCall
+    from .selection import KeyBias, Selection
+    from .session import Session
+
+
+class Phase(str, enum.Enum):
+    """When a method acts; a ``str`` enum, so ``Phase.DECODE == "decode"`` and it prints as its value.
+
+    * ``PREFILL``: changes attention while the prompt is processed (the cache stays full);
+    * ``DECODE``: selects keys at decode steps (and cache chunks) over a full cache;
+    * ``EVICTION``: physically drops cache rows;
+    * ``REWEIGHT``: changes attention weights at every call and selects nothing (calibration
+      methods such as ZeroTuning; the cache stays full).
+    """
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    EVICTION = "eviction"
+    REWEIGHT = "reweight"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(eq=False)
+class Method:
+    """Base class of every method config. Subclasses are ``@dataclass`` es registered by name.
+
+    Class attributes describe the method for the registry table: ``name``, ``phase`` (a
+    :class:`Phase`; the registry refuses anything else), ``schedule`` (free text saying when it
+    acts, e.g. ``"every step"``), ``kv_memory`` (effect on KV memory), ``calibration`` (what
+    offline step it needs, ``"no"`` if none), ``paper``; ``needs_evicting_cache`` for methods whose
+    selections are ``keep`` (the engine then refuses a stock cache with a clear error).
+    """
+
+    name: ClassVar[str] = ""
+    phase: ClassVar[Phase | str] = ""
+    schedule: ClassVar[str] = ""
+    kv_memory: ClassVar[str] = ""
+    calibration: ClassVar[str] = "no"
+    paper: ClassVar[str] = ""
+    needs_evicting_cache: ClassVar[bool] = False
+
+    def __post_init__(self):
+        check_fields(self)  # every field declared with engine.config.param: type, range, choices
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; raise ``ValueError`` naming the fields (called on construction, after
+        every declared field was checked on its own)."""
+
+    @classmethod
+    def at_full_budget(cls) -> "Method":
+        """A config under which the method must reproduce dense attention."""
+        raise NotImplementedError
+
+    @classmethod
+    def at_sparse_budget(cls) -> "Method":
+        """A config that really skips or evicts tokens on the 20–40-token prompts of the test
+        matrices (used to check that a row of a padded batch equals the same prompt alone)."""
+        raise NotImplementedError
+
+    def setup(self, session: "Session") -> None:
+        """Called once when the method is attached to a model (resolve layers, load profiles)."""
+
+    def on_forward_start(self, session: "Session") -> None:
+        """Called at the start of every model forward pass (``session.carry`` is already empty)."""
+
+    def select(self, call: "AttentionCall") -> "Selection | None":
+        """What this call attends to (or keeps); ``None`` = the method leaves this call dense."""
+        return None
+
+    def key_bias(self, call: "AttentionCall") -> "KeyBias | None":
+        """An additive logit bias on a few key columns for this call, or ``None``."""
+        return None
+
+    def forward(self, call: "AttentionCall") -> torch.Tensor:
+        """Attention output ``(B, Hq, Lq, D)`` for one call: by default the selection pipeline."""
+        return run(self, call)
+
+    def config_dict(self) -> dict:
+        return {"method": self.name, **asdict(self)}

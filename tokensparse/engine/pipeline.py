@@ -1,0 +1,267 @@
+"""The selection pipeline: a method selects, the engine executes, observes and counts.
+
+A score-based method implements one hook, ``Method.select(call) -> Selection | None``, usually as
+"score the candidates → ``KeyPlan.select``". Everything around it happens here, once, for every
+method:
+
+1. ``None`` from ``select``: the method does not act on this call (another phase, a layer it
+   leaves alone); the call runs dense and is not observed.
+2. A ``complete`` selection (it holds every real key) runs dense, observed as ``dense``, unless
+   the sparse paths are forced (:func:`exercise_sparse_paths`, used by the full-budget tests),
+   in which case the real executor runs on the "everything" selection. A method cannot forget
+   this switch: it never sees it.
+3. Otherwise telemetry observes the selection, ``session.stats`` counts it (``sparse_calls``,
+   ``kept_keys``, ``total_keys``) and the executor for its kind runs (:func:`execute`).
+
+The method's ``key_bias(call)`` (a logit bias on a few key columns) is applied by whichever
+executor runs, dense included.
+
+:class:`KeyPlan` is the shared "always keep sinks and a local window, pick the top candidates in
+between" helper: in rank space over each row's real tokens, so a row of a left-padded batch makes
+the choice it would make alone; an unpadded call gets sinks and window as ``prefix``/``suffix``
+ranges (read as cache views by the decode executor, never gathered).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+from .executors import compress_attend_scatter, gather_attend, gather_rows, segments_attend
+from .selection import Selection, indices_from_mask, mask_from_indices, select_topk
+
+_force_sparse = threading.local()
+
+
+def sparse_paths_forced() -> bool:
+    """True inside :func:`exercise_sparse_paths` (tests): complete selections still run sparse."""
+    return getattr(_force_sparse, "on", False)
+
+
+@contextlib.contextmanager
+def exercise_sparse_paths():
+    """Run the sparse executors even when a selection covers every token.
+
+    The engine normally runs a complete selection as plain dense attention; under this context it
+    runs the real gather/scatter/eviction code on the "all tokens" selection instead, which lets
+    the full-budget equality tests check those paths.
+    """
+    old = sparse_paths_forced()
+    _force_sparse.on = True
+    try:
+        yield
+    finally:
+        _force_sparse.on = old
+
+
+# --------------------------------------------------------------------------------------------------
+# always-kept keys and candidates
+# --------------------------------------------------------------------------------------------------
+
+
+class KeyPlan:
+    """The keys one call always keeps — the first ``n_sink`` and the last ``window`` real tokens of
+    each row — and the candidates between them, which a method scores and :meth:`select` ranks.
+
+    Candidates always lie in the physical range ``[lo, hi)`` with ``hi = Lk - min(window, Lk)``:
+    ``lo = min(n_sink, hi)`` for an unpadded call (sinks are the first rows), ``0`` for a padded
+    one (each row's sinks sit after its padding; :attr:`cand_mask` says which rows compete). A
+    method scores ``[lo, hi)`` and passes the scores to :meth:`select`.
+    """
+
+    def __init__(self, call, n_sink: int = 0, window: int = 0):
+        self.call = call
+        length = call.k_len
+        self.n_sink = int(n_sink)
+        self.window = int(window)
+        self.hi = length - min(self.window, length)
+        valid = call.key_valid
+        self.padded = valid is not None
+        if not self.padded:
+            self.lo = min(self.n_sink, self.hi)
+            self.cand_mask = None
+            self.n_cand = torch.full((call.batch, 1), self.hi - self.lo, dtype=torch.long, device=call.query.device)
+            return
+        self.lo = 0
+        rank, real = call.key_rank, call.n_real  # (B, L), (B, 1)
+        always = valid & ((rank <= self.n_sink) | (rank > real - self.window))
+        self._always = always
+        self.cand_mask = (valid & ~always)[:, : self.hi]  # (B, hi)
+        self.n_cand = self.cand_mask.long().sum(-1, keepdim=True)
+
+    @property
+    def n_always(self) -> torch.Tensor:
+        """``(B, 1)`` long: sinks plus window actually held by each row."""
+        return (self.call.n_real - self.n_cand).clamp_min(0)
+
+    def covers(self, n_top: torch.Tensor | int) -> bool:
+        """True when taking ``n_top`` candidates would take all of them in every row (one sync)."""
+        return bool((torch.as_tensor(n_top, device=self.n_cand.device).clamp_min(0) >= self.n_cand).all())
+
+    def counts(self, n_top: torch.Tensor | int) -> torch.Tensor:
+        """``n_top`` (an int or ``(B, 1)``) clamped to each row's candidates: ``(B, 1)`` long."""
+        call = self.call
+        n = torch.as_tensor(n_top, device=call.query.device).long().expand(call.batch, 1)
+        return n.minimum(self.n_cand).clamp_min(0)
+
+    def top(self, scores: torch.Tensor, n_top: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Physical positions ``(B, H, k)`` of the ``n_top`` best candidates by ``scores (B, H, hi -
+        lo)`` (higher = keep), sorted, and their validity (``None`` when every row took ``k``).
+        Non-candidates (a padded row's padding, sinks and window) are never taken; ties go to the
+        earlier position (:func:`select_topk`), so the choice does not depend on the device."""
+        per_row = self.counts(n_top)
+        k = int(per_row.max()) if per_row.numel() else 0
+        if scores.shape[-1] != self.hi - self.lo:
+            raise ValueError(f"KeyPlan: scores cover {scores.shape[-1]} keys, the candidates [{self.lo}, {self.hi})")
+        if k == 0:
+            return torch.empty(*scores.shape[:2], 0, dtype=torch.long, device=scores.device), None
+        if self.cand_mask is not None:
+            scores = scores.masked_fill(~self.cand_mask[:, None, :], float("-inf"))
+        uniform = bool((per_row == k).all())
+        top, valid = select_topk(scores, k, None if uniform else per_row[:, :, None])
+        return top + self.lo, valid
+
+    def selection(self, top: torch.Tensor | None, top_valid: torch.Tensor | None = None, kind: str = "keys",
+                  heads: int = 1, complete: bool = False) -> Selection:
+        """The chosen candidates ``top`` (from :meth:`top`, possibly reused from an earlier call) plus
+        the always-kept keys, as a :class:`Selection` of ``kind``. ``top=None``: none taken
+        (``heads`` then gives the selection's head count)."""
+        call = self.call
+        dev = call.query.device
+        if top is None:
+            top = torch.empty(call.batch, heads, 0, dtype=torch.long, device=dev)
+        if not self.padded:
+            return Selection(kind, top, top_valid, prefix=self.lo, suffix=call.k_len - self.hi, complete=complete)
+        keep = self._always[:, None, :].expand(call.batch, top.shape[1], call.k_len).clone()
+        if top.shape[-1]:
+            keep |= mask_from_indices(top, call.k_len, top_valid)
+        idx, valid = indices_from_mask(keep)
+        return Selection(kind, idx, None if bool(valid.all()) else valid, complete=complete)
+
+    def select(self, scores: torch.Tensor | None, n_top: torch.Tensor | int, kind: str = "keys") -> Selection:
+        """:meth:`top` then :meth:`selection`; ``scores`` may be ``None`` when ``n_top`` is 0."""
+        complete = self.covers(n_top)
+        if scores is None:
+            if bool((self.counts(n_top) > 0).any()):
+                raise ValueError("KeyPlan.select: scores are needed to take candidates")
+            return self.selection(None, None, kind, complete=complete)
+        top, valid = self.top(scores, n_top)
+        return self.selection(top, valid, kind, heads=scores.shape[1], complete=complete)
+
+
+def everything(call, kind: str) -> Selection:
+    """"Every key" for a method whose budget covers the whole call: ``Selection.dense()``, or, when
+    the sparse paths are forced (tests), a concrete selection of every real key (every valid cache
+    row for ``keep``) so that the executor of ``kind`` runs on it."""
+    if not sparse_paths_forced():
+        return Selection.dense()
+    if kind == "keep":
+        valid = call.evicting.valid_rows()  # (B, Hkv, n): per-head holes of an evicted cache included
+    elif call.key_valid is None:
+        idx = torch.arange(call.k_len, device=call.query.device).expand(call.batch, 1, call.k_len)
+        return Selection(kind, idx, complete=True)
+    else:
+        valid = call.key_valid[:, None, :]
+    idx, ok = indices_from_mask(valid)
+    return Selection(kind, idx, None if bool(ok.all()) else ok, complete=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# running a method on one call
+# --------------------------------------------------------------------------------------------------
+
+
+def run(method, call) -> torch.Tensor:
+    """The default ``Method.forward``: select, then :func:`execute`."""
+    if method.needs_evicting_cache and call.require_evicting_cache(method.name) is None:
+        return call.dense(method.key_bias(call))  # use_cache=False: nothing is stored, nothing to evict
+    return execute(call, method.select(call), impl=getattr(method, "impl", "fast"), bias=method.key_bias(call))
+
+
+def execute(call, selection: Selection | None, impl: str = "fast", bias=None) -> torch.Tensor:
+    """Attention output ``(B, Hq, Lq, D)`` of ``call`` under ``selection`` (see the module doc)."""
+    session = call.session
+    if selection is None:
+        return call.dense(bias)
+    session.stats["calls"] += 1
+    if selection.kind == "dense" or (selection.complete and not sparse_paths_forced()):
+        session.stats["dense_calls"] += 1
+        session.observe(call, Selection.dense())
+        return call.dense(bias)
+    session.stats["sparse_calls"] += 1
+    session.stats["kept_keys"] += selection.kept()
+    session.stats["total_keys"] += call.k_len
+    session.observe(call, selection)
+    kind = selection.kind
+    if kind == "rows":
+        idx, valid = selection.full_idx(call.k_len)
+        if idx.shape[1] == 1:  # one set for every head: the per-KV-head form keeps K/V unexpanded
+            idx = idx.expand(call.batch, call.n_kv_heads, idx.shape[-1])
+            valid = None if valid is None else valid.expand_as(idx)
+        return compress_attend_scatter(call.query, call.key, call.value, idx, call.scale, call.key_valid, impl=impl,
+                                       valid=valid, bias=bias)
+    if kind == "keys":
+        return _attend_keys(call, selection, impl, bias)
+    if kind == "keep":
+        out = call.dense(bias)
+        idx, valid = selection.full_idx(call.k_len)
+        call.evicting.keep(idx, valid)
+        return out
+    raise AssertionError(kind)
+
+
+def _attend_keys(call, sel: Selection, impl: str, bias) -> torch.Tensor:
+    """Decode-time selection over the full cache.
+
+    One decode query of an unpadded fp32 call with ``prefix``/``suffix`` ranges: one softmax over
+    cache views of the two ranges plus the gathered middle rows (:func:`segments_attend`), the
+    gathered rows kept in the layer's state and reused while the method returns the same ``idx``
+    tensor (a reused selection) on the same cache buffer. Otherwise (chunks, bf16/fp16 where SDPA's
+    own rounding is the dense reference, padded batches): a flat ``index_select`` of every selected
+    row and SDPA under the call's mask.
+    """
+    q, k, v = call.query, call.key, call.value
+    length, lq = call.k_len, call.q_len
+    if sel.heads not in (1, call.n_kv_heads):
+        raise ValueError(f"a 'keys' selection needs 1 or {call.n_kv_heads} heads, got {sel.heads}")
+    structured = sel.prefix or sel.suffix
+    if impl == "fast" and structured and lq == 1 and q.dtype == torch.float32 and call.mask is None and sel.valid is None:
+        lo, hi = sel.prefix, length - sel.suffix
+        segments = [(k[:, :, :lo], v[:, :, :lo])]
+        positions = [torch.arange(0, lo, device=q.device)[None, None]]
+        if sel.idx.shape[-1]:
+            segments.append(_gathered(call, sel.idx))
+            positions.append(sel.idx)
+        segments.append((k[:, :, hi:], v[:, :, hi:]))
+        positions.append(torch.arange(hi, length, device=q.device)[None, None])
+        return segments_attend(q, segments, call.scale, bias=bias, positions=positions if bias is not None else None)
+    idx, valid = sel.full_idx(length)
+    if idx.shape[1] == 1:
+        idx = idx.expand(call.batch, call.n_kv_heads, idx.shape[-1])
+        valid = None if valid is None else valid.expand_as(idx)
+    full = call.mask
+    mask = None
+    if full is not None:  # padding, evicted holes, causality: the call's own mask at the selected keys
+        full = full.expand(call.batch, call.n_kv_heads, lq, length)
+        mask = full.gather(-1, idx[:, :, None, :].expand(-1, -1, lq, -1))
+    elif lq > 1:
+        qpos = torch.arange(length - lq, length, device=q.device)
+        mask = idx[:, :, None, :] <= qpos[None, None, :, None]  # causal inside the chunk
+    if valid is not None:
+        mask = valid[:, :, None, :] if mask is None else mask & valid[:, :, None, :]
+    return gather_attend(q, k, v, idx, call.scale, mask, impl=impl, bias=bias)
+
+
+def _gathered(call, idx: torch.Tensor):
+    """K/V rows ``idx (B, 1|Hkv, n)`` of the call's cache, gathered once per ``idx`` tensor and cache
+    buffer (cache rows never change in place on a growing cache, so a reused selection reuses them)."""
+    state = call.layer.gathered
+    key = (idx, call.key.untyped_storage().data_ptr())
+    if state is not None and state[0][0] is idx and state[0][1] == key[1]:
+        return state[1]
+    sel = idx.expand(call.batch, call.n_kv_heads, idx.shape[-1])
+    rows = (gather_rows(call.key, sel), gather_rows(call.value, sel))
+    call.layer.gathered = (key, rows)
+    return rows
