@@ -297,7 +297,7 @@ def check_general(r: Record) -> None:
         assert bool((pos.diff() > 0).all()), f"duplicate valid entries in row {i}, head {j}: {pos.tolist()}"
         assert bool(r.key_valid[i, pos].all()), f"row {i}, head {j} selects padding keys"
         if r.slots is not None:  # an eviction: one row set per KV head, never an empty cache row
-            assert r.idx.shape[1] == r.slots.shape[1]
+            assert r.idx.shape[1] in (1, r.slots.shape[1])  # one set per KV head, or one for all
             assert bool((r.slots[i, j, pos] >= 0).all()), f"row {i}, head {j} keeps empty cache rows"
 
 
@@ -391,6 +391,22 @@ def check_tidal_decode(m, r: Record, sc: Scenario) -> None:
 
 
 @st.composite
+def tova_configs(draw):
+    return dict(budget=draw(st.one_of(SHARES, st.integers(0, 40))))
+
+
+def check_tova(m, r: Record, sc: Scenario) -> None:
+    if r.kind == "dense":  # the cache still fits the budget
+        return
+    assert r.kind == "keep" and r.slots is not None
+    keep = [max(_resolve(m.budget, n), 1) for n in sc.first_call_real()]
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        assert len(pos) == min(keep[i], real), f"row {i}: kept {len(pos)} rows for a budget of {keep[i]}"
+        assert real in _ranks(r, i, pos), f"row {i}: the current token was evicted"
+
+
+@st.composite
 def zero_tuning_configs(draw):
     return dict(
         gamma=draw(st.one_of(st.sampled_from([1.0, 0.25, 4.0]), st.floats(0.01, 20.0), st.floats(-1.0, 0.0))),
@@ -410,6 +426,7 @@ METHODS = {
     "snapkv": (snapkv_configs(), check_snapkv),
     "streaming_llm": (streaming_llm_configs(), check_streaming_llm),
     "tidal_decode": (tidal_decode_configs(), check_tidal_decode),
+    "tova": (tova_configs(), check_tova),
     "zero_tuning": (zero_tuning_configs(), check_zero_tuning),
 }
 

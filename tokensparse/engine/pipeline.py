@@ -30,7 +30,7 @@ import threading
 import torch
 
 from .executors import compress_attend_scatter, gather_attend, gather_rows, segments_attend
-from .selection import Selection, indices_from_mask, mask_from_indices, select_topk
+from .selection import Selection, indices_from_mask, mask_from_indices, resolve_budget_rows, select_topk
 
 _force_sparse = threading.local()
 
@@ -151,6 +151,16 @@ class KeyPlan:
         return self.selection(top, valid, kind, heads=scores.shape[1], complete=complete)
 
 
+def fixed_budget(call, budget: int | float, name: str, minimum: int = 1) -> torch.Tensor:
+    """Rows an evicting cache may hold per sequence, ``(B, 1)`` long: ``budget`` resolved against
+    the real tokens of the first prefill (a share) and stored with the cache (``seq_state[name]``),
+    so the cache stays that size while generating; at least ``minimum``."""
+    cache = call.evicting
+    if call.kind == "prefill" or name not in cache.seq_state:
+        cache.seq_state[name] = resolve_budget_rows(budget, call.n_real).clamp_min(minimum)
+    return cache.seq_state[name]
+
+
 def everything(call, kind: str) -> Selection:
     """"Every key" for a method whose budget covers the whole call: ``Selection.dense()``, or, when
     the sparse paths are forced (tests), a concrete selection of every real key (every valid cache
@@ -207,6 +217,9 @@ def execute(call, selection: Selection | None, impl: str = "fast", bias=None) ->
     if kind == "keep":
         out = call.dense(bias)
         idx, valid = selection.full_idx(call.k_len)
+        if idx.shape[1] == 1:  # one set for every KV head
+            idx = idx.expand(call.batch, call.n_kv_heads, idx.shape[-1])
+            valid = None if valid is None else valid.expand_as(idx)
         call.evicting.keep(idx, valid)
         return out
     raise AssertionError(kind)

@@ -30,8 +30,8 @@ import torch
 
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pipeline import everything
-from ..engine.selection import Selection, indices_from_mask, resolve_budget_rows
+from ..engine.pipeline import everything, fixed_budget
+from ..engine.selection import Selection, indices_from_mask
 
 
 @dataclass(eq=False)
@@ -61,20 +61,12 @@ class StreamingLLM(Method):
     def at_sparse_budget(cls) -> "Method":
         return cls(budget=12, n_sink=2)
 
-    def _keep(self, call, cache, n_valid: torch.Tensor) -> torch.Tensor:
-        """Rows to keep per sequence ``(B, 1, 1)``, resolved at the first prefill and kept with the cache."""
-        key = "streaming_llm.keep"
-        if call.kind == "prefill" or key not in cache.seq_state:
-            real = n_valid[:, :1]  # every KV head holds the same rows before the first eviction
-            cache.seq_state[key] = resolve_budget_rows(self.budget, real).clamp_min(self.n_sink + 1)
-        return cache.seq_state[key]
-
     def select(self, call) -> Selection:
         """After every call: the first ``n_sink`` and the most recent real rows of each KV head."""
         cache = call.evicting  # present: the engine refuses a stock cache for an eviction method
         valid = cache.valid_rows()  # (B, Hkv, n): padding was marked before this call
         n_valid = valid.sum(-1, keepdim=True)
-        keep = self._keep(call, cache, n_valid)
+        keep = fixed_budget(call, self.budget, "streaming_llm.keep", self.n_sink + 1)[:, :, None]  # (B, 1, 1)
         if bool((n_valid <= keep).all()):
             return everything(call, "keep")
         # rank real rows in physical (= arrival) order: sinks are the first ones, the window the last
