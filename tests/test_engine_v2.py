@@ -14,12 +14,7 @@ from tokensparse.engine.selection import grouped_logits
 from tokensparse.testing import max_diff, tiny_inputs, tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
