@@ -11,12 +11,13 @@ Rooms (imports flow downwards only):
   observe, ``KeyPlan``);
 * :mod:`.method` (the ``Method`` base and ``Phase``), :mod:`.session` (a method attached to a
   model);
-* :mod:`.integration` (the registered attention function, ``sparsify``), :mod:`.timing`.
+* :mod:`.attach` (module → state maps), :mod:`.integration` (the registered attention function,
+  ``sparsify``), :mod:`.timing`.
 """
 
 from .cache import EvictingLayer, KVCache, PreallocLayer, cache_bytes
 from .call import AttentionCall, CacheRequiredError
-from .integration import UnsupportedCacheError, sparsify
+from .integration import UnsupportedCacheError, active_session, sparsify
 from .method import Method, Phase
 from .pipeline import KeyPlan, exercise_sparse_paths, execute, sparse_paths_forced
 from .selection import KeyBias, Selection
@@ -40,6 +41,7 @@ __all__ = [
     "Session",
     "Telemetry",
     "UnsupportedCacheError",
+    "active_session",
     "cache_bytes",
     "exercise_sparse_paths",
     "execute",

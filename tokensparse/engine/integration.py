@@ -25,6 +25,7 @@ import torch
 from transformers.masking_utils import sdpa_mask
 
 from ..models import check_supported
+from .attach import attached, attention_modules
 from .cache import consume_last_update
 from .call import AttentionCall
 from .method import Method
@@ -137,28 +138,11 @@ def _ensure_registered() -> None:
         _registered = True
 
 
-def _attention_modules(model):
-    for module in model.modules():
-        if hasattr(module, "layer_idx") and hasattr(module, "num_key_value_groups") and hasattr(module, "scaling"):
-            yield module
-
-
-@contextlib.contextmanager
-def attached(model, modules, registry: weakref.WeakKeyDictionary, obj, attn_name: str):
-    """Map every attention module to ``obj`` in ``registry`` and switch the model to the registered
-    attention implementation ``attn_name`` for the block; both are undone on exit, also on error.
-    (How :func:`sparsify` and :func:`tokensparse.time_attention` reach their state from inside an
-    attention call.)"""
-    previous = model.config._attn_implementation
-    for m in modules:
-        registry[m] = obj
-    try:
-        model.set_attn_implementation(attn_name)
-        yield obj
-    finally:
-        for m in modules:
-            registry.pop(m, None)
-        model.set_attn_implementation(previous)
+def active_session(model) -> Session | None:
+    """The :class:`Session` of ``model`` while it is inside :func:`sparsify`, else ``None``."""
+    for m in attention_modules(model):
+        return _SESSIONS.get(m)
+    return None
 
 
 @contextlib.contextmanager
@@ -176,7 +160,7 @@ def sparsify(model, method: Method, *, telemetry: bool | Telemetry = False):
             f"sparsify expects a method config (e.g. ts.methods.get('token_sparse')()), got {type(method).__name__}"
         )
     check_supported(model)
-    modules = list(_attention_modules(model))
+    modules = list(attention_modules(model))
     if not modules:
         raise ValueError("found no attention modules with layer_idx in this model")
     if any(m in _SESSIONS for m in modules):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .integration import _attention_modules, attached
+from .attach import attached, attention_modules
 
 _PREFIX = "tokensparse_timed_"
 _TIMERS: "weakref.WeakKeyDictionary[torch.nn.Module, AttentionTimer]" = weakref.WeakKeyDictionary()
@@ -118,7 +118,7 @@ def time_attention(model):
     if inner_name.startswith(_PREFIX):
         raise RuntimeError("this model is already inside tokensparse.time_attention(...); nesting is not supported")
     name = _register(inner_name)
-    modules = list(_attention_modules(model))
+    modules = list(attention_modules(model))
     if not modules:
         raise ValueError("found no attention modules with layer_idx in this model")
     with attached(model, modules, _TIMERS, AttentionTimer(), name) as timer:

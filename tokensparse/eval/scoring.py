@@ -71,12 +71,9 @@ def teacher_force(model, cache, first_logits: torch.Tensor, answer_ids: torch.Te
 
 
 def _active_session(model):
-    from ..engine.integration import _SESSIONS, _attention_modules
+    from ..engine.integration import active_session
 
-    for m in _attention_modules(model):
-        if m in _SESSIONS:
-            return _SESSIONS[m]
-    return None
+    return active_session(model)
 
 
 @torch.no_grad()
