@@ -1,5 +1,6 @@
 """Decode benchmark: ms/token at long contexts for dense (stock ``DynamicCache`` and the engine's
-preallocated ``KVCache``) and TokenSelect over the preallocated cache.
+preallocated ``KVCache``) and the decode-time methods (TokenSelect, TidalDecode) over the
+preallocated cache.
 
 For each length a pass key prompt is prefilled densely once (untimed); every variant then decodes
 ``steps`` greedy tokens from its own copy of that cache, one timed step at a time. Variants are
@@ -24,12 +25,14 @@ from .prefill import _prompt
 
 TRAINED_CONTEXT = 8192
 
-#: TokenSelect variants: label, settings. Exactly the configurations of the v2 standard suite
+#: decode-time variants: label, method, settings. Exactly the configurations of the v2 standard suite
 #: (tokensparse/eval/suites/standard.json), so every decode speed-up this benchmark reports has an
 #: accuracy row measured on the same configuration (docs/results/README.md pairs them)
 SELECT_CONFIGS = [
-    ("token_select 25%", {"budget": 0.25, "n_sink": 128, "n_local": 256}),
-    ("token_select 25% + selection cache θ=0.8", {"budget": 0.25, "n_sink": 128, "n_local": 256, "reuse_threshold": 0.8}),
+    ("token_select 25%", "token_select", {"budget": 0.25, "n_sink": 128, "n_local": 256}),
+    ("token_select 25% + selection cache θ=0.8", "token_select",
+     {"budget": 0.25, "n_sink": 128, "n_local": 256, "reuse_threshold": 0.8}),
+    ("tidal_decode 25%", "tidal_decode", {"budget": 0.25}),
 ]
 
 
@@ -73,7 +76,7 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
         torch.set_num_threads(threads)
         first = logits[:, -1].argmax(-1, keepdim=True)
         variants = [("dense DynamicCache", None), ("dense KVCache (prealloc)", None)] + [
-            (label, ts.methods.get("token_select")(**kw)) for label, kw in SELECT_CONFIGS
+            (label, ts.methods.get(name)(**kw)) for label, name, kw in SELECT_CONFIGS
         ]
         times = {label: [] for label, _ in variants}
         hits = {label: [0, 0] for label, _ in variants}
@@ -103,9 +106,10 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
             }
             if method is not None:
                 row["config"] = method.config_dict()
-                row["selection_cache_hit_rate"] = hits[label][0] / hits[label][1] if hits[label][1] else 0.0
+                if method.name == "token_select":
+                    row["selection_cache_hit_rate"] = hits[label][0] / hits[label][1] if hits[label][1] else 0.0
             out["results"].append(row)
-            extra = f"  hit rate {row['selection_cache_hit_rate']:.2f}" if method is not None else ""
+            extra = f"  hit rate {row['selection_cache_hit_rate']:.2f}" if "selection_cache_hit_rate" in row else ""
             print(f"{ids.shape[1]:>6} {label:<46} {statistics.median(ms):7.1f} ms/token "
                   f"({min(ms):.1f}-{max(ms):.1f})  x{row['speedup_vs_dense_prealloc']:.2f} vs dense prealloc{extra}")
         del model, kv
