@@ -20,6 +20,7 @@ SHORT = {
     ("token_select", "inside", None): "TokenSelect no cache [inside]",
     ("token_select", "inside", 0.8): "TokenSelect θ=0.8 [inside]",
     ("token_sparse", "inside"): "TokenSparse L20-29 [inside]",
+    ("tidal_decode", "inside"): "TidalDecode 25% [inside]",
 }
 
 
