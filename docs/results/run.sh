@@ -17,6 +17,11 @@ $TS bench decode --lengths 4096,8192 --repeats 2 --steps 24 --threads 1 --json $
 # the report, with the benchmark's speed-ups next to the accuracy of the same configs
 $TS report --results $OUT/standard --out $OUT/standard/report --bench $OUT/decode_v2.json
 
+# Engine v2 proof methods (docs/results/engine-v2/): pass key at 4K (TidalDecode 25%, TOVA 50%) and the
+# TidalDecode diagnosis; TidalDecode's v2 rows come from the standard suite above
+$TS eval --config $OUT/engine-v2/passkey-4k.json --out $OUT/engine-v2 --threads 2
+$TS eval --config $OUT/engine-v2/tidal-diagnosis.json --out $OUT/engine-v2 --threads 2
+
 # ---- the v1 numbers (pass key only; superseded for accuracy claims by the standard suite above) ----
 # accuracy: pass key at ~4K tokens, 6 depths, dense vs every configuration, 2 threads
 # $TS demo --length 4096 --depths 6 --placement both --extended --threads 2 --json $OUT/passkey_4k.json | tee $OUT/passkey_4k.txt
