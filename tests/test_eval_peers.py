@@ -127,12 +127,13 @@ def test_worker_measures_without_autograd():
 
 def test_standard_suite_has_matched_kvpress_presses():
     std = G.build_grid(G.load_suite("standard"))
-    ts_runs = {(m.name, m.settings["budget"], m.placement) for m in std.methods if m.name in ("snapkv", "streaming_llm")}
+    ts_runs = {(m.name, m.settings["budget"], m.placement) for m in std.methods
+               if m.name in ("snapkv", "streaming_llm", "tova")}
     runs = std.peer_runs()
-    assert {r.press for r in runs} == {"dense", "snapkv", "streaming_llm"}
+    assert {r.press for r in runs} == {"dense", "snapkv", "streaming_llm", "tova"}
     peer_runs = {(r.press, r.kv_kept_share, r.placement) for r in runs if r.press != "dense"}
     assert ts_runs == peer_runs  # every tokensparse eviction run has a kvpress twin at the same kept share
-    assert all(p.lengths == [2048] for p in std.peers) and std.peer_size() == 35 * 4
+    assert all(p.lengths == [2048] for p in std.peers) and std.peer_size() == 35 * 5
     assert not std.skip_peers
     smoke = G.build_grid(G.load_suite("smoke"))
     assert smoke.peers == [] and smoke.peer_size() == 0
