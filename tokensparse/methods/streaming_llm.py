@@ -26,8 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..engine.config import param
 from ..engine.method import Method, Phase
 from ..engine.pipeline import everything, fixed_budget

@@ -57,16 +57,16 @@ import torch
 
 from ..engine.calibration import find_profile
 from ..engine.config import param
+from ..engine.method import Method, Phase
+from ..engine.pipeline import KeyPlan, everything
 from ..engine.selection import (
     GQA_REDUCTIONS,
+    Selection,
     aggregate_gqa,
     coverage_keep_count,
     pool1d,
     window_scores,
 )
-from ..engine.method import Method, Phase
-from ..engine.pipeline import KeyPlan, everything
-from ..engine.selection import Selection
 from .drift_profile import DriftProfile
 
 
