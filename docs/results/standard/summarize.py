@@ -21,6 +21,7 @@ SHORT = {
     ("token_select", "inside", 0.8): "TokenSelect θ=0.8 [inside]",
     ("token_sparse", "inside"): "TokenSparse L20-29 [inside]",
     ("tidal_decode", "inside"): "TidalDecode 25% [inside]",
+    ("tova", "inside"): "TOVA 50% [inside]",
 }
 
 
@@ -75,6 +76,9 @@ for task in sorted({r["task"] for r in ROWS}):
     for k in cols:
         rs = [r for r in groups[k] if r["task"] == task]
         acc, ll = paired(diffs(rs, "score")), paired(diffs(rs, "answer_loglik"), tol=1e-3)
+        if not acc["n"]:
+            cells.append("—")
+            continue
         cells.append(f"{100 * acc['mean']:+.0f}{'⚠' if acc['flag'] == 'below' else ''} / "
                      f"{ll['mean']:+.1f}{'⚠' if ll['flag'] == 'below' else ''}")
     print(f"| {task} | {100 * sum(dense) / len(dense):.0f}% | " + " | ".join(cells) + " |")
@@ -84,8 +88,11 @@ print("| tokensparse | kvpress | n | accuracy tokensparse / kvpress | Δ accurac
 print("|---|---|--:|--:|--:|--:|--:|")
 for ours, peer in ((("dense", "inside"), ("kvpress:dense", "after")), (("snapkv", "inside"), ("kvpress:snapkv", "inside")),
                    (("snapkv", "after"), ("kvpress:snapkv", "after")),
-                   (("streaming_llm", "after"), ("kvpress:streaming_llm", "after"))):
+                   (("streaming_llm", "after"), ("kvpress:streaming_llm", "after")),
+                   (("tova", "inside"), ("kvpress:tova", "inside"))):
     ids = sorted(s for (c, s) in by if c == peer and (ours, s) in by)
+    if not ids:
+        continue
     a = [by[(ours, s)] for s in ids]
     b = [by[(peer, s)] for s in ids]
     acc = paired([x["score"] - y["score"] for x, y in zip(a, b)])
