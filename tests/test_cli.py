@@ -191,3 +191,11 @@ def test_eval_rejects_bad_arguments_before_loading(no_model, argv, match):
 
 def test_bench_decode_rejects_zero_steps(no_model):
     _fails(["bench", "decode", "--steps", "0"], "--steps must be >= 1 (decode steps timed per run), got 0")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["bench", "attention", "--methods", "nope"], "--methods: nope; benchmarked methods: hip, token_sparse"),
+    (["bench", "decode", "--methods", "hip"], "--methods applies to bench prefill and bench attention"),
+])
+def test_bench_methods_filter_is_checked(no_model, argv, match):
+    _fails(argv, match)

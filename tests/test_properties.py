@@ -153,7 +153,10 @@ class Recorder(Telemetry):
         kv = call.key_valid
         kv = torch.ones(b, lk, dtype=torch.bool) if kv is None else kv.detach().cpu().clone()
         idx = valid = None
-        if selection.idx is not None:
+        if selection.kind == "blocks":  # (B, H, nQB, n) key-block indices, kept as they are
+            idx = selection.idx.detach().cpu().clone()
+            valid = torch.ones_like(idx, dtype=torch.bool) if selection.valid is None else selection.valid.detach().cpu().clone()
+        elif selection.idx is not None:
             full, full_valid = selection.full_idx(call.k_len)  # sinks/window ranges listed too
             idx = full.detach().cpu().clone()
             valid = torch.ones_like(idx, dtype=torch.bool) if full_valid is None else full_valid.detach().cpu().clone()
@@ -276,8 +279,17 @@ def _ranks(r: Record, i: int, pos: torch.Tensor) -> set[int]:
 
 
 def check_general(r: Record) -> None:
-    assert r.kind in ("dense", "rows", "keys", "keep"), r.kind
+    assert r.kind in ("dense", "rows", "keys", "keep", "blocks"), r.kind
     if r.kind == "dense":
+        return
+    if r.kind == "blocks":  # key-block indices per query block: sorted, unique, causal on each row's grid
+        assert r.idx.dim() == 4 and r.valid.shape == r.idx.shape
+        for i in range(r.idx.shape[0]):
+            for j in range(r.idx.shape[1]):
+                for qb in range(r.idx.shape[2]):
+                    blocks = r.idx[i, j, qb][r.valid[i, j, qb]]
+                    assert bool((blocks.diff() > 0).all()), f"row {i}, head {j}, query block {qb}: {blocks.tolist()}"
+                    assert blocks.numel() == 0 or int(blocks.min()) >= 0
         return
     idx, valid = r.idx, r.valid
     assert idx.dtype == torch.long and idx.dim() == 3 and idx.shape[0] == r.key_valid.shape[0]
@@ -413,6 +425,50 @@ def check_zero_tuning(m, r: Record, sc: Scenario) -> None:
     raise AssertionError(f"zero_tuning selects nothing, yet a {r.kind!r} selection was observed")
 
 
+@st.composite
+def hip_configs(draw):
+    return dict(
+        budget=draw(st.one_of(SHARES, st.integers(0, 40))),
+        block=draw(st.integers(1, 8)),
+        n_sink=draw(st.integers(0, 8)),
+        window=draw(st.integers(0, 12)),
+        stride_q=draw(st.integers(1, 4)),
+        rep_keys=draw(st.integers(1, 4)),
+        dense_layers=draw(st.integers(0, 2)),
+        dense_tail=draw(st.integers(0, 12)),
+        select_per=draw(st.sampled_from(["query_head", "kv_head"])),
+        impl=draw(st.sampled_from(["auto", "sdpa", "gather", "reference"])),  # flex: tests/test_blocks.py (compiles)
+    )
+
+
+def check_hip(m, r: Record, sc: Scenario) -> None:
+    """Each query block of each row's real tokens reads its sinks, its window (diagonal included),
+    at most ``budget`` more tokens' worth of blocks between them, nothing later than itself."""
+    assert r.call_kind == "prefill" and r.layer >= m.dense_layers
+    if r.kind == "dense":  # every candidate fits the budget: a complete selection runs dense
+        return
+    assert r.kind == "blocks"
+    bs = m.block
+    sink, win = -(-m.n_sink // bs), -(-m.window // bs)
+    for i in range(r.idx.shape[0]):
+        real = int(r.n_real[i])
+        nb = -(-real // bs)
+        n_keep = min(nb, -(-_resolve(m.budget, real) // bs))
+        for j in range(r.idx.shape[1]):
+            for qb in range(r.idx.shape[2]):
+                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
+                if qb >= nb:
+                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
+                    continue
+                if m.dense_tail and qb >= (real - m.dense_tail) // bs:  # the prompt's tail reads everything
+                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
+                    continue
+                always = {b for b in range(qb + 1) if b < sink or b > qb - win}
+                assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+                n_cand = max(0, max(qb - win + 1, sink) - sink)
+                assert len(got - always) == min(n_keep, n_cand), f"row {i}, head {j}, block {qb}: {sorted(got)}"
+
+
 #: every registered method needs a config strategy and an invariant check (``None``: general only)
 METHODS = {
     "token_sparse": (token_sparse_configs(), check_token_sparse),
@@ -422,6 +478,7 @@ METHODS = {
     "tidal_decode": (tidal_decode_configs(), check_tidal_decode),
     "tova": (tova_configs(), check_tova),
     "zero_tuning": (zero_tuning_configs(), check_zero_tuning),
+    "hip": (hip_configs(), check_hip),
 }
 
 

@@ -283,6 +283,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--densities", help="executors only: comma-separated kept shares in (0, 1] (default 0.1,0.25,0.5)")
     s.add_argument("--device", default="cpu", help="executors only: torch device of the random tensors")
     s.add_argument("--steps", type=int, default=16, help="decode steps timed per run")
+    s.add_argument("--methods", help="prefill/attention only: comma-separated method names whose configurations run "
+                                     "(default: all of tokensparse.bench.prefill.CONFIGS)")
     s.add_argument("--json", help="write results as JSON")
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_bench)

@@ -53,13 +53,25 @@ def main(args) -> int:
         raise SystemExit(f"--steps must be >= 1 (decode steps timed per run), got {args.steps}")
     if executors:
         return _main_executors(args, lengths, repeats)
+    kw = {}
+    if getattr(args, "methods", None):
+        if args.what not in ("prefill", "attention"):
+            raise SystemExit("--methods applies to bench prefill and bench attention")
+        from .prefill import CONFIGS
+
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        known = sorted({name for _, name, _ in CONFIGS})
+        unknown = [m for m in wanted if m not in known]
+        if unknown or not wanted:
+            raise SystemExit(f"--methods: {', '.join(unknown) or 'none given'}; benchmarked methods: {', '.join(known)}")
+        kw["configs"] = [c for c in CONFIGS if c[1] in wanted]
     if args.what == "prefill":
         from .prefill import run
     elif args.what == "decode":
         from .decode import run
     else:
         from .prefill import run_attention_only as run
-    result = run(lengths=lengths, repeats=repeats, steps=args.steps)
+    result = run(lengths=lengths, repeats=repeats, steps=args.steps, **kw)
     if args.json:
         save_json(result, args.json)
         print(f"results written to {args.json}")

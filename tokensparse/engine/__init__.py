@@ -6,7 +6,8 @@ format/version checks; what a profile holds belongs to its method, e.g.
 Rooms (imports flow downwards only):
 
 * :mod:`.config` (declared method fields), :mod:`.selection` (scores → indices, ``Selection``,
-  ``KeyBias``), :mod:`.executors` (where a selection is applied), :mod:`.cache` (cache layers);
+  ``KeyBias``), :mod:`.executors` (where a selection is applied), :mod:`.blocks` (block-sparse
+  selections and executors, log-sum-exp merging), :mod:`.cache` (cache layers);
 * :mod:`.call` (one attention call), :mod:`.telemetry`, :mod:`.pipeline` (select → execute →
   observe, ``KeyPlan``);
 * :mod:`.method` (the ``Method`` base and ``Phase``), :mod:`.session` (a method attached to a
@@ -15,6 +16,7 @@ Rooms (imports flow downwards only):
   ``sparsify``), :mod:`.timing`.
 """
 
+from .blocks import block_attend, blocks_from_sets, merge_partials
 from .cache import EvictingLayer, KVCache, PreallocLayer, cache_bytes
 from .call import AttentionCall, CacheRequiredError
 from .integration import UnsupportedCacheError, active_session, sparsify
@@ -42,8 +44,11 @@ __all__ = [
     "Telemetry",
     "UnsupportedCacheError",
     "active_session",
+    "block_attend",
+    "blocks_from_sets",
     "cache_bytes",
     "exercise_sparse_paths",
+    "merge_partials",
     "execute",
     "sparse_paths_forced",
     "sparsify",

@@ -83,8 +83,12 @@ def _sdpa(q, k, v, *, mask=None, is_causal=False, scale, bias=None, key_pos=None
     return out if bias is None else out[..., :dv]
 
 
-def reference_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = None):
-    """Plain matmul/softmax attention in fp32 (the oracle). Masked logits use ``finfo.min``."""
+def reference_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = None, return_lse: bool = False):
+    """Plain matmul/softmax attention in fp32 (the oracle). Masked logits use ``finfo.min``.
+
+    ``return_lse``: also return the log-sum-exp ``(B, Hq, Lq)`` fp32 of each row's logits over its
+    allowed keys (``-inf`` for a row that may see no key; its output is then the uniform average,
+    as with ``finfo.min`` masking)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -94,10 +98,11 @@ def reference_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = N
     if bias is not None:
         s = s + bias_at(bias, torch.arange(lk, device=q.device)[None, None], hq)[:, :, None, :]
     allowed = _expand_heads(mask, hq) if mask is not None else causal_mask(lq, lk, q.device)
+    lse = s.masked_fill(~allowed, float("-inf")).logsumexp(-1) if return_lse else None
     s = s.masked_fill(~allowed, torch.finfo(torch.float32).min)
     p = s.softmax(-1)
-    out = (p.view(b, hkv, g * lq, lk) @ v.float()).view(b, hq, lq, v.shape[-1])
-    return out.to(q.dtype)
+    out = (p.view(b, hkv, g * lq, lk) @ v.float()).view(b, hq, lq, v.shape[-1]).to(q.dtype)
+    return (out, lse) if return_lse else out
 
 
 def dense_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = None):

@@ -29,6 +29,7 @@ import threading
 
 import torch
 
+from .blocks import block_attend
 from .executors import compress_attend_scatter, gather_attend, gather_rows, segments_attend
 from .selection import Selection, indices_from_mask, mask_from_indices, resolve_budget_rows, select_topk
 
@@ -167,6 +168,8 @@ def everything(call, kind: str) -> Selection:
     row for ``keep``) so that the executor of ``kind`` runs on it."""
     if not sparse_paths_forced():
         return Selection.dense()
+    if kind == "blocks":
+        raise ValueError("everything(call, 'blocks') needs block sizes: use engine.blocks.everything_blocks")
     if kind == "keep":
         valid = call.evicting.valid_rows()  # (B, Hkv, n): per-head holes of an evicted cache included
     elif call.key_valid is None:
@@ -214,6 +217,12 @@ def execute(call, selection: Selection | None, impl: str = "fast", bias=None) ->
                                        valid=valid, bias=bias)
     if kind == "keys":
         return _attend_keys(call, selection, impl, bias)
+    if kind == "blocks":
+        ev = call.evicting
+        if ev is not None and (ev.evicted or ev.has_empty_rows):
+            raise ValueError("a 'blocks' selection needs cache rows at their token positions (no evicted or empty rows)")
+        return block_attend(call.query, call.key, call.value, selection, call.scale, key_valid=call.key_valid,
+                            impl=impl, bias=bias)
     if kind == "keep":
         out = call.dense(bias)
         idx, valid = selection.full_idx(call.k_len)

@@ -284,7 +284,7 @@ def validate_budget(name: str, budget) -> None:
 # what a method chose for one call
 # --------------------------------------------------------------------------------------------------
 
-SELECTION_KINDS = ("dense", "rows", "keys", "keep")
+SELECTION_KINDS = ("dense", "rows", "keys", "keep", "blocks")
 
 
 @dataclass(eq=False)
@@ -299,7 +299,10 @@ class Selection:
     * ``"keys"``: every query of the call attends only to the selected keys of the full cache
       (decode-time selection; ``idx`` with 1 or ``Hkv`` heads);
     * ``"keep"``: the call attends densely, then the evicting cache keeps only the selected rows
-      (eviction; ``idx`` with ``Hkv`` heads).
+      (eviction; ``idx`` with ``Hkv`` heads);
+    * ``"blocks"``: block-sparse attention (prefill): ``idx (B, H, nQB, n)`` lists, for each query
+      block of ``block_q`` rows, the key blocks of ``block_k`` keys it reads, on a grid laid over
+      each row's real tokens (see :mod:`tokensparse.engine.blocks`; ``H`` is 1, ``Hkv`` or ``Hq``).
 
     ``idx (B, H, n)`` are sorted physical key positions; ``valid`` (like ``idx``, or ``None`` =
     all valid) marks filler entries of rows that selected fewer than the widest row. ``prefix`` and
@@ -316,12 +319,19 @@ class Selection:
     prefix: int = 0
     suffix: int = 0
     complete: bool = False
+    block_q: int = 0
+    block_k: int = 0
 
     def __post_init__(self):
         if self.kind not in SELECTION_KINDS:
             raise ValueError(f"selection kind must be one of {SELECTION_KINDS}, got {self.kind!r}")
         if self.kind != "dense" and self.idx is None:
             raise ValueError(f"a {self.kind!r} selection needs idx")
+        if self.kind == "blocks":
+            if self.idx.dim() != 4 or self.block_q < 1 or self.block_k < 1:
+                raise ValueError("a 'blocks' selection needs idx (B, H, nQB, n) and block_q, block_k >= 1")
+            if self.prefix or self.suffix:
+                raise ValueError("a 'blocks' selection lists its blocks; prefix/suffix do not apply")
 
     @classmethod
     def dense(cls):
@@ -359,7 +369,11 @@ class Selection:
         return idx, valid
 
     def mask(self, length: int) -> torch.Tensor:
-        """``(B, H, length)`` bool: the positions this selection holds (filler entries ignored)."""
+        """``(B, H, length)`` bool: the positions this selection holds (filler entries ignored).
+        Not defined for ``"blocks"`` (it depends on the query row): see
+        :func:`tokensparse.engine.blocks.token_mask`."""
+        if self.kind == "blocks":
+            raise ValueError("a 'blocks' selection has a key set per query block; use engine.blocks.token_mask")
         out = mask_from_indices(self.idx, length, self.valid)
         if self.prefix:
             out[..., : self.prefix] = True
@@ -368,7 +382,11 @@ class Selection:
         return out
 
     def kept(self) -> float:
-        """Selected keys per row and head, averaged (filler entries not counted)."""
+        """Selected keys per row and head, averaged (filler entries not counted; for ``"blocks"``:
+        listed key blocks × ``block_k`` per query block, before causality trims the diagonal)."""
+        if self.kind == "blocks":
+            n = self.idx.shape[-1] if self.valid is None else float(self.valid.float().sum(-1).mean())
+            return float(n * self.block_k)
         n = self.idx.shape[-1] if self.valid is None else float(self.valid.float().sum(-1).mean())
         return float(n + self.prefix + self.suffix)
 

@@ -27,6 +27,7 @@ from collections import defaultdict
 
 import torch
 
+from .blocks import token_mask
 from .executors import _expand_heads, causal_mask
 from .selection import Selection, grouped_logits
 
@@ -57,7 +58,12 @@ class Telemetry:
         p = logits.masked_fill(~allowed, torch.finfo(torch.float32).min).softmax(-1) * allowed
         att = allowed.clone()
         v = call.value
-        if selection.kind != "dense":
+        if selection.kind == "blocks":
+            tm = token_mask(selection, lq, lk, call.key_valid, rows)  # (B, H, S, Lk), causality included
+            att &= _expand_heads(tm, hq)
+            if self.keep_indices:
+                self.last_selection[call.layer_idx] = selection.idx.detach().cpu()
+        elif selection.kind != "dense":
             sel = selection.mask(lk)
             sel = _expand_heads(sel[:, :, None, :], hq)[:, :, 0]  # (B, Hq, Lk)
             att &= sel[:, :, None, :]
