@@ -13,23 +13,27 @@ left-padded batch therefore has exactly the grid (and, for a method that chooses
 the choice) it has alone. Padded batches run row by row on the real tokens (the
 "row equals the prompt alone" property is then exact); padding query rows output 0.
 
-Three executors, tested against each other (``tests/test_blocks.py``):
+Four executors, tested against each other (``tests/test_blocks.py``):
 
 * ``"reference"``: the token-level boolean mask of the selection and the fp32 matmul/softmax
   oracle (:func:`~tokensparse.engine.executors.reference_attention`). Quadratic memory.
 * ``"gather"``: for chunks of query blocks, gather the selected key blocks' rows and run an exact
-  fp32 softmax over them; returns the log-sum-exp. Pure PyTorch, any device; memory grows with
-  the selection, not with ``L²``.
+  fp32 softmax over them. Pure PyTorch, any device, any block sizes, takes a key bias; memory
+  grows with the selection, not with ``L²``.
+* ``"sdpa"`` (CPU; square blocks on an aligned prefill grid): the CPU flash kernel, which returns
+  the log-sum-exp, on the diagonal blocks and on the gathered earlier blocks, merged by
+  :func:`merge_partials` (bf16/fp16: one masked call).
 * ``"flex"``: ``torch.compile``-d FlexAttention with a ``BlockMask`` built by
   ``BlockMask.from_kv_blocks`` (blocks entirely below the diagonal are "full": no mask function
   runs there). Compiled once per (shape bucket, block sizes): lengths are padded up to a multiple
   of ``FLEX_BUCKET`` tokens so that prompts of similar length share a compiled kernel. On CPU
-  inductor's C++ template iterates only the listed blocks, but returns no log-sum-exp; a call
-  that asks for it there runs ``"gather"``.
+  inductor's C++ template iterates only the listed blocks, but returns no log-sum-exp and takes
+  no key bias.
 
-``"auto"`` (or ``"fast"``) is ``"flex"`` where compiled FlexAttention is available (CUDA, or CPU
-with a C++ compiler), without a key bias and without a request for the log-sum-exp on CPU; else
-``"gather"``.
+Every executor returns the log-sum-exp on request (``-inf`` for a row that read nothing).
+``"auto"`` (or ``"fast"``) is ``"gather"`` with a key bias, else ``"sdpa"`` where it applies,
+else ``"flex"`` where compiled FlexAttention is available (CUDA, or CPU with a C++ compiler) and
+no log-sum-exp is asked for on CPU, else ``"gather"``.
 
 :func:`merge_partials` combines attentions over disjoint key sets through their log-sum-exps.
 """
@@ -43,7 +47,7 @@ import shutil
 import torch
 
 from .executors import bias_at, gather_rows, reference_attention
-from .selection import KeyBias, Selection, indices_from_mask
+from .selection import KeyBias, Selection, indices_from_mask, mask_from_indices
 
 FLEX_BUCKET = 512
 """Flex lengths are rounded up to a multiple of this (one compiled kernel per bucket)."""
@@ -64,7 +68,7 @@ def n_blocks(length: int, block: int) -> int:
     return -(-length // block)
 
 
-def row_starts(key_valid: torch.Tensor | None, batch: int, device=None) -> list[int]:
+def row_starts(key_valid: torch.Tensor | None, batch: int) -> list[int]:
     """First real key of each row (0 for an unpadded call). Refuses masks that are not left padding:
     the block grid assumes each row's real tokens are contiguous and end at the last position."""
     if key_valid is None:
@@ -89,7 +93,7 @@ def token_mask(sel: Selection, lq: int, lk: int, key_valid: torch.Tensor | None 
     nkb = n_blocks(lk, bk)
     rows = torch.arange(lq, device=dev) if rows is None else rows
     off = lk - lq
-    starts = torch.tensor(row_starts(key_valid, b, dev), device=dev)  # (B,)
+    starts = torch.tensor(row_starts(key_valid, b), device=dev)  # (B,)
     blockset = _blockset(idx, valid, nkb)
     q_first = (starts - off).clamp_min(0)  # first real query row of each row
     qlog = rows[None, :] - q_first[:, None]  # (B, S) logical query row
@@ -293,8 +297,8 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     are gathered (one row copy per block) and run as one batched call without causality, the
     query heads of a selection head folded into its query rows; the two halves merge through
     :func:`merge_partials`. Query blocks that list fewer earlier blocks than the widest get an
-    additive ``-inf`` key mask on the filler blocks. Other dtypes than fp32 run in fp32 (the output
-    is rounded once, as dense attention's is).
+    additive ``-inf`` key mask on the filler blocks. Other dtypes than fp32 run as one masked call
+    (:func:`_sdpa_one_call`) so that the output is rounded once, as dense attention's is.
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -454,10 +458,9 @@ def _flex(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
 
 
 def _blockset(idx: torch.Tensor, valid: torch.Tensor | None, nkb: int) -> torch.Tensor:
-    """``(B, H, nQB, nKB)`` bool: the key blocks ``idx`` lists (filler entries ignored)."""
-    marks = torch.zeros(*idx.shape[:-1], nkb + 1, dtype=torch.long, device=idx.device)
-    marks.scatter_add_(-1, idx.clamp(0, nkb), torch.ones_like(idx) if valid is None else valid.long())
-    return marks[..., :nkb] > 0
+    """``(B, H, nQB, nKB)`` bool: the key blocks ``idx`` lists (filler entries ignored; a filler may
+    name a block past ``nkb`` when a padded row's slice is read, hence the spare column)."""
+    return mask_from_indices(idx.clamp(0, nkb), nkb + 1, valid)[..., :nkb]
 
 
 def _counts_and_indices(sel: torch.Tensor):

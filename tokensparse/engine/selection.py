@@ -384,10 +384,9 @@ class Selection:
     def kept(self) -> float:
         """Selected keys per row and head, averaged (filler entries not counted; for ``"blocks"``:
         listed key blocks × ``block_k`` per query block, before causality trims the diagonal)."""
-        if self.kind == "blocks":
-            n = self.idx.shape[-1] if self.valid is None else float(self.valid.float().sum(-1).mean())
-            return float(n * self.block_k)
         n = self.idx.shape[-1] if self.valid is None else float(self.valid.float().sum(-1).mean())
+        if self.kind == "blocks":
+            return float(n * self.block_k)
         return float(n + self.prefix + self.suffix)
 
 

@@ -103,12 +103,11 @@ class HiP(Method):
             blockset, complete = self.choose(call.query, call.key)
         else:  # a padded batch: each row chooses on its real tokens (the grid starts there)
             nb = n_blocks(call.q_len, self.block)
-            blockset = torch.zeros(call.batch, 1, nb, nb, dtype=torch.bool, device=call.query.device)
+            h = call.n_q_heads if self.select_per == "query_head" else call.n_kv_heads
+            blockset = torch.zeros(call.batch, h, nb, nb, dtype=torch.bool, device=call.query.device)
             complete = True
             for r, start in enumerate((call.k_len - call.n_real[:, 0]).tolist()):
                 rows, full = self.choose(call.query[r : r + 1, :, start:], call.key[r : r + 1, :, start:])
-                if blockset.shape[1] != rows.shape[1]:
-                    blockset = blockset.expand(-1, rows.shape[1], -1, -1).clone()
                 blockset[r : r + 1, :, : rows.shape[2], : rows.shape[3]] = rows
                 complete &= full
         return blocks_from_sets(blockset, self.block, self.block, complete=complete)
