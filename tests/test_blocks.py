@@ -293,3 +293,32 @@ def test_sdpa_in_bf16_is_one_call_close_to_the_reference(heads):
     ref, ref_lse = block_attend(q, k, v, sel, 0.3, impl="reference", return_lse=True)
     out, lse = block_attend(q, k, v, sel, 0.3, impl="sdpa", return_lse=True)
     assert out.dtype == torch.bfloat16 and close(out, ref, 2e-2) and lse_close(lse, ref_lse, 2e-2)
+
+
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 1], ids=["one-call-per-width", "one-call-per-query-block"])
+@pytest.mark.parametrize("impl", FAST)
+def test_query_blocks_of_very_different_widths_run_in_groups(impl, chunk_bytes, monkeypatch):
+    """A few query blocks read every earlier block (HiP's dense tail), the others a handful: the
+    executors group query blocks by width instead of padding all to the widest."""
+    from tokensparse.engine import blocks
+    from tokensparse.engine.blocks import width_groups
+
+    monkeypatch.setattr(blocks, "SDPA_CHUNK_BYTES", chunk_bytes)
+    q, k, v = qkv(b=1, lq=300, lk=300)
+    nb = 75
+    sets = torch.zeros(1, 2, nb, nb, dtype=torch.bool)
+    i = torch.arange(nb)
+    sets[:, :, :, 0] = True
+    sets[:, :, i, i] = True
+    sets[:, 1, i, (i * 7) % nb] = True
+    sets[:, :, -3:] = True  # the tail reads everything
+    groups = width_groups(sets & (i[None, :] <= i[:, None]))
+    assert len(groups) >= 3 and groups[-1][0] >= 72
+    sel = blocks_from_sets(sets, 4, 4)
+    ref, ref_lse = block_attend(q, k, v, sel, 0.3, impl="reference", return_lse=True)
+    out, lse = block_attend(q, k, v, sel, 0.3, impl=impl, return_lse=True)
+    assert close(out, ref) and lse_close(lse, ref_lse)
+    if impl == "sdpa":  # bf16: the one-call path, grouped the same way
+        qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+        ref_b = block_attend(qb, kb, vb, sel, 0.3, impl="reference")
+        assert close(block_attend(qb, kb, vb, sel, 0.3, impl="sdpa"), ref_b, 2e-2)

@@ -240,7 +240,7 @@ def run_scenario(method, sc: Scenario) -> Recorder:
     rec = Recorder()
     forced = exercise_sparse_paths() if sc.forced else contextlib.nullcontext()
     with torch.no_grad(), forced, ts.sparsify(model, method, telemetry=rec) as session:
-        if method.needs_evicting_cache or not sc.stock_cache:
+        if method.needs_evicting_cache or method.needs_cache_state or not sc.stock_cache:
             cache = session.new_cache()
         else:
             cache = DynamicCache(config=model.config)
@@ -413,6 +413,56 @@ def check_tova(m, r: Record, sc: Scenario) -> None:
 
 
 @st.composite
+def h2o_configs(draw):
+    return dict(budget=draw(st.one_of(SHARES, st.integers(0, 40))),
+                window=draw(st.one_of(st.sampled_from([0.5, 0.1, 0.99]), st.integers(0, 12))))
+
+
+def check_h2o(m, r: Record, sc: Scenario) -> None:
+    """Each KV head keeps ``budget`` rows (or all it holds): its ``window`` most recent real rows,
+    the current token among them, the rest chosen by score among the older real rows."""
+    if r.kind == "dense":  # the cache still fits the budget
+        return
+    assert r.kind == "keep" and r.slots is not None
+    keeps = [max(_resolve(m.budget, n), 2) for n in sc.first_call_real()]
+    for i, j, pos in _rows(r):
+        keep = keeps[i]
+        held = r.slots[i, j][r.slots[i, j] >= 0]
+        window = keep * m.window if isinstance(m.window, float) else m.window
+        window = min(max(int(window), 1), keep - 1)
+        assert len(pos) == min(keep, len(held)), f"row {i}, head {j}: kept {len(pos)} of {len(held)} for {keep}"
+        got = set(r.slots[i, j, pos].tolist())
+        recent = set(held.sort().values[-window:].tolist())
+        assert recent <= got, f"row {i}, head {j}: recent rows {sorted(recent - got)} evicted"
+
+
+@st.composite
+def quest_configs(draw):
+    return dict(budget=draw(st.one_of(SHARES, st.integers(0, 40))), page=draw(st.integers(1, 6)),
+                dense_layers=draw(st.integers(0, 2)))
+
+
+def check_quest(m, r: Record, sc: Scenario) -> None:
+    """Decode only: whole pages of each row's grid (over its real tokens), the current page among
+    them, ``max(3, ceil(budget / page))`` pages or every page."""
+    assert r.call_kind == "decode" and r.layer >= m.dense_layers, (r.call_kind, r.layer)
+    if r.kind == "dense":
+        return
+    assert r.kind == "keys"
+    p = m.page
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        got = _ranks(r, i, pos)  # 1-based ranks among the row's real tokens
+        pages = {(x - 1) // p for x in got}
+        for pg in pages:
+            assert set(range(pg * p + 1, min((pg + 1) * p, real) + 1)) <= got, f"row {i}, head {j}: page {pg} partly read"
+        n_all = -(-real // p)
+        assert (real - 1) // p in pages, f"row {i}, head {j}: the current page is not read"
+        want = min(n_all, max(3, -(-_resolve(m.budget, real) // p)))
+        assert len(pages) == want, f"row {i}, head {j}: {len(pages)} pages, want {want}"
+
+
+@st.composite
 def zero_tuning_configs(draw):
     return dict(
         gamma=draw(st.one_of(st.sampled_from([1.0, 0.25, 4.0]), st.floats(0.01, 20.0), st.floats(-1.0, 0.0))),
@@ -477,6 +527,8 @@ METHODS = {
     "streaming_llm": (streaming_llm_configs(), check_streaming_llm),
     "tidal_decode": (tidal_decode_configs(), check_tidal_decode),
     "tova": (tova_configs(), check_tova),
+    "h2o": (h2o_configs(), check_h2o),
+    "quest": (quest_configs(), check_quest),
     "zero_tuning": (zero_tuning_configs(), check_zero_tuning),
     "hip": (hip_configs(), check_hip),
 }

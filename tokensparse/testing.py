@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import torch
 
-#: max |Δlogits| allowed against dense attention
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 6e-2}
+#: max |Δlogits| allowed against dense attention. bf16: PyTorch's own bf16 SDPA backends disagree
+#: by up to 0.117 on the tiny models' 40-token prompts (math vs flash, measured 2026-12-03; eager vs
+#: sdpa up to 0.234), so a kernel that reduces over keys in another grouping (the block-sparse
+#: executors) cannot be held to less; fp32 (1e-4) is the sharp check.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.125}
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 

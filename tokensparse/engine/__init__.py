@@ -17,7 +17,7 @@ Rooms (imports flow downwards only):
 """
 
 from .blocks import block_attend, blocks_from_sets, merge_partials
-from .cache import EvictingLayer, KVCache, PreallocLayer, cache_bytes
+from .cache import CacheState, EvictingLayer, KVCache, PreallocLayer, RowState, cache_bytes
 from .call import AttentionCall, CacheRequiredError
 from .integration import UnsupportedCacheError, active_session, sparsify
 from .method import Method, Phase
@@ -30,6 +30,7 @@ from .timing import AttentionTimer, time_attention
 __all__ = [
     "AttentionCall",
     "AttentionTimer",
+    "CacheState",
     "CacheRequiredError",
     "EvictingLayer",
     "KVCache",
@@ -39,6 +40,7 @@ __all__ = [
     "Method",
     "Phase",
     "PreallocLayer",
+    "RowState",
     "Selection",
     "Session",
     "Telemetry",

@@ -21,8 +21,8 @@ Four executors, tested against each other (``tests/test_blocks.py``):
   fp32 softmax over them. Pure PyTorch, any device, any block sizes, takes a key bias; memory
   grows with the selection, not with ``L²``.
 * ``"sdpa"`` (CPU; square blocks on an aligned prefill grid): the CPU flash kernel, which returns
-  the log-sum-exp, on the diagonal blocks and on the gathered earlier blocks, merged by
-  :func:`merge_partials` (bf16/fp16: one masked call).
+  the log-sum-exp, on each query block's gathered key blocks (its own block last, so one shared
+  additive mask does causality), query blocks grouped by width.
 * ``"flex"``: ``torch.compile``-d FlexAttention with a ``BlockMask`` built by
   ``BlockMask.from_kv_blocks`` (blocks entirely below the diagonal are "full": no mask function
   runs there). Compiled once per (shape bucket, block sizes): lengths are padded up to a multiple
@@ -55,6 +55,11 @@ FLEX_BUCKET = 512
 IMPLS = ("auto", "sdpa", "flex", "gather", "reference")
 """Block executors; ``"fast"`` is accepted as ``"auto"``."""
 
+SDPA_CHUNK_BYTES = 8 << 20
+"""Gathered key bytes per call of the sdpa block executor. Larger buffers are fresh ``mmap``-ed
+memory on every call with glibc (its threshold stops at 32 MiB), whose page faults cost more than
+the copy itself (measured: 112 ms of a 0.50 s layer at 8K in 170 MB of gathers)."""
+
 GATHER_CHUNK_ELEMS = 1 << 24
 """Score elements per chunk of the gather executor (64 MiB of fp32 scores)."""
 
@@ -80,6 +85,21 @@ def row_starts(key_valid: torch.Tensor | None, batch: int) -> list[int]:
     if not torch.equal(expect, key_valid):
         raise ValueError("block-sparse attention needs left-padded rows (real tokens contiguous at the end)")
     return starts
+
+
+def width_groups(sets: torch.Tensor, keep_empty: bool = False) -> list[tuple[int, torch.Tensor]]:
+    """Query blocks grouped by how many key blocks they read: ``[(width, blocks)]`` where
+    ``sets (B, H, nQB, nKB)`` bool lists each query block's key blocks and ``blocks`` (a long
+    tensor) holds the query blocks whose widest row/head reads exactly ``width`` blocks (width 0
+    only with ``keep_empty``). The gathered executors run one call per group (and chunk), so no
+    query block is padded to the widest one (a dense tail would otherwise make the whole call
+    dense); a method whose heads read equally many blocks gets no filler entries at all."""
+    counts = sets.sum(-1).amax((0, 1)).tolist() if sets.numel() else []
+    by_width: dict[int, list[int]] = {}
+    for i, c in enumerate(counts):
+        if c or keep_empty:
+            by_width.setdefault(int(c), []).append(i)
+    return [(w, torch.tensor(ix, device=sets.device)) for w, ix in sorted(by_width.items())]
 
 
 def token_mask(sel: Selection, lq: int, lk: int, key_valid: torch.Tensor | None = None,
@@ -238,7 +258,7 @@ def _gather(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
         h = hkv
     g = hq // h  # query heads per selection head
     heads = torch.arange(h, device=q.device) * hkv // h  # the KV head each selection head reads
-    nqb, n = idx.shape[2], idx.shape[3]
+    nqb = idx.shape[2]
     off = lk - lq
     pad = nqb * bq - lq
     if pad < 0:
@@ -246,28 +266,32 @@ def _gather(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     qp = torch.nn.functional.pad(q, (0, 0, 0, pad)) if pad else q
     # (B, H, nQB, G·bq, D): the G query heads of a selection head share its gathered keys
     qb = qp.reshape(b, h, g, nqb, bq, d).permute(0, 1, 3, 2, 4, 5).reshape(b, h, nqb, g * bq, d)
-    tok, ok = _key_rows(idx, valid, bk, lk)  # (B, H, nQB, n·bk)
-    nk = tok.shape[-1]
     qrow = off + torch.arange(nqb * bq, device=q.device).view(nqb, 1, bq)  # absolute position of each query
-    out = torch.empty(b, h, nqb, g * bq, v.shape[-1], dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, h, nqb, g * bq, dtype=torch.float32, device=q.device)
-    step = max(1, GATHER_CHUNK_ELEMS // max(1, b * h * g * bq * nk))
-    for c0 in range(0, nqb, step):
-        c1 = min(nqb, c0 + step)
-        t = tok[:, :, c0:c1]
-        flat = t.reshape(b, h, -1)
-        kc = gather_rows(k, flat, heads).view(b, h, c1 - c0, nk, d).float()
-        vc = gather_rows(v, flat, heads).view(b, h, c1 - c0, nk, v.shape[-1]).float()
-        s = qb[:, :, c0:c1].float() @ kc.transpose(-1, -2) * scale  # (B, H, c, G·bq, nk)
-        allow = ok[:, :, c0:c1, None, :] & (t[:, :, :, None, :] <= qrow[c0:c1].repeat(1, g, 1).view(1, 1, c1 - c0, g * bq, 1))
-        if bias is not None:
-            bv = bias_at(bias, flat, hq).view(b, h, g, c1 - c0, 1, nk).permute(0, 1, 3, 2, 4, 5)
-            s = (s.view(b, h, c1 - c0, g, bq, nk) + bv).view_as(s)
-        s = s.masked_fill(~allow, float("-inf"))
-        m = torch.logsumexp(s, -1)  # (B, H, c, G·bq)
-        p = torch.exp(s - m[..., None]).nan_to_num(0.0)
-        out[:, :, c0:c1] = p @ vc
-        lse[:, :, c0:c1] = m
+    out = torch.zeros(b, h, nqb, g * bq, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h, nqb, g * bq), float("-inf"), dtype=torch.float32, device=q.device)
+    sets = _blockset(idx, valid, n_blocks(lk, bk))
+    for width, blocks in width_groups(sets):
+        g_idx, g_valid = indices_from_mask(sets[:, :, blocks], width)
+        tok, ok = _key_rows(g_idx, g_valid, bk, lk)  # (B, H, m, width·bk)
+        nk = tok.shape[-1]
+        step = max(1, GATHER_CHUNK_ELEMS // max(1, b * h * g * bq * nk))
+        for c0 in range(0, len(blocks), step):
+            cb = blocks[c0 : c0 + step]
+            c = len(cb)
+            t = tok[:, :, c0 : c0 + c]
+            flat = t.reshape(b, h, -1)
+            kc = gather_rows(k, flat, heads).view(b, h, c, nk, d).float()
+            vc = gather_rows(v, flat, heads).view(b, h, c, nk, v.shape[-1]).float()
+            s = qb[:, :, cb].float() @ kc.transpose(-1, -2) * scale  # (B, H, c, G·bq, nk)
+            allow = ok[:, :, c0 : c0 + c, None, :] & (t[:, :, :, None, :] <= qrow[cb].repeat(1, g, 1).view(1, 1, c, g * bq, 1))
+            if bias is not None:
+                bv = bias_at(bias, flat, hq).view(b, h, g, c, 1, nk).permute(0, 1, 3, 2, 4, 5)
+                s = (s.view(b, h, c, g, bq, nk) + bv).view_as(s)
+            s = s.masked_fill(~allow, float("-inf"))
+            m = torch.logsumexp(s, -1)  # (B, H, c, G·bq)
+            p = torch.exp(s - m[..., None]).nan_to_num(0.0)
+            out[:, :, cb] = p @ vc
+            lse[:, :, cb] = m
     out = out.view(b, h, nqb, g, bq, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, hq, nqb * bq, -1)[:, :, :lq]
     out = out.to(q.dtype)
     if not return_lse:
@@ -290,15 +314,18 @@ def _flash_cpu(q, k, v, scale, causal=False, mask=None):
 
 
 def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
-    """Block-sparse prefill on CPU as two fused-kernel calls merged by their log-sum-exps.
+    """Block-sparse prefill on CPU: the CPU flash kernel over each query block's gathered key blocks.
 
-    Needs square blocks on an aligned grid (``block_q == block_k``, as many queries as keys). Each
-    query block's *diagonal* block runs as one batched causal call; its selected *earlier* blocks
-    are gathered (one row copy per block) and run as one batched call without causality, the
-    query heads of a selection head folded into its query rows; the two halves merge through
-    :func:`merge_partials`. Query blocks that list fewer earlier blocks than the widest get an
-    additive ``-inf`` key mask on the filler blocks. Other dtypes than fp32 run as one masked call
-    (:func:`_sdpa_one_call`) so that the output is rounded once, as dense attention's is.
+    Needs square blocks on an aligned grid (``block_q == block_k``, as many queries as keys). Query
+    blocks are grouped by how many *earlier* key blocks they read (:func:`width_groups`); for each
+    chunk of a group the earlier blocks are gathered (one row copy per block, at most
+    ``SDPA_CHUNK_BYTES``) with the query block's own (diagonal) block appended *last*, and one
+    kernel call attends the query heads of each selection head (folded into its query rows) to
+    them. Keys stay in ascending order, so the output is rounded once, in dense attention's key
+    order, in every dtype. With the diagonal last, one additive mask shared by every query block
+    (zeros, then the causal triangle) does causality; only a chunk with filler entries (a row or
+    head that reads fewer blocks than its group, or a query block that skips its own block) builds
+    a mask per query block.
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -307,91 +334,55 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     if bias is not None:
         raise ValueError("the sdpa block executor takes no key bias; use impl='gather' or 'auto'")
     bs, nb, h = bq, idx.shape[2], idx.shape[1]
-    g, dv = hq // hkv, v.shape[-1]
-    if q.dtype != torch.float32:
-        return _sdpa_one_call(q, k, v, idx, valid, bs, scale, return_lse)
+    dv, dev = v.shape[-1], q.device
     pad = nb * bs - lq
     qp, kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x for x in (q, k, v))
     sets = _blockset(idx, valid, nb)  # (B, H, nb, nb)
-    i = torch.arange(nb, device=q.device)
+    if h == 1:
+        sets, h = sets.expand(b, hkv, nb, nb), hkv
+    gh = hq // h
+    heads = torch.arange(h, device=dev) * hkv // h
+    i = torch.arange(nb, device=dev)
     diag = sets[:, :, i, i]  # (B, H, nb): query blocks that read their own block
     earlier = sets & (i[None, :] < i[:, None])
-    # the diagonal blocks: causal inside each block, all query heads, K/V repeated over the group
-    qd = qp.view(b, hq, nb, bs, d).transpose(1, 2).reshape(b * nb, hq, bs, d)
-    kd = kp.view(b, hkv, nb, bs, d).transpose(1, 2).reshape(b * nb, hkv, bs, d).repeat_interleave(g, 1)
-    vd = vp.view(b, hkv, nb, bs, dv).transpose(1, 2).reshape(b * nb, hkv, bs, dv).repeat_interleave(g, 1)
-    out_d, lse_d = _flash_cpu(qd, kd, vd, scale, causal=True)
-    hd = diag.shape[1]
-    lse_d = lse_d.view(b, nb, hd, hq // hd, bs).masked_fill(~diag.transpose(1, 2)[..., None, None], float("-inf"))
-    parts = [(out_d.view(b, nb, hq, bs, dv), lse_d.view(b, nb, hq, bs))]
-    e_idx, e_valid = indices_from_mask(earlier)  # (B, H, nb, n)
-    n = e_idx.shape[-1]
-    if n:
-        if h == 1:
-            e_idx, e_valid, h = e_idx.expand(b, hkv, nb, n), e_valid.expand(b, hkv, nb, n), hkv
-        gh = hq // h
-        heads = torch.arange(h, device=q.device) * hkv // h
-        ke, ve = _gather_blocks(kp, e_idx, heads), _gather_blocks(vp, e_idx, heads)
-        qe = qp.view(b, h, gh, nb, bs, d).permute(0, 3, 1, 2, 4, 5).reshape(b * nb, h, gh * bs, d)
-        mask = None
-        if not bool(e_valid.all()):
-            mask = torch.zeros(b, nb, h, 1, n, bs, dtype=q.dtype, device=q.device)
-            mask.masked_fill_(~e_valid.transpose(1, 2)[:, :, :, None, :, None], float("-inf"))
-            mask = mask.view(b * nb, h, 1, n * bs)
-        out_e, lse_e = _flash_cpu(qe, ke, ve, scale, mask=mask)
-        none = ~e_valid.any(-1).transpose(1, 2)  # (B, nb, H): no earlier block (the kernel reports lse 0)
-        lse_e = lse_e.view(b, nb, h, gh * bs).masked_fill(none[..., None], float("-inf"))
-        parts.append((out_e.view(b, nb, h, gh, bs, dv).reshape(b, nb, hq, bs, dv), lse_e.view(b, nb, hq, bs)))
-    out, lse = merge_partials(parts) if len(parts) > 1 else (parts[0][0], parts[0][1].float())
-    out = out.transpose(1, 2).reshape(b, hq, nb * bs, dv)[:, :, :lq]
-    out = out * (lse.transpose(1, 2).reshape(b, hq, nb * bs)[:, :, :lq] > float("-inf"))[..., None]
+    local = torch.arange(gh * bs, device=dev) % bs  # each folded query row's position in its block
+    causal = torch.zeros(gh * bs, bs, dtype=q.dtype, device=dev)
+    causal.masked_fill_(torch.arange(bs, device=dev)[None, :] > local[:, None], float("-inf"))
+    q6 = qp.view(b, h, gh, nb, bs, d)
+    out = torch.zeros(b, nb, h, gh * bs, dv, dtype=q.dtype, device=dev)
+    lse = torch.full((b, nb, h, gh * bs), float("-inf"), device=dev)
+    for width, group in width_groups(earlier, keep_empty=True):
+        step = max(1, SDPA_CHUNK_BYTES // (b * h * (width + 1) * bs * max(d, dv) * qp.element_size()))
+        shared = torch.cat([causal.new_zeros(gh * bs, width * bs), causal], -1)[None, None]  # (1, 1, G·bs, (w+1)·bs)
+        for blocks in group.split(step):
+            m = len(blocks)
+            e_idx, e_valid = indices_from_mask(earlier[:, :, blocks], width)  # (B, H, m, width)
+            a_idx = torch.cat([e_idx, blocks.expand(b, h, m)[..., None]], -1)  # the diagonal block last
+            a_valid = torch.cat([e_valid, diag[:, :, blocks, None]], -1)
+            ke, ve = _gather_blocks(kp, a_idx, heads, bs), _gather_blocks(vp, a_idx, heads, bs)
+            qe = q6[:, :, :, blocks].permute(0, 3, 1, 2, 4, 5).reshape(b * m, h, gh * bs, d)
+            mask = shared
+            if not bool(a_valid.all()):
+                drop = torch.zeros(b, m, h, 1, width + 1, bs, dtype=q.dtype, device=dev)
+                drop.masked_fill_(~a_valid.transpose(1, 2)[:, :, :, None, :, None], float("-inf"))
+                mask = shared + drop.view(b * m, h, 1, (width + 1) * bs)
+            o, l = _flash_cpu(qe, ke, ve, scale, mask=mask)
+            none = ~a_valid.any(-1).transpose(1, 2)  # (B, m, H): read nothing (the kernel reports garbage there)
+            out[:, blocks] = o.view(b, m, h, gh * bs, dv).masked_fill(none[..., None, None], 0)
+            lse[:, blocks] = l.float().view(b, m, h, gh * bs).masked_fill(none[..., None], float("-inf"))
+    out = out.view(b, nb, h, gh, bs, dv).permute(0, 2, 3, 1, 4, 5).reshape(b, hq, nb * bs, dv)[:, :, :lq]
     if not return_lse:
         return out
-    return out, lse.transpose(1, 2).reshape(b, hq, nb * bs)[:, :, :lq]
+    return out, lse.view(b, nb, h, gh, bs).permute(0, 2, 3, 1, 4).reshape(b, hq, nb * bs)[:, :, :lq]
 
 
-def _gather_blocks(x, idx, heads):
-    """Key blocks ``idx (B, H, nb, n)`` of ``x (B, Hkv, nb·bs, D)`` read through ``heads``:
-    ``(B·nb, H, n·bs, D)``, one row copy per block."""
-    b, h, nb, n = idx.shape
+def _gather_blocks(x, idx, heads, bs):
+    """Key blocks ``idx (B, H, m, n)`` of ``x (B, Hkv, nKB·bs, D)`` read through ``heads``:
+    ``(B·m, H, n·bs, D)``, one row copy per block."""
+    b, h, m, n = idx.shape
     d = x.shape[-1]
-    bs = x.shape[2] // nb
-    rows = gather_rows(x.reshape(b, x.shape[1], nb, bs * d), idx.reshape(b, h, nb * n), heads)
-    return rows.view(b, h, nb, n * bs, d).transpose(1, 2).reshape(b * nb, h, n * bs, d)
-
-
-def _sdpa_one_call(q, k, v, idx, valid, bs, scale, return_lse):
-    """bf16/fp16: every listed block (diagonal included) in one fused call with an additive mask, so
-    that the output is rounded once, as dense SDPA's is (merging two rounded halves would not be)."""
-    b, hq, lq, d = q.shape
-    hkv, nb, h = k.shape[1], idx.shape[2], idx.shape[1]
-    if h == 1:
-        idx = idx.expand(b, hkv, nb, idx.shape[-1])
-        valid = None if valid is None else valid.expand_as(idx)
-        h = hkv
-    gh, dv = hq // h, v.shape[-1]
-    pad = nb * bs - lq
-    qp, kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x for x in (q, k, v))
-    i = torch.arange(nb, device=q.device)
-    sets = _blockset(idx, valid, nb) & (i[None, :] <= i[:, None])
-    a_idx, a_valid = indices_from_mask(sets)  # (B, H, nb, n), ascending: the same key order as dense
-    n = a_idx.shape[-1]
-    heads = torch.arange(h, device=q.device) * hkv // h
-    ke, ve = _gather_blocks(kp, a_idx, heads), _gather_blocks(vp, a_idx, heads)
-    qe = qp.view(b, h, gh, nb, bs, d).permute(0, 3, 1, 2, 4, 5).reshape(b * nb, h, gh * bs, d)
-    kpos = (a_idx[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2)  # (B, H, nb, n·bs)
-    kok = a_valid[..., None].expand(*a_valid.shape, bs).flatten(-2)
-    qpos = i[:, None] * bs + torch.arange(bs, device=q.device)  # (nb, bs)
-    allow = kok[:, :, :, None, None, :] & (kpos[:, :, :, None, None, :] <= qpos[None, None, :, None, :, None])
-    allow = allow.expand(b, h, nb, gh, bs, n * bs).transpose(1, 2).reshape(b * nb, h, gh * bs, n * bs)
-    mask = torch.zeros(allow.shape, dtype=q.dtype, device=q.device).masked_fill_(~allow, float("-inf"))
-    out, lse = _flash_cpu(qe, ke, ve, scale, mask=mask)
-    live = allow.any(-1)
-    out = (out * live[..., None]).view(b, nb, h, gh, bs, dv).permute(0, 2, 3, 1, 4, 5).reshape(b, hq, nb * bs, dv)
-    if not return_lse:
-        return out[:, :, :lq]
-    lse = lse.float().masked_fill(~live, float("-inf")).view(b, nb, h, gh, bs).permute(0, 2, 3, 1, 4)
-    return out[:, :, :lq], lse.reshape(b, hq, nb * bs)[:, :, :lq]
+    rows = gather_rows(x.reshape(b, x.shape[1], x.shape[2] // bs, bs * d), idx.reshape(b, h, m * n), heads)
+    return rows.view(b, h, m, n * bs, d).transpose(1, 2).reshape(b * m, h, n * bs, d)
 
 
 # --------------------------------------------------------------------------------------------------

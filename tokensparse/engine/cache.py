@@ -42,6 +42,151 @@ def consume_last_update(key: torch.Tensor):
     return None
 
 
+class CacheState:
+    """State a method keeps with one cache layer, kept consistent with the layer's rows.
+
+    A layer holds named states (:meth:`PreallocLayer.state`) and calls these hooks whenever its rows
+    change, so a method never has to track writes, evictions, beam reordering or copies itself:
+
+    * ``on_write(layer, start, end)``: physical rows ``[start, end)`` were just written (a prefill,
+      a chunk or a decode step); also called once for the rows already held when the state is
+      created;
+    * ``on_keep(layer, idx, valid)``: :meth:`EvictingLayer.keep` compacted the rows to ``idx``
+      ``(B, Hkv, k)`` (``valid`` False = a filler row that is now empty);
+    * ``on_crop(layer)``: rows beyond ``layer.n`` were dropped;
+    * ``map_batch(fn)``: apply ``fn`` to every tensor along dim 0 (beam reorder, batch repeat, batch
+      selection);
+    * ``clone()``: a deep copy (``KVCache.clone``).
+    """
+
+    def on_write(self, layer: "PreallocLayer", start: int, end: int) -> None:
+        pass
+
+    def on_keep(self, layer: "EvictingLayer", idx: torch.Tensor, valid: torch.Tensor | None) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not follow evictions")
+
+    def on_crop(self, layer: "PreallocLayer") -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not follow a crop")
+
+    def map_batch(self, fn) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, fn(value))
+
+    def clone(self) -> "CacheState":
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
+        return new
+
+
+class RowState(CacheState):
+    """One value per physical cache row and KV head (``(B, Hkv, n)``; e.g. H2O's accumulated
+    attention): new rows start at ``fill``, evicted rows go with their row, empty rows read
+    ``fill``. Stored in a buffer with the layer's capacity, so a decode step writes in place."""
+
+    def __init__(self, fill: float = 0.0, dtype: torch.dtype = torch.float32):
+        self.fill, self.dtype = float(fill), dtype
+        self.buf: torch.Tensor | None = None
+        self.n = 0
+
+    @property
+    def values(self) -> torch.Tensor:
+        """``(B, Hkv, n)``: a view of the rows in use (write into it to update the state)."""
+        return self.buf[:, :, : self.n]
+
+    def _ensure(self, layer: "PreallocLayer", cap: int) -> None:
+        b, h = layer._kbuf.shape[:2]
+        if self.buf is None or self.buf.shape[2] < cap or self.buf.shape[:2] != (b, h):
+            new = torch.full((b, h, cap), self.fill, dtype=self.dtype, device=layer.device)
+            if self.buf is not None and self.buf.shape[:2] == (b, h):
+                new[:, :, : self.n] = self.buf[:, :, : self.n]
+            self.buf = new
+
+    def on_write(self, layer, start, end):
+        self._ensure(layer, layer.capacity)
+        self.buf[:, :, start:end] = self.fill
+        self.n = end
+
+    def on_keep(self, layer, idx, valid):
+        kept = self.buf[:, :, : self.n].gather(2, idx)
+        if valid is not None:
+            kept = kept.masked_fill(~valid, self.fill)
+        self.buf, self.n = None, idx.shape[2]
+        self._ensure(layer, layer.capacity)
+        self.buf[:, :, : self.n] = kept
+
+    def on_crop(self, layer):
+        self.buf[:, :, layer.n : self.n] = self.fill
+        self.n = layer.n
+
+
+
+def summarize_pages(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise min and max key of every ``page`` consecutive rows of ``keys (B, H, n, D)``:
+    ``(B, H, ceil(n / page), D)`` each; a partial last page is summarised over the rows it has."""
+    n = keys.shape[2]
+    full = n // page
+    rows = keys[:, :, : full * page].unflatten(2, (full, page))
+    kmin, kmax = rows.amin(3), rows.amax(3)
+    if full * page < n:
+        tail = keys[:, :, full * page :]
+        kmin = torch.cat([kmin, tail.amin(2, keepdim=True)], 2)
+        kmax = torch.cat([kmax, tail.amax(2, keepdim=True)], 2)
+    return kmin, kmax
+
+
+class PageSummary(CacheState):
+    """Per-page key summaries of a full cache (Quest's pages): for every ``page`` consecutive rows
+    and KV head, the elementwise minimum and maximum key (``kmin``, ``kmax``: ``(B, Hkv, n_pages,
+    D)`` in the cache dtype). Maintained on write: a decode step recomputes only the page it lands
+    in (at most ``page`` rows), a prefill summarises its pages once. The last page may be partial
+    (summarised over the rows it holds). Eviction is refused (a page's rows would no longer be
+    consecutive tokens); a crop recomputes the page it cuts."""
+
+    def __init__(self, page: int = 16):
+        if page < 1:
+            raise ValueError(f"page size must be >= 1, got {page}")
+        self.page = int(page)
+        self.kmin: torch.Tensor | None = None
+        self.kmax: torch.Tensor | None = None
+        self.n_pages = 0
+
+    def _ensure(self, layer: "PreallocLayer") -> None:
+        b, h, _, d = layer._kbuf.shape
+        cap = -(-layer.capacity // self.page)
+        if self.kmin is None or self.kmin.shape[2] < cap or self.kmin.shape[:2] != (b, h):
+            kmin = layer._kbuf.new_empty(b, h, cap, d)
+            kmax = layer._kbuf.new_empty(b, h, cap, d)
+            if self.kmin is not None and self.kmin.shape[:2] == (b, h):
+                kmin[:, :, : self.n_pages] = self.kmin[:, :, : self.n_pages]
+                kmax[:, :, : self.n_pages] = self.kmax[:, :, : self.n_pages]
+            self.kmin, self.kmax = kmin, kmax
+
+    def on_write(self, layer, start, end):
+        self._ensure(layer)
+        p0 = start // self.page
+        kmin, kmax = summarize_pages(layer.keys[:, :, p0 * self.page : end], self.page)
+        self.kmin[:, :, p0 : p0 + kmin.shape[2]] = kmin
+        self.kmax[:, :, p0 : p0 + kmax.shape[2]] = kmax
+        self.n_pages = p0 + kmin.shape[2]
+
+    def on_crop(self, layer):
+        self.n_pages = 0
+        if layer.n:
+            last = (layer.n - 1) // self.page * self.page
+            self.n_pages = last // self.page
+            self.on_write(layer, last, layer.n)
+
+    def on_keep(self, layer, idx, valid):
+        raise NotImplementedError("page summaries need a full cache (rows of a page must be consecutive tokens); "
+                                  "a page-based method cannot run on an evicting cache")
+
+    @property
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kmin, kmax)`` of the pages in use, ``(B, Hkv, n_pages, D)`` each (views)."""
+        return self.kmin[:, :, : self.n_pages], self.kmax[:, :, : self.n_pages]
+
+
 class PreallocLayer(CacheLayerMixin):
     """A KV cache layer with preallocated capacity, written in place (no per-step ``torch.cat``).
 
@@ -72,6 +217,21 @@ class PreallocLayer(CacheLayerMixin):
         self.n = 0  # physical rows in use
         self._kbuf: torch.Tensor | None = None
         self._vbuf: torch.Tensor | None = None
+        self.states: dict[str, CacheState] = {}
+
+    def state(self, name: str, factory=RowState) -> CacheState:
+        """The named :class:`CacheState` kept with this layer, created by ``factory()`` on first use
+        (it then sees the rows already held through ``on_write(self, 0, n)``)."""
+        st = self.states.get(name)
+        if st is None:
+            st = self.states[name] = factory()
+            if self.is_initialized and self.n:
+                st.on_write(self, 0, self.n)
+        return st
+
+    def _map_states(self, fn) -> None:
+        for st in self.states.values():
+            st.map_batch(fn)
 
     # ---- CacheLayerMixin -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -117,6 +277,8 @@ class PreallocLayer(CacheLayerMixin):
         self._vbuf[:, :, self.n : self.n + t].copy_(value_states)
         self.n += t
         self._refresh_views()
+        for st in self.states.values():
+            st.on_write(self, self.n - t, self.n)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self._write(key_states, value_states)
@@ -138,9 +300,12 @@ class PreallocLayer(CacheLayerMixin):
         self.n = max(0, self.n + tokens_to_remove)
         if self.is_initialized:
             self._refresh_views()
+        for st in self.states.values():
+            st.on_crop(self)
 
     def reset(self) -> None:
         self.n = 0
+        self.states = {}
         if self.is_initialized:
             self._refresh_views()
 
@@ -150,18 +315,21 @@ class PreallocLayer(CacheLayerMixin):
             self._kbuf = self._kbuf.index_select(0, beam_idx)
             self._vbuf = self._vbuf.index_select(0, beam_idx)
             self._refresh_views()
+            self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
             self._kbuf = self._kbuf.repeat_interleave(repeats, dim=0)
             self._vbuf = self._vbuf.repeat_interleave(repeats, dim=0)
             self._refresh_views()
+            self._map_states(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self._kbuf = self._kbuf[indices]
             self._vbuf = self._vbuf[indices]
             self._refresh_views()
+            self._map_states(lambda t: t[indices.to(t.device)])
 
     def offload(self):
         pass
@@ -192,6 +360,7 @@ class PreallocLayer(CacheLayerMixin):
             new._kbuf[:, :, : self.n].copy_(self._kbuf[:, :, : self.n])
             new._vbuf[:, :, : self.n].copy_(self._vbuf[:, :, : self.n])
             new._refresh_views()
+        new.states = {k: v.clone() for k, v in self.states.items()}
         return new
 
 
@@ -287,6 +456,8 @@ class EvictingLayer(PreallocLayer):
         self.evicted = True
         self.has_empty_rows = bool((slots < 0).any())
         self._refresh_views()
+        for st in self.states.values():
+            st.on_keep(self, idx, valid)
 
     def reset(self) -> None:
         super().reset()

@@ -200,3 +200,16 @@ class AttentionCall:
                 "cache=session.new_cache() (the object returned by ts.sparsify) to model(...) or model.generate(...)."
             )
         return ev
+
+    def require_cache(self, method_name: str) -> PreallocLayer | None:
+        """The tokensparse cache layer (whose :meth:`~PreallocLayer.state` a method keeps its
+        summaries in), ``None`` without a cache (``use_cache=False``), or an error naming the fix
+        when a stock transformers cache is in use."""
+        if self.cache_layer is not None:
+            return self.cache_layer
+        if self.use_cache:
+            raise CacheRequiredError(
+                f"{method_name} keeps state with the KV cache and needs a tokensparse cache. Pass "
+                "cache=session.new_cache() (the object returned by ts.sparsify) to model(...) or model.generate(...)."
+            )
+        return None

@@ -61,7 +61,10 @@ class Method:
     :class:`Phase`; the registry refuses anything else), ``schedule`` (free text saying when it
     acts, e.g. ``"every step"``), ``kv_memory`` (effect on KV memory), ``calibration`` (what
     offline step it needs, ``"no"`` if none), ``paper``; ``needs_evicting_cache`` for methods whose
-    selections are ``keep`` (the engine then refuses a stock cache with a clear error).
+    selections are ``keep`` (the engine then refuses a stock cache with a clear error);
+    ``needs_cache_state`` for methods that keep state with the cache
+    (:meth:`~tokensparse.engine.cache.PreallocLayer.state`: page summaries, accumulators), which
+    therefore need ``cache=session.new_cache()`` too.
     """
 
     name: ClassVar[str] = ""
@@ -71,6 +74,7 @@ class Method:
     calibration: ClassVar[str] = "no"
     paper: ClassVar[str] = ""
     needs_evicting_cache: ClassVar[bool] = False
+    needs_cache_state: ClassVar[bool] = False
 
     def __post_init__(self):
         check_fields(self)  # every field declared with engine.config.param: type, range, choices

@@ -88,6 +88,42 @@ def window_scores(
     return out.reshape(b, hq, lk)
 
 
+def attention_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Attention probability each key receives, summed over the call's queries: ``(B, Hq, Lk)`` fp32.
+
+    ``q (B, Hq, Lq, D)`` are the last ``Lq`` positions of the ``Lk`` keys; ``mask`` bool
+    ``(B, 1|Hkv|Hq, Lq, Lk)`` (True = attend) or ``None`` for bottom-right causal;
+    ``query_valid (B, Lq)`` False for padding queries, which add nothing. Queries run in chunks of
+    ``chunk`` rows (memory ``O(chunk · Lk)`` per head). The scores H2O accumulates.
+    """
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out = torch.zeros(b, hq, lk, device=q.device)
+    neg = torch.finfo(torch.float32).min
+    for c0 in range(0, lq, chunk):
+        c1 = min(lq, c0 + chunk)
+        s = grouped_logits(q[:, :, c0:c1], k, scale)  # (B, Hq, c, Lk)
+        if mask is None:
+            qpos = torch.arange(lk - lq + c0, lk - lq + c1, device=q.device)
+            allowed = (torch.arange(lk, device=q.device)[None, :] <= qpos[:, None])[None, None]
+        else:
+            allowed = mask[:, :, c0:c1]
+            if allowed.shape[1] not in (1, hq):
+                allowed = allowed.repeat_interleave(hq // allowed.shape[1], dim=1)
+        p = s.masked_fill(~allowed, neg).softmax(-1) * allowed.any(-1, keepdim=True)  # rows that see nothing: 0
+        if query_valid is not None:
+            p = p * query_valid[:, None, c0:c1, None]
+        out += p.sum(2)
+    return out
+
+
 def window_scores_reference(q_win, k, scale, key_valid=None) -> torch.Tensor:
     """Unchunked twin of :func:`window_scores` (full ``W × Lk`` softmax), for tests."""
     b, hq, w, _ = q_win.shape

@@ -35,12 +35,13 @@ dense_layers: int = 3
 dense_tail: int = 256
     The query blocks holding the prompt's last ``dense_tail`` tokens read every earlier block
     (not in the paper; see the deviations).
-select_per: str = "query_head"
-    ``"query_head"`` (the paper: every query head its own blocks) or ``"kv_head"`` (the query heads
-    of a KV head share one choice, scored by their maximum).
+select_per: str = "kv_head"
+    ``"kv_head"`` (the query heads of a KV head share one choice, scored by their maximum; see the
+    deviations) or ``"query_head"`` (the paper: every query head its own blocks).
 impl: str = "auto"
-    Block executor: ``"auto"`` (compiled FlexAttention where available, else the gather path),
-    ``"flex"``, ``"gather"``, ``"reference"`` (see :mod:`tokensparse.engine.blocks`).
+    Block executor: ``"auto"`` (the CPU flash kernel ``"sdpa"`` on CPU, compiled FlexAttention
+    elsewhere), ``"sdpa"``, ``"flex"``, ``"gather"``, ``"reference"`` (see
+    :mod:`tokensparse.engine.blocks`).
 
 Deviations. ``dense_tail``: the last query blocks of the prompt attend densely. On SmolLM2 the
 first generated token comes from the prompt's last position, and with only the tree's blocks
@@ -53,7 +54,10 @@ keys, so here the *attention* granularity is ``block`` keys and the tree's repre
 ``rep_keys`` keys at the centre of a node's central block (for a node of one block: the centre of
 that block) — a coarser mask with the same search. Prefill only: decode steps and chunks on a
 cache run dense (the paper also sparsifies decoding with a periodically refreshed mask; not
-built). Sinks and window are counted in tokens and rounded to blocks. Padded batches choose per
+built). ``select_per="kv_head"`` by default: the query heads sharing a KV head share one choice
+(scored by their maximum), so the executor gathers each chosen key block once per KV head instead
+of once per query head; the paper's per-query-head choice is ``select_per="query_head"`` (same
+pass key result at 4K, slower on the CPU). Sinks and window are counted in tokens and rounded to blocks. Padded batches choose per
 row on its real tokens (the block grid starts at each row's first real token).
 """
 
