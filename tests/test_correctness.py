@@ -49,7 +49,9 @@ def prefill_logits(model, method, ids, mask):
 
 # a sparse config per method from the method itself, plus share-of-context budgets, which resolve
 # against each row's real tokens
-SPARSE = {name: ts.methods.get(name).at_sparse_budget() for name in ts.methods.names()}
+# (prompt-step methods act before the model, not inside attention: tests/test_prompt_step.py)
+SPARSE = {name: ts.methods.get(name).at_sparse_budget() for name in ts.methods.names()
+          if ts.methods.get(name).phase != "prompt"}
 SPARSE.update(
     {
         "token_select-share": ts.methods.get("token_select")(budget=0.4, n_sink=2, n_local=4, pool_kernel=3),

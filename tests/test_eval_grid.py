@@ -25,12 +25,13 @@ def test_suites_load_and_are_sized():
     assert {t.task for t in smoke.tasks} == V2_TASKS and smoke.tasks[0].lengths == [512]
     methods = {m.name for m in smoke.methods}
     assert methods == {"dense", "token_sparse", "token_select", "snapkv", "streaming_llm"}
-    # v2: every task, 2K and 4K, >= 5 samples per cell, dense + 8 method runs per sample, eviction
+    # v2: every task, 2K and 4K, >= 5 samples per cell, dense + 11 method runs per sample, eviction
     # methods with the question inside and after, decode-path scores without a second prefill
     standard = G.build_grid(G.load_suite("standard"))
     assert {t.task for t in standard.tasks} == V2_TASKS and standard.samples >= 5
     assert {L for t in standard.tasks for L in t.lengths} == {2048, 4096}
-    assert standard.size() == (70, 630) and {m.name for m in standard.methods} == methods | {"tidal_decode", "tova"}
+    assert standard.size() == (70, 840)
+    assert {m.name for m in standard.methods} == methods | {"tidal_decode", "tova", "quest", "h2o", "hip"}
     assert {m.placement for m in standard.methods if m.name == "snapkv"} == {"inside", "after"}
     assert standard.answer_loglik and not standard.telemetry
     eight = G.build_grid(G.load_suite("standard-8k"))
@@ -84,7 +85,7 @@ def test_bad_overrides_name_the_fix(override, message):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"methods": [{"method": "snapkvv"}]}, r"unknown method 'snapkvv'; registered: h2o, hip, quest, snapkv, streaming_llm"),
+    ({"methods": [{"method": "snapkvv"}]}, r"unknown method 'snapkvv'; registered: ada_kv, frugal_prompt, h2o, hip, pyramid_kv, quest, snapkv, streaming_llm"),
     ({"methods": [{"method": "snapkv", "configs": [{"budgt": 0.5}]}]}, "snapkv has no setting 'budgt'; settings: budget"),
     ({"methods": [{"method": "snapkv", "configs": [{"budget": 2.5}]}]}, r"bad snapkv settings: snapkv: budget must be an int > 0 \(tokens\) or a float ratio in \(0, 1\], got 2.5"),
     ({"methods": [{"method": "snapkv", "placements": ["before"]}]}, r"placements from \['inside', 'after'\]"),

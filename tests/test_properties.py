@@ -112,6 +112,16 @@ def snapkv_configs(draw):
 
 
 @st.composite
+def pyramid_kv_configs(draw):
+    return dict(**draw(snapkv_configs()), beta=draw(st.integers(1, 30)))
+
+
+@st.composite
+def ada_kv_configs(draw):
+    return dict(**draw(snapkv_configs()), floor=draw(st.sampled_from([0.0, 0.2, 0.5, 1.0])))
+
+
+@st.composite
 def streaming_llm_configs(draw):
     n_sink = draw(st.integers(0, 6))
     budget = draw(st.one_of(SHARES, st.integers(0, 40).map(lambda extra: n_sink + extra)))
@@ -360,6 +370,36 @@ def check_snapkv(m, r: Record, sc: Scenario) -> None:
         assert set(range(real - w + 1, real + 1)) <= _ranks(r, i, pos), f"row {i}, head {j}: window not kept"
 
 
+def _kept_by_head(m, r: Record):
+    """Per row: the window, the number of kept rows per KV head, SnapKV's per-head keep."""
+    assert r.call_kind == "prefill" and r.kind == "keep" and r.slots is not None
+    out = {}
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        w = min(m.window, real)
+        assert set(range(real - w + 1, real + 1)) <= _ranks(r, i, pos), f"row {i}, head {j}: window not kept"
+        out.setdefault(i, (w, [], max(min(_resolve(m.budget, real), real), w)))[1].append(len(pos))
+    return out
+
+
+def check_pyramid_kv(m, r: Record, sc: Scenario) -> None:
+    """The layer's count, the same for every KV head; never more than the row's real tokens."""
+    if r.kind == "dense":
+        return
+    for i, (w, counts, _) in _kept_by_head(m, r).items():
+        assert len(set(counts)) == 1, f"row {i}: heads keep {counts}"
+        assert w <= counts[0] <= int(r.n_real[i])
+
+
+def check_ada_kv(m, r: Record, sc: Scenario) -> None:
+    """The layer keeps SnapKV's total over its heads, each head at least its window and floor."""
+    if r.kind == "dense":
+        return
+    for i, (w, counts, keep) in _kept_by_head(m, r).items():
+        assert sum(counts) == len(counts) * keep, f"row {i}: heads keep {counts}, {keep} each on average"
+        assert min(counts) >= w + int(m.floor * (keep - w)), f"row {i}: {counts} below the floor"
+
+
 def check_streaming_llm(m, r: Record, sc: Scenario) -> None:
     if r.kind == "dense":  # the cache still fits the budget
         return
@@ -519,6 +559,38 @@ def check_hip(m, r: Record, sc: Scenario) -> None:
                 assert len(got - always) == min(n_keep, n_cand), f"row {i}, head {j}, block {qb}: {sorted(got)}"
 
 
+@st.composite
+def frugal_prompt_configs(draw):
+    return dict(keep=draw(SHARES), layers=draw(st.sampled_from(["second_half", "all", [0], [1, 0]])),
+                n_sink=draw(st.integers(0, 3)))
+
+
+def check_frugal_prompt(m, ids: torch.Tensor, out: torch.Tensor, step) -> None:
+    """A prompt step: ``ceil(keep · n)`` tokens of the context, its first ``n_sink`` among them, in
+    their original order (a subsequence of the context)."""
+    n = ids.shape[1]
+    want = min(n, math.ceil(m.keep * n - 1e-9))
+    assert step.context_tokens == n and step.kept_tokens == want == out.shape[1]
+    s = min(m.n_sink, want)
+    assert torch.equal(out[0, :s], ids[0, :s])
+    it = iter(ids[0].tolist())
+    assert all(any(t == x for x in it) for t in out[0].tolist()), "not a subsequence of the context"
+
+
+def run_prompt_scenario(method, sc: Scenario) -> None:
+    """Each row's real tokens through the prompt step, then the model on what it kept (finite)."""
+    from tokensparse.engine.prompt import apply_prompt_step
+
+    model = model_for(sc.variant)
+    ids, mask = tiny_inputs(sc.batch, sc.length, pad=sc.pad, seed=sc.seed)
+    for r in range(sc.batch):
+        real = ids[r : r + 1, mask[r].bool()]
+        out, step = apply_prompt_step(model, method, real)
+        check_frugal_prompt(method, real, out, step)
+        with torch.no_grad():
+            _finite(model(out).logits, None, "compressed prompt")
+
+
 #: every registered method needs a config strategy and an invariant check (``None``: general only)
 METHODS = {
     "token_sparse": (token_sparse_configs(), check_token_sparse),
@@ -531,6 +603,9 @@ METHODS = {
     "quest": (quest_configs(), check_quest),
     "zero_tuning": (zero_tuning_configs(), check_zero_tuning),
     "hip": (hip_configs(), check_hip),
+    "frugal_prompt": (frugal_prompt_configs(), check_frugal_prompt),
+    "pyramid_kv": (pyramid_kv_configs(), check_pyramid_kv),
+    "ada_kv": (ada_kv_configs(), check_ada_kv),  # a prompt step: run_prompt_scenario
 }
 
 
@@ -560,6 +635,9 @@ def test_runs_finite_and_selections_respect_invariants(name, data):
     if method is None:
         return
     sc = data.draw(scenarios(), label="scenario")
+    if method.phase == "prompt":
+        run_prompt_scenario(method, sc)
+        return
     rec = run_scenario(method, sc)
     kinds = set()
     for r in rec.seen:

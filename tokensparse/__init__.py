@@ -10,13 +10,14 @@ Public API::
         model.generate(..., cache=session.new_cache())
     ts.methods.get(name).at_full_budget()              # a config that must equal dense attention
     with ts.time_attention(model) as timer: ...        # seconds inside attention (dense or sparse)
+    with ts.observe(model, ts.analysis.SinkDetector()) as s: ...   # read attention, change nothing
 """
 
-from . import methods
-from .engine import KVCache, Telemetry, cache_bytes, sparsify, time_attention
+from . import analysis, methods
+from .engine import KVCache, Observer, Telemetry, cache_bytes, observe, sparsify, time_attention
 from .models import load_model, model_fingerprint
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "Telemetry", "cache_bytes", "load_model", "methods", "model_fingerprint", "sparsify",
-           "time_attention", "__version__"]
+__all__ = ["KVCache", "Observer", "Telemetry", "analysis", "cache_bytes", "load_model", "methods",
+           "model_fingerprint", "observe", "sparsify", "time_attention", "__version__"]

@@ -198,6 +198,57 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_sinks(args) -> int:
+    import json
+
+    import torch
+
+    from tokensparse.analysis import SinkDetector
+    from tokensparse.engine.observers import observe
+    from tokensparse.eval.corpus import load_corpus
+
+    if args.tokens < 16:
+        raise SystemExit(f"tokensparse sinks: --tokens must be >= 16, got {args.tokens}")
+    try:
+        det = SinkDetector(primary_threshold=args.primary, secondary_threshold=args.secondary,
+                           min_queries=args.min_queries, min_lifetime=args.min_lifetime)
+    except ValueError as e:
+        raise SystemExit(f"tokensparse sinks: {e}") from None
+    if args.json is not None and os.path.isdir(args.json):
+        raise SystemExit(f"tokensparse sinks: --json {args.json!r} is a directory; pass a file path")
+    text = _read_text(args.text, "--text", "sinks") if args.text else load_corpus("kjv")
+    check_model_arg(args.model, "sinks")
+    _threads(args.threads)
+    model, tok = load_model_or_exit(args.model, "sinks")
+    ids = tok(text[: args.tokens * 8], return_tensors="pt").input_ids[:, : args.tokens]
+    if ids.shape[1] < args.tokens:
+        raise SystemExit(f"tokensparse sinks: the text has only {ids.shape[1]} tokens, fewer than --tokens {args.tokens}")
+    t0 = time.perf_counter()
+    with torch.no_grad(), observe(model, det):
+        model(ids, use_cache=False)
+    rep = det.report()
+    src = args.text or "tokensparse/data/kjv.txt.gz"
+    rep.update(source=f"{src} (first {args.tokens} tokens)", tokens=int(ids.shape[1]),
+               decoded_secondary={str(d["position"]): tok.decode(ids[0, d["position"]]) for d in rep["secondary_sinks"]})
+    print(f"attention sinks over {ids.shape[1]} tokens of {src} ({time.perf_counter() - t0:.1f} s); "
+          f"sink score = mean attention a key receives from the queries that see it")
+    print("layer  first-token  heads>{:.2f}  strongest later tokens (position: score)".format(args.primary))
+    for layer, v in rep["per_layer"].items():
+        later = ", ".join(f"{d['position']}: {d['score']:.3f}" for d in v["secondary"][:3])
+        print(f"{layer:>5}  {v['first_token']:11.3f}  {v['heads_with_first_token_sink']:9.2f}  {later}")
+    print(f"layers with a first-token sink (head mean > {args.primary}): {rep['layers_with_primary_sink']}")
+    runs = rep["secondary_sinks"]
+    print(f"secondary sinks (score > {args.secondary} in consecutive layers): {len(runs)}")
+    for d in runs[:10]:
+        print(f"  position {d['position']} ({rep['decoded_secondary'][str(d['position'])]!r}): onset layer "
+              f"{d['onset']}, lifetime {d['lifetime']}, peak {d['peak']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rep, f, indent=1)
+        print(f"report written to {args.json}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from tokensparse import demo
 
@@ -264,6 +315,18 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--quantile", type=float, default=0.5, help="drift quantile used to print the sparse layers")
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("sinks", help="attention sinks per layer/head on a text (first-token and secondary sinks)")
+    s.add_argument("--tokens", type=int, default=2048, help="prompt length")
+    s.add_argument("--text", help="plain-text file (default: the bundled King James Bible)")
+    s.add_argument("--model", help="local HF model directory (default: the bundled SmolLM2)")
+    s.add_argument("--primary", type=float, default=0.3, help="first-token sink threshold (Gu et al.'s epsilon)")
+    s.add_argument("--secondary", type=float, default=0.05, help="secondary-sink threshold (head-mean score)")
+    s.add_argument("--min-queries", type=int, default=32, help="queries that must see a key for it to count")
+    s.add_argument("--min-lifetime", type=int, default=1, help="consecutive layers for a secondary sink")
+    s.add_argument("--json", help="write the report as JSON")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_sinks)
 
     s = sub.add_parser("demo", help="pass key retrieval: dense vs the core methods on the bundled model")
     s.add_argument("--length", type=int, default=4096)

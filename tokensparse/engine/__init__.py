@@ -17,10 +17,11 @@ Rooms (imports flow downwards only):
 """
 
 from .blocks import block_attend, blocks_from_sets, merge_partials
-from .cache import CacheState, EvictingLayer, KVCache, PreallocLayer, RowState, cache_bytes
+from .cache import CacheState, EvictingLayer, KVCache, PreallocLayer, RaggedLayer, RowState, cache_bytes
 from .call import AttentionCall, CacheRequiredError
 from .integration import UnsupportedCacheError, active_session, sparsify
 from .method import Method, Phase
+from .observers import Observer, observe
 from .pipeline import KeyPlan, exercise_sparse_paths, execute, sparse_paths_forced
 from .selection import KeyBias, Selection
 from .session import LayerState, Session
@@ -38,8 +39,10 @@ __all__ = [
     "KeyPlan",
     "LayerState",
     "Method",
+    "Observer",
     "Phase",
     "PreallocLayer",
+    "RaggedLayer",
     "RowState",
     "Selection",
     "Session",
@@ -51,6 +54,7 @@ __all__ = [
     "cache_bytes",
     "exercise_sparse_paths",
     "merge_partials",
+    "observe",
     "execute",
     "sparse_paths_forced",
     "sparsify",

@@ -505,14 +505,18 @@ class KVCache(Cache):
     """A transformers ``Cache`` made of tokensparse layers (one per decoder layer).
 
     ``KVCache(model)`` gives preallocated dense layers; ``KVCache(model, evicting=True)`` gives
-    layers that eviction methods can shrink. ``capacity`` preallocates that many rows per layer.
+    layers that eviction methods can shrink; ``ragged=True`` too, with each KV head stored at its
+    own length after an eviction (:class:`RaggedLayer`: per-head budgets that free memory). ``capacity`` preallocates that many rows per layer.
     """
 
-    def __init__(self, model_or_config, *, evicting: bool = False, capacity: int | None = None, headroom: int = 256):
+    def __init__(self, model_or_config, *, evicting: bool = False, capacity: int | None = None, headroom: int = 256,
+                 ragged: bool = False):
         config = getattr(model_or_config, "config", model_or_config)
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         n = config.num_hidden_layers
-        cls = EvictingLayer if evicting else PreallocLayer
+        if ragged and not evicting:
+            raise ValueError("a ragged cache is an evicting cache: pass evicting=True")
+        cls = RaggedLayer if ragged else EvictingLayer if evicting else PreallocLayer
         layers = [cls(capacity=capacity, headroom=headroom) for _ in range(n)]
         # transformers sizes each attention type's mask from the first layer of that type
         # (``cache.is_sliding``): flag sliding layers, so that a global layer's mask is sized from a
@@ -525,13 +529,19 @@ class KVCache(Cache):
                 layer.is_sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
         super().__init__(layers=layers)
         self.evicting = evicting
+        self.ragged = ragged
 
     def bytes_held(self) -> int:
         """K/V bytes in use across layers (rows attention reads)."""
         return sum(layer.bytes_held() for layer in self.layers)
 
     def bytes_allocated(self) -> int:
+        """K/V bytes of the buffers (capacity included)."""
         return sum(layer.bytes_allocated() for layer in self.layers)
+
+    def bytes_transient(self) -> int:
+        """The largest per-call padded view a ragged layer materialises (0 for other caches)."""
+        return max((getattr(layer, "bytes_transient", lambda: 0)() for layer in self.layers), default=0)
 
     def physical_lengths(self) -> list[int]:
         return [layer.n for layer in self.layers]
@@ -554,3 +564,222 @@ def cache_bytes(cache) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+class RaggedLayer(EvictingLayer):
+    """An evicting layer that, once it has evicted, stores each (sequence, KV head) as its own segment
+    of one flat buffer, so a KV head that keeps fewer rows holds fewer bytes: the memory of
+    per-head and per-layer budgets (AdaKV, PyramidKV) is really freed.
+
+    Before the first eviction it is an :class:`EvictingLayer`. :meth:`keep` then packs the kept
+    rows, in order, into segments of ``kept + room`` rows (``room = ragged_headroom + kept // 32``),
+    and later writes append to each segment (a full segment repacks the layer with new room). What
+    attention reads is a padded view materialised per call, ``(B, Hkv, n, D)`` with ``n`` the longest
+    segment, **right-aligned**: each segment's newest rows are the view's last columns (the rows the
+    current call wrote are the last ``Lq`` columns of every head, as the engine's masks assume), the
+    columns before a shorter segment are empty rows (``slots = -1``) that the engine masks. The view
+    lives for one attention call; :meth:`bytes_allocated` counts the flat buffers only, and
+    :meth:`bytes_transient` the view of one layer (one layer's at a time).
+
+    Cache-carried state (:meth:`PreallocLayer.state`) is refused on this layer (its hooks speak of
+    physical rows of one buffer); methods that evict at every step use :class:`EvictingLayer`.
+    """
+
+    def __init__(self, capacity: int | None = None, headroom: int = 256, growth: float = 1.5, ragged_headroom: int = 16):
+        super().__init__(capacity, headroom, growth)
+        if ragged_headroom < 0:
+            raise ValueError(f"ragged_headroom must be >= 0, got {ragged_headroom}")
+        self.ragged_headroom = int(ragged_headroom)
+        self.ragged = False
+        self._kflat = self._vflat = self._sflat = None
+        self._off = self._len = None
+
+    # keys / values: buffer views before the first eviction, a materialised padded view after it
+    @property
+    def keys(self):
+        return self._padded()[0] if self.__dict__.get("ragged") else self.__dict__.get("_keys_view")
+
+    @keys.setter
+    def keys(self, value):
+        self.__dict__["_keys_view"] = value
+
+    @property
+    def values(self):
+        return self._padded()[1] if self.__dict__.get("ragged") else self.__dict__.get("_values_view")
+
+    @values.setter
+    def values(self, value):
+        self.__dict__["_values_view"] = value
+
+    def state(self, name: str, factory=RowState) -> CacheState:
+        raise NotImplementedError("cache-carried state is not supported on a ragged (per-head budget) cache layer")
+
+    # ---- the padded view -------------------------------------------------------------------------
+    def _index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat row of every view column ``(B, Hkv, n)`` and whether it holds a segment row."""
+        n = self.n
+        rel = torch.arange(n, device=self._len.device)[None, None, :] - (n - self._len)[..., None]
+        ok = rel >= 0
+        flat = (self._off[..., None] + rel.clamp_min(0)).clamp_max(self._kflat.shape[0] - 1)
+        return flat, ok
+
+    def _padded(self):
+        flat, ok = self._index()
+        b, h, n = flat.shape
+        f = flat.reshape(-1)
+        k = self._kflat.index_select(0, f).view(b, h, n, self._kflat.shape[-1])
+        v = self._vflat.index_select(0, f).view(b, h, n, self._vflat.shape[-1])
+        return k, v, self._sflat.index_select(0, f).view(b, h, n).masked_fill(~ok, -1)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        if not self.ragged:
+            return super().slots
+        flat, ok = self._index()
+        return self._sflat[flat].masked_fill(~ok, -1)
+
+    def _room(self, lens: torch.Tensor) -> torch.Tensor:
+        return self.ragged_headroom + lens // 32
+
+    def _pack(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, extra: int = 0) -> None:
+        """Store the rows of ``k, v (B, Hkv, n, D)`` whose slot is >= 0, in order, one segment per
+        (sequence, KV head) with room for ``extra`` more rows plus :meth:`_room`."""
+        valid = slots >= 0
+        lens = valid.sum(-1)  # (B, Hkv)
+        caps = lens + extra + self._room(lens)
+        ends = caps.flatten().cumsum(0)
+        offs = (ends - caps.flatten()).view_as(lens)
+        size = max(int(ends[-1]) if ends.numel() else 0, 1)
+        dest = (offs[..., None] + valid.long().cumsum(-1) - 1)[valid]
+        self._kflat = k.new_empty(size, k.shape[-1])
+        self._vflat = v.new_empty(size, v.shape[-1])
+        self._sflat = torch.full((size,), -1, dtype=torch.long, device=k.device)
+        self._kflat[dest] = k[valid]
+        self._vflat[dest] = v[valid]
+        self._sflat[dest] = slots[valid]
+        self._off, self._len, self._cap = offs, lens, caps
+        self._kbuf = self._vbuf = self._slots = None
+        self.ragged = True
+        self.n = int(lens.max()) if lens.numel() else 0
+        self.has_empty_rows = bool((lens != self.n).any())
+
+    # ---- writes, eviction ------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.ragged:
+            return super().update(key_states, value_states, *args, **kwargs)
+        b, h, t, _ = key_states.shape
+        if (b, h) != tuple(self._len.shape):
+            raise ValueError(f"cache holds batch×heads {tuple(self._len.shape)}, got new states {(b, h)}")
+        if bool((self._len + t > self._cap).any()):
+            k, v, s = self._padded()
+            self._pack(k, v, s, extra=t)
+        pos = (self._off + self._len)[..., None] + torch.arange(t, device=self._len.device)  # (B, Hkv, t)
+        f = pos.reshape(-1)
+        self._kflat[f] = key_states.reshape(-1, key_states.shape[-1]).to(self._kflat.dtype)
+        self._vflat[f] = value_states.reshape(-1, value_states.shape[-1]).to(self._vflat.dtype)
+        self._sflat[f] = torch.arange(self.seen, self.seen + t, device=f.device).repeat(b * h)
+        self._len = self._len + t
+        self.n = int(self._len.max())
+        self.seen += t
+        keys, values, _ = self._padded()
+        _last_update.rec = (self, keys)
+        return keys, values
+
+    def keep(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Keep the rows ``idx (B, Hkv, k)`` of the current (padded) view, ``valid`` False for a KV
+        head's filler entries, and pack them into segments: each KV head then holds only its rows."""
+        if self.states:
+            raise NotImplementedError("cache-carried state is not supported on a ragged cache layer")
+        k_all, v_all = (self._padded()[:2]) if self.ragged else (self.keys, self.values)
+        if idx.dim() != 3 or idx.shape[:2] != k_all.shape[:2]:
+            raise ValueError(f"keep expects idx of shape (B, Hkv, k) = {tuple(k_all.shape[:2])} + (k,), got {tuple(idx.shape)}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
+            raise IndexError(f"keep indices must lie in [0, {self.n})")
+        slots = self.slots.gather(2, idx)
+        if valid is not None:
+            slots = slots.masked_fill(~valid, -1)
+        keys, values = gather_rows(k_all, idx), gather_rows(v_all, idx)
+        self._pack(keys, values, slots)
+        self.evicted = True
+
+    def mark_empty(self, empty: torch.Tensor) -> None:
+        if not self.ragged:
+            return super().mark_empty(empty)
+        flat, ok = self._index()
+        empty = empty.expand_as(flat)
+        if empty.shape[-1] != self.n:
+            raise ValueError(f"mark_empty expects {self.n} rows, got {empty.shape[-1]}")
+        hit = empty & ok
+        if bool(hit.any()):
+            self._sflat[flat[hit]] = -1
+            self.has_empty_rows = True
+
+    # ---- batch operations, copies ----------------------------------------------------------------
+    def _batch_op(self, fn) -> None:
+        k, v, s = self._padded()
+        self._pack(fn(k), fn(v), fn(s))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.ragged:
+            return super().reorder_cache(beam_idx)
+        self._batch_op(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self.seq_state = {k: v.index_select(0, beam_idx.to(v.device)) for k, v in self.seq_state.items()}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.ragged:
+            return super().batch_repeat_interleave(repeats)
+        self._batch_op(lambda t: t.repeat_interleave(repeats, dim=0))
+        self.seq_state = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.seq_state.items()}
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.ragged:
+            return super().batch_select_indices(indices)
+        self._batch_op(lambda t: t[indices.to(t.device)])
+        self.seq_state = {k: v[indices] for k, v in self.seq_state.items()}
+
+    def clone(self) -> "RaggedLayer":
+        if not self.ragged:
+            return super().clone()
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update(self.__dict__)
+        new._kflat, new._vflat, new._sflat = self._kflat.clone(), self._vflat.clone(), self._sflat.clone()
+        new._off, new._len, new._cap = self._off.clone(), self._len.clone(), self._cap.clone()
+        new.seq_state = {k: v.clone() for k, v in self.seq_state.items()}
+        new.states = {}
+        return new
+
+    def reset(self) -> None:
+        if self.ragged:
+            self.ragged = False
+            self._kflat = self._vflat = self._sflat = self._off = self._len = self._cap = None
+            self.is_initialized = False
+            self.n = 0
+            self.states = {}
+            self.seen = 0
+            self.evicted = False
+            self.has_empty_rows = False
+            self.seq_state = {}
+            return
+        super().reset()
+
+    # ---- accounting ------------------------------------------------------------------------------
+    def _row_bytes(self) -> int:
+        k = self._kflat if self.ragged else self._kbuf
+        v = self._vflat if self.ragged else self._vbuf
+        return k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size()
+
+    def bytes_held(self) -> int:
+        if not self.ragged:
+            return super().bytes_held()
+        return int((self._sflat >= 0).sum()) * self._row_bytes()
+
+    def bytes_allocated(self) -> int:
+        if not self.ragged:
+            return super().bytes_allocated()
+        return self._kflat.numel() * self._kflat.element_size() + self._vflat.numel() * self._vflat.element_size()
+
+    def bytes_transient(self) -> int:
+        """Bytes of the padded view one attention call of this layer materialises (0 before an eviction)."""
+        if not self.ragged:
+            return 0
+        return int(self._len.numel()) * self.n * self._row_bytes()

@@ -65,6 +65,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     )
     if attention_mask is not None:
         _mark_padding(call, attention_mask)
+    if session._call_observers:
+        session.observe_call(call)
     if call.is_sliding:
         # methods assume global attention; a sliding layer's window already bounds its cost
         session.stats["sliding_dense_calls"] += 1
@@ -146,13 +148,14 @@ def active_session(model) -> Session | None:
 
 
 @contextlib.contextmanager
-def sparsify(model, method: Method, *, telemetry: bool | Telemetry = False):
+def sparsify(model, method: Method, *, telemetry: bool | Telemetry = False, observers=()):
     """Run ``model`` with ``method`` inside the block; the previous attention implementation and all
     engine state are restored on exit, also when the block raises.
 
     ``telemetry=True`` (or a :class:`Telemetry`) records per layer/head density, kept attention
     mass and attention-output error in ``session.telemetry`` (computed inside the attention call:
-    do not time a run with telemetry on). Yields the :class:`Session`; eviction methods need its
+    do not time a run with telemetry on). ``observers``: more
+    :class:`~tokensparse.engine.observers.Observer` s to attach (telemetry is one of them). Yields the :class:`Session`; eviction methods need its
     ``session.new_cache()`` passed as ``cache=`` to ``model(...)`` / ``model.generate(...)``.
     """
     if not isinstance(method, Method):
@@ -167,7 +170,7 @@ def sparsify(model, method: Method, *, telemetry: bool | Telemetry = False):
         raise RuntimeError("this model is already inside ts.sparsify(...); nesting is not supported")
     _ensure_registered()
     tele = telemetry if isinstance(telemetry, Telemetry) else (Telemetry() if telemetry else None)
-    session = Session(model, method, tele)
+    session = Session(model, method, tele, observers)
     method.setup(session)
     from .timing import timed_name  # (lazy: timing builds on this module)
 

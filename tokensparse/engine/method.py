@@ -13,6 +13,9 @@ the forced-sparse test switch, eviction bookkeeping — belongs to the engine
   :class:`~tokensparse.engine.pipeline.KeyPlan`;
 * ``key_bias(call) -> KeyBias | None``: an additive logit bias on a few key columns, applied by
   whichever executor runs (fast paths included);
+* ``compress_prompt(model, context_ids)``: only for ``Phase.PROMPT`` methods — called by
+  :func:`~tokensparse.engine.prompt.apply_prompt_step` (the evaluation harness does) before the
+  model sees the prompt; returns the context positions to keep;
 * ``forward(call)``: the escape hatch for a method that is not "select then execute"; the default
   runs the pipeline.
 """
@@ -41,13 +44,17 @@ class Phase(str, enum.Enum):
     * ``DECODE``: selects keys at decode steps (and cache chunks) over a full cache;
     * ``EVICTION``: physically drops cache rows;
     * ``REWEIGHT``: changes attention weights at every call and selects nothing (calibration
-      methods such as ZeroTuning; the cache stays full).
+      methods such as ZeroTuning; the cache stays full);
+    * ``PROMPT``: shortens the prompt before the model runs (prompt compression); inside
+      ``sparsify`` it changes nothing, the harness applies it through
+      :func:`~tokensparse.engine.prompt.apply_prompt_step`.
     """
 
     PREFILL = "prefill"
     DECODE = "decode"
     EVICTION = "eviction"
     REWEIGHT = "reweight"
+    PROMPT = "prompt"
 
     def __str__(self) -> str:
         return self.value
@@ -64,7 +71,8 @@ class Method:
     selections are ``keep`` (the engine then refuses a stock cache with a clear error);
     ``needs_cache_state`` for methods that keep state with the cache
     (:meth:`~tokensparse.engine.cache.PreallocLayer.state`: page summaries, accumulators), which
-    therefore need ``cache=session.new_cache()`` too.
+    therefore need ``cache=session.new_cache()`` too; ``kv_layout = "ragged"`` for eviction methods
+    whose KV heads or layers keep different numbers of rows (their memory is then really freed).
     """
 
     name: ClassVar[str] = ""
@@ -75,6 +83,9 @@ class Method:
     paper: ClassVar[str] = ""
     needs_evicting_cache: ClassVar[bool] = False
     needs_cache_state: ClassVar[bool] = False
+    #: ``"ragged"``: ``session.new_cache()`` stores each KV head at its own length after an eviction
+    #: (:class:`~tokensparse.engine.cache.RaggedLayer`), for per-head / per-layer budgets
+    kv_layout: ClassVar[str] = "padded"
 
     def __post_init__(self):
         check_fields(self)  # every field declared with engine.config.param: type, range, choices
@@ -108,6 +119,11 @@ class Method:
     def key_bias(self, call: "AttentionCall") -> "KeyBias | None":
         """An additive logit bias on a few key columns for this call, or ``None``."""
         return None
+
+    def compress_prompt(self, model, context_ids: torch.Tensor) -> torch.Tensor:
+        """``Phase.PROMPT`` methods: the positions of ``context_ids (1, n)`` to keep, a sorted 1-D
+        long tensor (the kept tokens are fed in their original order)."""
+        raise NotImplementedError(f"{self.name or type(self).__name__} is not a prompt-step method")
 
     def forward(self, call: "AttentionCall") -> torch.Tensor:
         """Attention output ``(B, Hq, Lq, D)`` for one call: by default the selection pipeline."""

@@ -102,9 +102,10 @@ class KeyPlan:
         return bool((torch.as_tensor(n_top, device=self.n_cand.device).clamp_min(0) >= self.n_cand).all())
 
     def counts(self, n_top: torch.Tensor | int) -> torch.Tensor:
-        """``n_top`` (an int or ``(B, 1)``) clamped to each row's candidates: ``(B, 1)`` long."""
+        """``n_top`` (an int, ``(B, 1)`` or ``(B, H)`` per head) clamped to each row's candidates."""
         call = self.call
-        n = torch.as_tensor(n_top, device=call.query.device).long().expand(call.batch, 1)
+        n = torch.as_tensor(n_top, device=call.query.device).long()
+        n = n.expand(call.batch, 1) if n.dim() < 2 else n  # (B, 1), or (B, H): one count per head
         return n.minimum(self.n_cand).clamp_min(0)
 
     def top(self, scores: torch.Tensor, n_top: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from .cache import KVCache
 from .selection import Selection
+from .observers import Observer, wants_calls
 from .telemetry import Telemetry
 
 
@@ -36,10 +37,14 @@ class Session:
     ``reuse``/``select``) and ``sliding_dense_calls`` (sliding-window layers, always dense).
     """
 
-    def __init__(self, model, method, telemetry: Telemetry | None):
+    def __init__(self, model, method, telemetry: Telemetry | None, observers=()):
         self.model = model
         self.method = method
         self.telemetry = telemetry
+        #: attached :class:`~tokensparse.engine.observers.Observer` s (telemetry is one of them)
+        self.observers: list[Observer] = []
+        self._call_observers: list[Observer] = []  # those with an ``on_call`` hook
+        self.add_observers(([telemetry] if telemetry is not None else []) + list(observers))
         self.stats: Counter = Counter()
         self.info: dict[str, Any] = {}  # facts worth reporting (e.g. which layers a method made sparse)
         self.state: dict[str, Any] = {}  # method-wide state resolved in Method.setup
@@ -53,12 +58,36 @@ class Session:
         self.layers = [LayerState(i) for i in range(self.num_layers)]
 
     def new_cache(self, capacity: int | None = None, headroom: int = 256) -> KVCache:
-        """A cache suited to the method: evicting layers for eviction methods, else preallocated ones."""
-        return KVCache(self.model, evicting=self.method.needs_evicting_cache, capacity=capacity, headroom=headroom)
+        """A cache suited to the method: evicting layers for eviction methods (ragged ones for methods
+        with per-head or per-layer budgets), else preallocated ones."""
+        m = self.method
+        return KVCache(self.model, evicting=m.needs_evicting_cache, capacity=capacity, headroom=headroom,
+                       ragged=m.needs_evicting_cache and m.kv_layout == "ragged")
+
+    def add_observers(self, observers) -> None:
+        for o in observers:
+            if not isinstance(o, Observer):
+                raise TypeError(f"observers must be tokensparse Observer instances, got {type(o).__name__}")
+            if any(o is x for x in self.observers):
+                raise ValueError(f"{type(o).__name__} is already attached to this session")
+            self.observers.append(o)
+            if wants_calls(o):
+                self._call_observers.append(o)
+
+    def remove_observers(self, observers) -> None:
+        ids = {id(o) for o in observers}
+        self.observers = [o for o in self.observers if id(o) not in ids]
+        self._call_observers = [o for o in self._call_observers if id(o) not in ids]
+
+    def observe_call(self, call) -> None:
+        """Every attention call, before the method runs (observers' ``on_call``)."""
+        for o in self._call_observers:
+            o.on_call(call)
 
     def observe(self, call, selection: Selection) -> None:
-        if self.telemetry is not None:
-            self.telemetry.observe(call, selection)
+        """A call the method acted on (observers' ``on_selection``)."""
+        for o in self.observers:
+            o.on_selection(call, selection)
 
     def begin_forward(self) -> None:
         """Start of a model forward pass (a forward pre-hook installed by ``sparsify``)."""

@@ -28,14 +28,17 @@ from collections import defaultdict
 import torch
 
 from .blocks import token_mask
+from .observers import Observer
 from .executors import _expand_heads, causal_mask
 from .selection import Selection, grouped_logits
 
 __all__ = ["Selection", "Telemetry"]
 
 
-class Telemetry:
-    """Collects one record per (layer, call). Use :meth:`summary` for per-layer means."""
+class Telemetry(Observer):
+    """Collects one record per (layer, call) the method acted on (an
+    :class:`~tokensparse.engine.observers.Observer` of selections). Use :meth:`summary` for
+    per-layer means."""
 
     def __init__(self, sample_queries: int = 64, keep_indices: bool = False):
         if sample_queries < 1:
@@ -44,6 +47,13 @@ class Telemetry:
         self.keep_indices = keep_indices
         self.records: list[dict] = []
         self.last_selection: dict[int, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.records.clear()
+        self.last_selection.clear()
+
+    def on_selection(self, call, selection: Selection) -> None:
+        self.observe(call, selection)
 
     def observe(self, call, selection: Selection) -> None:
         q, k = call.query, call.key

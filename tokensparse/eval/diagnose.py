@@ -87,6 +87,8 @@ class SelectionTrace(ts.Telemetry):
 @torch.no_grad()
 def trace_sample(model, tokenizer, sample, method=None, placement: str = "inside") -> dict:
     """Score ``sample``'s gold answer on the decode path under ``method`` and trace it (see the module doc)."""
+    if method is not None and method.phase == "prompt":
+        raise ValueError(f"{method.name} is a prompt step: it selects nothing inside attention, there is nothing to trace")
     ctx, q = encode_sample(tokenizer, sample)
     ans = torch.tensor([tokenizer(answer_target(sample), add_special_tokens=False).input_ids])
     needle = task_lib.needle_token_positions(sample, tokenizer)

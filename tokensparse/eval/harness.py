@@ -76,6 +76,20 @@ def encode_sample(tokenizer, sample) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([ctx]), torch.tensor([q])
 
 
+def encode_for(model, tokenizer, sample, method=None):
+    """``(context_ids, question_ids, method for the model, PromptStep | None)``: the sample encoded as
+    the harness feeds it under ``method``. A prompt-step method (``Phase.PROMPT``) shortens the
+    context here (:func:`tokensparse.engine.prompt.apply_prompt_step`) and the model then runs
+    dense (the returned method is ``None``); any other method is returned unchanged."""
+    from tokensparse.engine.prompt import apply_prompt_step, is_prompt_method
+
+    ctx, q = encode_sample(tokenizer, sample)
+    if not is_prompt_method(method):
+        return ctx, q, method, None
+    ctx, step = apply_prompt_step(model, method, ctx)
+    return ctx, q, None, step
+
+
 def _new_cache(model, session, cache: str):
     if session is not None:
         return session.new_cache()
@@ -155,7 +169,7 @@ def run_sample(model, tokenizer, sample, method=None, *, placement: str = "insid
 
     if teacher_ids is not None and telemetry:
         raise ValueError("teacher_ids and telemetry cannot be combined: the telemetry would count both passes")
-    ctx, q = encode_sample(tokenizer, sample)
+    ctx, q, method, step = encode_for(model, tokenizer, sample, method)
     n_new = max_new_tokens or sample.max_new_tokens
     mem = PeakMemory(next(model.parameters()).device).start() if measure else None
     ctxmgr = ts.sparsify(model, method, telemetry=telemetry) if method is not None else nullcontext()
@@ -173,6 +187,8 @@ def run_sample(model, tokenizer, sample, method=None, *, placement: str = "insid
                 after_prefill=keep if teacher_ids is not None else None,
             )
         stats = dict(session.stats) if session is not None else {}
+        if step is not None:
+            stats.update(step.as_stats())
         if session is not None and session.info:
             stats.update({f"info.{k}": v for k, v in session.info.items()})
         tele = session.telemetry.report() if (session is not None and session.telemetry) else None

@@ -196,7 +196,8 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
     method = spec.build()
     want_ll = grid.answer_loglik and (grid.loglik_max_length is None or
                                       _prompt_tokens(tokenizer, sample) <= grid.loglik_max_length)
-    tele = ts.Telemetry() if grid.telemetry and method is not None else None
+    # telemetry records attention calls a method acts on; a prompt step acts before the model
+    tele = ts.Telemetry() if grid.telemetry and method is not None and method.phase != "prompt" else None
     target = answer_target(sample)
     # Without telemetry, the generation and the decode-path score share one prefill (the cache and
     # the method's state are copied after it, outside the timed regions). With telemetry, the score

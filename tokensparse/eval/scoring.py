@@ -24,7 +24,7 @@ import torch
 
 import tokensparse as ts
 
-from .harness import PLACEMENTS, encode_sample, prefill
+from .harness import PLACEMENTS, encode_for, prefill
 from .metrics import _as_2d as _ids
 
 __all__ = ["AnswerScore", "answer_loglik", "score_sample", "teacher_force", "answer_target"]
@@ -119,8 +119,9 @@ def answer_loglik(model, prompt_ids, answer_ids, *, method=None, question_ids=No
 def score_sample(model, tokenizer, sample, method=None, placement: str = "inside", target: str | None = None,
                  telemetry: "ts.Telemetry | None" = None) -> AnswerScore:
     """:func:`answer_loglik` of a task sample's gold answer (:func:`answer_target`, or ``target``),
-    with the sample's context and question encoded as the harness feeds them."""
-    ctx, q = encode_sample(tokenizer, sample)
+    with the sample's context and question encoded as the harness feeds them (a prompt-step method
+    shortens the context first, then the model runs dense)."""
+    ctx, q, method, _ = encode_for(model, tokenizer, sample, method)
     target = answer_target(sample) if target is None else target
     ans = torch.tensor([tokenizer(target, add_special_tokens=False).input_ids])
     if ans.shape[1] == 0:

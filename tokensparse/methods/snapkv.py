@@ -85,15 +85,29 @@ class SnapKV(Method):
         """At the prefill: the rows each KV head keeps (window included); ``None`` afterwards."""
         if call.kind != "prefill":
             return None
-        # counted over each row's real tokens, so a row of a left-padded batch keeps what it would alone
-        real = call.n_real  # (B, 1)
         plan = KeyPlan(call, window=self.window)
-        n_top = torch.minimum(resolve_budget_rows(self.budget, real), real) - plan.n_always
+        n_top = self.n_top(call, plan)
         if plan.covers(n_top):
             return everything(call, "keep")  # the window always stays: nothing to evict
+        scores = self.scores(call, plan)
+        return plan.select(scores, self.head_counts(scores, n_top, plan), "keep")
+
+    def n_top(self, call, plan: KeyPlan) -> torch.Tensor:
+        """Candidates (outside the window) each KV head keeps in this layer, ``(B, 1)``: the budget
+        over each row's real tokens (a row of a left-padded batch keeps what it would alone).
+        PyramidKV changes it per layer."""
+        real = call.n_real  # (B, 1)
+        return torch.minimum(resolve_budget_rows(self.budget, real), real) - plan.n_always
+
+    def head_counts(self, scores: torch.Tensor, n_top: torch.Tensor, plan: KeyPlan) -> torch.Tensor:
+        """How many candidates each KV head keeps given the layer's ``n_top``: the same for every
+        head here; AdaKV shares them out by score."""
+        return n_top
+
+    def scores(self, call, plan: KeyPlan) -> torch.Tensor:
+        """The observation window's votes for the candidates, ``(B, Hkv, L - window)``."""
         # rows that take candidates hold at least `window` real tokens: the last w queries are real
         score_fn = window_scores if self.impl == "fast" else window_scores_reference
         scores = score_fn(call.query[:, :, plan.hi :], call.key, call.scale, call.key_valid)[..., : plan.hi]
         scores = pool1d(scores, self.pool_kernel, self.pool)
-        scores = aggregate_gqa(scores, call.n_kv_heads, self.gqa_reduce)  # (B, Hkv, L - w)
-        return plan.select(scores, n_top, "keep")
+        return aggregate_gqa(scores, call.n_kv_heads, self.gqa_reduce)
