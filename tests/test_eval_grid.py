@@ -25,13 +25,13 @@ def test_suites_load_and_are_sized():
     assert {t.task for t in smoke.tasks} == V2_TASKS and smoke.tasks[0].lengths == [512]
     methods = {m.name for m in smoke.methods}
     assert methods == {"dense", "token_sparse", "token_select", "snapkv", "streaming_llm"}
-    # v2: every task, 2K and 4K, >= 5 samples per cell, dense + 11 method runs per sample, eviction
+    # v2: every task, 2K and 4K, >= 5 samples per cell, dense + 12 method runs per sample, eviction
     # methods with the question inside and after, decode-path scores without a second prefill
     standard = G.build_grid(G.load_suite("standard"))
     assert {t.task for t in standard.tasks} == V2_TASKS and standard.samples >= 5
     assert {L for t in standard.tasks for L in t.lengths} == {2048, 4096}
-    assert standard.size() == (70, 840)
-    assert {m.name for m in standard.methods} == methods | {"tidal_decode", "tova", "quest", "h2o", "hip"}
+    assert standard.size() == (70, 910)
+    assert {m.name for m in standard.methods} == methods | {"tidal_decode", "tova", "quest", "h2o", "hip", "frugal_prompt"}
     assert {m.placement for m in standard.methods if m.name == "snapkv"} == {"inside", "after"}
     assert standard.answer_loglik and not standard.telemetry
     eight = G.build_grid(G.load_suite("standard-8k"))

@@ -22,6 +22,17 @@ $TS report --results $OUT/standard --out $OUT/standard/report --bench $OUT/decod
 $TS eval --config $OUT/engine-v2/passkey-4k.json --out $OUT/engine-v2 --threads 2
 $TS eval --config $OUT/engine-v2/tidal-diagnosis.json --out $OUT/engine-v2 --threads 2
 
+# Engine v2 part 1, block-sparse prefill (docs/results/hip/): HiP pass key at 4K, attention-only speed at 8K
+$TS eval --config $OUT/hip/passkey-4k.json --out $OUT/hip --threads 2
+$TS bench attention --lengths 8192 --methods hip --threads 1 --repeats 3 --json $OUT/hip/attention_8k.json | tee $OUT/hip/attention_8k.txt
+
+# Engine v2 part 2 (docs/results/quest, adakv, sinks): Quest / H2O pass key and Quest decode speed;
+# AdaKV / PyramidKV on the suite's 2K samples against kvpress's AdaKV in the same run; sinks
+$TS eval --config $OUT/quest/passkey-4k.json --out $OUT/quest --threads 2
+$TS bench decode --lengths 8192 --threads 1 --repeats 3 --json $OUT/quest/decode_8k.json | tee $OUT/quest/decode_8k.txt
+$TS eval --config $OUT/adakv/adakv-2k.json --out $OUT/adakv --threads 2
+$TS sinks --tokens 2048 --threads 2 --json $OUT/sinks/kjv_2048.json | tee $OUT/sinks/kjv_2048.txt
+
 # ---- the v1 numbers (pass key only; superseded for accuracy claims by the standard suite above) ----
 # accuracy: pass key at ~4K tokens, 6 depths, dense vs every configuration, 2 threads
 # $TS demo --length 4096 --depths 6 --placement both --extended --threads 2 --json $OUT/passkey_4k.json | tee $OUT/passkey_4k.txt

@@ -29,9 +29,9 @@ from . import spread, timed
 
 #: Configurations benchmarked (label, method, settings). Token Sparse first with the paper's
 #: defaults (τ = 0.005, W = 128, min 1024 tokens, layers from the drift profile at δ = 0.5); HiP at
-#: its defaults (512 tokens per query block of 64, sinks 64, window 128, last 256 tokens and first 3
+#: its defaults (512 tokens per query block of 64, sinks 64, window 128, last 128 tokens and first 3
 #: layers dense) with each of its fast CPU executors, without dense layers, as the paper has it, and
-#: with a dense tail of 128 tokens (with and without the dense layers).
+#: with the first defaults' dense tail of 256 tokens (with and without the dense layers).
 CONFIGS = [
     ("token_sparse (paper defaults)", "token_sparse", {}),
     ("token_sparse late layers τ=0.05", "token_sparse", {"layers": list(range(20, 30)), "coverage": 0.05, "window": 16}),
@@ -40,8 +40,8 @@ CONFIGS = [
     ("hip (defaults, flex executor)", "hip", {"impl": "flex"}),
     ("hip (no dense layers)", "hip", {"dense_layers": 0}),
     ("hip (paper: per query head, no dense tail)", "hip", {"select_per": "query_head", "dense_tail": 0}),
-    ("hip (dense tail 128)", "hip", {"dense_tail": 128}),
-    ("hip (dense tail 128, no dense layers)", "hip", {"dense_tail": 128, "dense_layers": 0}),
+    ("hip (dense tail 256: the first defaults)", "hip", {"dense_tail": 256}),
+    ("hip (no dense layers, dense tail 256)", "hip", {"dense_tail": 256, "dense_layers": 0}),
 ]
 
 

@@ -43,6 +43,8 @@ class RunResult:
     kv_bytes: int
     prompt_tokens: int
     new_tokens: int
+    #: bytes of the cache's K/V buffers (capacity included; ``None`` for a stock cache)
+    kv_bytes_allocated: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     telemetry: dict[str, float] | None = None
     #: for an evicting cache: per layer, per KV head, the absolute token positions still held after
@@ -211,6 +213,7 @@ def run_sample(model, tokenizer, sample, method=None, *, placement: str = "insid
         prefill_s=prefill_s,
         decode_ms_per_token=1000 * (sum(steps) / len(steps)) if steps else float("nan"),
         kv_bytes=ts.cache_bytes(kv),
+        kv_bytes_allocated=kv.bytes_allocated() if hasattr(kv, "bytes_allocated") else None,
         prompt_tokens=int(ctx.shape[1] + q.shape[1]),
         new_tokens=len(ids),
         stats=stats,

@@ -32,7 +32,7 @@ config), ``placement``, ``task``, ``task_options``, ``sample_id``, ``length``, `
 ``decode_ms_per_token``, ``attention_prefill_s`` and ``attention_decode_ms_per_token`` (time
 inside the attention function, :func:`tokensparse.time_attention`), ``memory`` (peak resident
 memory of the generation run: ``{"peak_rss_bytes", "rss_start_bytes", "scope"}``, see
-:class:`tokensparse.eval.env.PeakMemory`), ``kv_bytes``, ``stats``, ``telemetry`` (sparse runs:
+:class:`tokensparse.eval.env.PeakMemory`), ``kv_bytes`` (held at the end), ``kv_bytes_allocated`` (the cache's buffers), ``stats``, ``telemetry`` (sparse runs:
 ``{"density", "mass", "error", "layers_observed", "per_layer"}`` from
 :meth:`tokensparse.Telemetry.report`, ``error`` being the relative error of the attention output on
 sampled query rows, recorded in the teacher-forced pass; null for dense), ``answer_loglik`` (nats) with ``answer_tokens``, ``loglik_target`` and ``answer_token_logprobs`` (one
@@ -217,7 +217,7 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
         "metric": metric, "score": score, "correct": score == 1.0, "new_tokens": r.new_tokens,
         "prefill_s": r.prefill_s, "decode_ms_per_token": r.decode_ms_per_token,
         "attention_prefill_s": r.attention_prefill_s, "attention_decode_ms_per_token": r.attention_decode_ms_per_token,
-        "memory": r.memory, "kv_bytes": r.kv_bytes,
+        "memory": r.memory, "kv_bytes": r.kv_bytes, "kv_bytes_allocated": r.kv_bytes_allocated,
         "stats": dict(r.stats), "telemetry": r.telemetry,
         "answer_loglik": None, "answer_tokens": None, "loglik_target": None, "answer_token_logprobs": None,
         "fidelity": None, "needle_retention": needle_retention_of(r, sample, tokenizer),
