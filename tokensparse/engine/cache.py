@@ -120,7 +120,6 @@ class RowState(CacheState):
         self.n = layer.n
 
 
-
 def summarize_pages(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Elementwise min and max key of every ``page`` consecutive rows of ``keys (B, H, n, D)``:
     ``(B, H, ceil(n / page), D)`` each; a partial last page is summarised over the rows it has."""
@@ -597,7 +596,7 @@ class RaggedLayer(EvictingLayer):
     # keys / values: buffer views before the first eviction, a materialised padded view after it
     @property
     def keys(self):
-        return self._padded()[0] if self.__dict__.get("ragged") else self.__dict__.get("_keys_view")
+        return self._kflat[self._index()[0]] if self.__dict__.get("ragged") else self.__dict__.get("_keys_view")
 
     @keys.setter
     def keys(self, value):
@@ -605,7 +604,7 @@ class RaggedLayer(EvictingLayer):
 
     @property
     def values(self):
-        return self._padded()[1] if self.__dict__.get("ragged") else self.__dict__.get("_values_view")
+        return self._vflat[self._index()[0]] if self.__dict__.get("ragged") else self.__dict__.get("_values_view")
 
     @values.setter
     def values(self, value):
@@ -624,12 +623,9 @@ class RaggedLayer(EvictingLayer):
         return flat, ok
 
     def _padded(self):
+        """``(keys, values, slots)`` of the view, from one index computation."""
         flat, ok = self._index()
-        b, h, n = flat.shape
-        f = flat.reshape(-1)
-        k = self._kflat.index_select(0, f).view(b, h, n, self._kflat.shape[-1])
-        v = self._vflat.index_select(0, f).view(b, h, n, self._vflat.shape[-1])
-        return k, v, self._sflat.index_select(0, f).view(b, h, n).masked_fill(~ok, -1)
+        return self._kflat[flat], self._vflat[flat], self._sflat[flat].masked_fill(~ok, -1)
 
     @property
     def slots(self) -> torch.Tensor:
@@ -690,7 +686,7 @@ class RaggedLayer(EvictingLayer):
         head's filler entries, and pack them into segments: each KV head then holds only its rows."""
         if self.states:
             raise NotImplementedError("cache-carried state is not supported on a ragged cache layer")
-        k_all, v_all = (self._padded()[:2]) if self.ragged else (self.keys, self.values)
+        k_all, v_all = self.keys, self.values
         if idx.dim() != 3 or idx.shape[:2] != k_all.shape[:2]:
             raise ValueError(f"keep expects idx of shape (B, Hkv, k) = {tuple(k_all.shape[:2])} + (k,), got {tuple(idx.shape)}")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
@@ -716,26 +712,25 @@ class RaggedLayer(EvictingLayer):
 
     # ---- batch operations, copies ----------------------------------------------------------------
     def _batch_op(self, fn) -> None:
+        """``fn`` along the batch of the view (repacked) and of ``seq_state``."""
         k, v, s = self._padded()
         self._pack(fn(k), fn(v), fn(s))
+        self.seq_state = {name: fn(t) for name, t in self.seq_state.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if not self.ragged:
             return super().reorder_cache(beam_idx)
         self._batch_op(lambda t: t.index_select(0, beam_idx.to(t.device)))
-        self.seq_state = {k: v.index_select(0, beam_idx.to(v.device)) for k, v in self.seq_state.items()}
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if not self.ragged:
             return super().batch_repeat_interleave(repeats)
         self._batch_op(lambda t: t.repeat_interleave(repeats, dim=0))
-        self.seq_state = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.seq_state.items()}
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.ragged:
             return super().batch_select_indices(indices)
         self._batch_op(lambda t: t[indices.to(t.device)])
-        self.seq_state = {k: v[indices] for k, v in self.seq_state.items()}
 
     def clone(self) -> "RaggedLayer":
         if not self.ragged:
@@ -749,17 +744,10 @@ class RaggedLayer(EvictingLayer):
         return new
 
     def reset(self) -> None:
-        if self.ragged:
+        if self.ragged:  # back to an uninitialised evicting layer (the next write allocates)
             self.ragged = False
             self._kflat = self._vflat = self._sflat = self._off = self._len = self._cap = None
             self.is_initialized = False
-            self.n = 0
-            self.states = {}
-            self.seen = 0
-            self.evicted = False
-            self.has_empty_rows = False
-            self.seq_state = {}
-            return
         super().reset()
 
     # ---- accounting ------------------------------------------------------------------------------
