@@ -140,9 +140,8 @@ def test_model_load_errors_become_one_line(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--quantile", "2"], "--quantile must lie in [0, 1], got 2.0"),
-    (["--quantile", "-0.1"], "--quantile must lie in [0, 1], got -0.1"),
-    (["--quantile", "nan"], "--quantile must lie in [0, 1], got nan"),
+    (["--method", "snapkvv"], "unknown method 'snapkvv'"),
+    (["--method", "snapkv"], "method 'snapkv' needs no calibration; methods with a profile: razor_attention, token_sparse"),
     (["--tokens", "8"], "--tokens must be >= 16, got 8"),
     (["--text", "/nonexistent/text.txt"], "cannot read --text '/nonexistent/text.txt'"),
     (["--threads", "-1"], "--threads must be >= 1, got -1"),

@@ -362,15 +362,64 @@ def test_broken_profile_files_are_named_not_raw_json_errors(model, tmp_path, tex
 def test_shipped_profile_still_loads():
     from importlib import resources
 
-    from tokensparse.methods import drift_profile
+    from tokensparse.engine.calibration import Profile
 
-    shipped = sorted(Path(str(resources.files("tokensparse") / "profiles")).glob("*.json"))
+    shipped = sorted(Path(str(resources.files("tokensparse") / "profiles")).glob("*/*.json"))
     assert shipped
     for path in shipped:
-        prof = DriftProfile.load(path)
-        assert (prof.format, prof.version) == ("tokensparse.drift-profile", 1) == (
-            drift_profile.PROFILE_FORMAT, drift_profile.PROFILE_VERSION)
-        assert prof.model_fingerprint == path.stem and len(prof.drift) == prof.num_layers
+        generic = Profile.load(path)
+        assert (generic.format, generic.version, generic.kind) == ("tokensparse.profile", 1, path.parent.name)
+        if generic.kind == "drift":
+            prof = DriftProfile.load(path)
+            assert prof.model_fingerprint == path.stem and len(prof.drift) == prof.num_layers
+
+
+def test_drift_profile_of_the_earlier_format_still_loads(model, tmp_path):
+    ids, _ = tiny_inputs(1, 40)
+    prof = calibrate_drift(model, ids, source="random ids")
+    legacy = {"model_fingerprint": prof.model_fingerprint, "model_type": prof.model_type,
+              "num_layers": prof.num_layers, "tokens": prof.tokens, "source": prof.source, "drift": prof.drift,
+              "format": "tokensparse.drift-profile", "version": 1, "created": prof.created}
+    path = tmp_path / "legacy.json"
+    path.write_text(json.dumps(legacy))
+    assert DriftProfile.load(path) == prof
+
+
+def test_generic_profiles_roundtrip_refuse_other_kinds_and_run_from_the_cli_api(model, tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from tokensparse.engine import Method, Phase
+    from tokensparse.engine.calibration import Profile, calibrate, find_kind_profile, kind_profile_path
+
+    @dataclass(eq=False)
+    class Norms(Method):  # a test method calibrated offline: mean key norm per layer
+        name = ""
+        phase = Phase.PREFILL
+        profile_kind = "test.norms"
+        profile_version = 3
+
+        @classmethod
+        def calibrate(cls, model, input_ids):
+            return {"layers": model.config.num_hidden_layers, "tokens": int(input_ids.shape[1])}
+
+    ids, _ = tiny_inputs(1, 20)
+    prof = calibrate(model, Norms, ids, source="random ids")
+    assert (prof.kind, prof.kind_version, prof.payload) == ("test.norms", 3, {"layers": 3, "tokens": 20})
+    monkeypatch.setenv("TOKENSPARSE_CACHE", str(tmp_path))
+    assert find_kind_profile(model, "test.norms") is None
+    path = prof.save(kind_profile_path(prof.model_fingerprint, prof.kind))
+    assert find_kind_profile(model, "test.norms") == path
+    loaded = Profile.load(path, "test.norms", 3)
+    loaded.check(model)
+    assert loaded == prof
+    with pytest.raises(StaleProfileError, match="is a 'test.norms' profile, expected 'drift'"):
+        DriftProfile.load(path)
+    with pytest.raises(StaleProfileError, match="version 3, this tokensparse reads version 4"):
+        Profile.load(path, "test.norms", 4)
+    with pytest.raises(StaleProfileError, match="calibrate"):
+        loaded.check(tiny_model("llama", num_hidden_layers=3, seed=1))
+    with pytest.raises(ValueError, match="needs no calibration"):
+        calibrate(model, ts.methods.get("snapkv"), ids, source="x")
 
 
 def test_missing_profile_warns_and_uses_second_half(model):

@@ -1,5 +1,5 @@
 """Every registered method × {prefill, decode, chunked prefill} × {batch 1, batch 2 left-padded}
-× {fp32, bf16} × tiny Llama/Qwen2/Qwen3/Mistral and sliding-window variants of them (a window of 8
+× {fp32, bf16} × tiny Llama/Qwen2/Qwen3/Mistral/Phi-3/Gemma 2 (logit soft-capping; its eager attention is the dense reference)/Gemma 3 text and sliding-window variants of them (a window of 8
 shorter than the 40-token prompt: all layers sliding, or mixed with global layers): at ``at_full_budget()`` logits equal dense
 attention (fp32 ≤ 1e-4; bf16 ≤ 0.125, the spread of PyTorch's
 bf16 SDPA backends on these shapes (see ``tokensparse.testing.TOLERANCE``)) and greedy

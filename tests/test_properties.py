@@ -243,6 +243,16 @@ def _finite(logits: torch.Tensor, where: torch.Tensor | None, what: str) -> None
     assert torch.isfinite(x).all(), f"non-finite logits at real positions ({what})"
 
 
+def _real_rows(session, mask: torch.Tensor) -> torch.Tensor:
+    """The pass's real positions as the logits hold them: a method that dropped hidden rows (FastV)
+    returns only the kept rows (fillers of shorter sequences are not real)."""
+    rows = session.rows
+    if rows is None:
+        return mask
+    where = mask.gather(1, rows.index).bool()
+    return where if rows.valid is None else where & rows.valid
+
+
 def run_scenario(method, sc: Scenario) -> Recorder:
     """Run the scenario under ``method``; checks that real positions get finite logits."""
     model = model_for(sc.variant)
@@ -255,7 +265,7 @@ def run_scenario(method, sc: Scenario) -> Recorder:
         else:
             cache = DynamicCache(config=model.config)
         if sc.mode == "prefill":
-            _finite(model(ids, attention_mask=mask, cache=cache).logits, mask, "prefill")
+            _finite(model(ids, attention_mask=mask, cache=cache).logits, _real_rows(session, mask), "prefill")
         elif sc.mode == "generate":
             out = model.generate(
                 ids, attention_mask=mask, cache=cache, max_new_tokens=sc.new_tokens, do_sample=False,
@@ -264,7 +274,8 @@ def run_scenario(method, sc: Scenario) -> Recorder:
             _finite(torch.stack(out.logits, 1), None, "generate")
         else:
             c = sc.cut
-            _finite(model(ids[:, :c], attention_mask=mask[:, :c], cache=cache).logits, mask[:, :c], "first chunk")
+            first = model(ids[:, :c], attention_mask=mask[:, :c], cache=cache).logits
+            _finite(first, _real_rows(session, mask[:, :c]), "first chunk")
             logits = model(ids[:, c:], attention_mask=mask, cache=cache).logits
             _finite(logits, None, "second chunk")
             nxt = logits[:, -1].argmax(-1, keepdim=True)
@@ -591,6 +602,38 @@ def run_prompt_scenario(method, sc: Scenario) -> None:
             _finite(model(out).logits, None, "compressed prompt")
 
 
+@st.composite
+def fast_v_configs(draw):
+    return dict(layer=1, keep=draw(SHARES), n_last=draw(st.integers(1, 4)), n_sink=draw(st.integers(0, 4)),
+                tail=draw(st.integers(0, 8)), pool_kernel=draw(st.integers(1, 7)))  # the test models have 2 layers
+
+
+@st.composite
+def razor_attention_configs(draw):
+    return dict(window=draw(st.one_of(SHARES, st.integers(1, 30))), n_sink=draw(st.integers(0, 6)),
+                comp_weight=draw(st.sampled_from(["log_n", "none"])),
+                retrieval_heads=draw(st.sampled_from(["none", [0], [1, 2], [3]])))  # 2 layers × 2 KV heads
+
+
+def check_razor_attention(m, r: Record, sc: Scenario) -> None:
+    """Kept per KV head after the prefill: every real token on a retrieval head, else the first
+    ``n_sink`` and the last ``window`` real tokens (the compensation row is appended by the cache)."""
+    assert r.call_kind == "prefill", r.call_kind
+    if r.kind == "dense":  # nothing to drop
+        return
+    assert r.kind == "keep", r.kind
+    heads = set(m.retrieval_heads) if isinstance(m.retrieval_heads, list) else set()
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        got = _ranks(r, i, pos)
+        if r.layer * 2 + j in heads:
+            assert got == set(range(1, real + 1)), f"row {i}, retrieval head {j}"
+        else:
+            w = _resolve(m.window, real)
+            want = set(range(1, min(m.n_sink, real) + 1)) | set(range(max(1, real - w + 1), real + 1))
+            assert got == want, f"row {i}, head {j}: kept {sorted(got)}, expected {sorted(want)}"
+
+
 #: every registered method needs a config strategy and an invariant check (``None``: general only)
 METHODS = {
     "token_sparse": (token_sparse_configs(), check_token_sparse),
@@ -605,7 +648,9 @@ METHODS = {
     "hip": (hip_configs(), check_hip),
     "frugal_prompt": (frugal_prompt_configs(), check_frugal_prompt),
     "pyramid_kv": (pyramid_kv_configs(), check_pyramid_kv),
-    "ada_kv": (ada_kv_configs(), check_ada_kv),  # a prompt step: run_prompt_scenario
+    "ada_kv": (ada_kv_configs(), check_ada_kv),
+    "fast_v": (fast_v_configs(), None),
+    "razor_attention": (razor_attention_configs(), check_razor_attention),  # no selections: tests/test_rows.py checks its rows against a reference  # a prompt step: run_prompt_scenario
 }
 
 

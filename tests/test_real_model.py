@@ -27,6 +27,21 @@ CONFIGS = {
     "tova": {"budget": 0.5},
     "zero_tuning": {"gamma": 1.5},
     "hip": {},
+    "quest": {"budget": 0.25},
+    "h2o": {"budget": 0.5},
+    "pyramid_kv": {"budget": 0.5},
+    "ada_kv": {"budget": 0.5},
+    "frugal_prompt": {"keep": 0.8},
+    # the paper's K=2 ranks the context with layer 1's attention and loses the pass key on text
+    # (docs/results/fast_v: 0/9 at 4K); layer 7's attention finds it (7/9)
+    "fast_v": {"layer": 8},
+    "razor_attention": {},
+}
+
+#: configurations measured to lose this pass key (kept in the table so that a fix shows up as XPASS)
+KNOWN_MISSES = {
+    "quest": "Quest's min/max page bound is loose on SmolLM2 (docs/results/quest: 5/9 at 4K; an exact-page oracle 9/9)",
+    "h2o": "accumulated attention drops a mid-context needle after the prefill (docs/results/quest: 2/9 at 4K, 50%)",
 }
 
 
@@ -51,11 +66,19 @@ def test_every_method_has_a_real_model_config():
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_method_retrieves_at_moderate_budget(bundled, sample, name):
+def test_method_retrieves_at_moderate_budget(bundled, sample, name, request):
+    if name in KNOWN_MISSES:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN_MISSES[name], strict=False))
     method = ts.methods.get(name)(**CONFIGS[name])
     r = run_sample(*bundled, sample, method, telemetry=True)
     assert r.correct, f"{name}: {r.prediction!r}"
-    assert r.telemetry["density"] < 0.95  # the method did skip tokens
+    # the method did skip tokens
+    if method.phase == "prompt":
+        assert r.stats["prompt_kept_tokens"] < r.stats["prompt_context_tokens"]
+    elif method.phase == "prune":
+        assert r.stats["rows_kept"] < r.stats["rows_total"]
+    else:
+        assert r.telemetry["density"] < 0.95
 
 
 def test_eviction_reduces_kv_bytes(bundled, sample):
@@ -71,6 +94,8 @@ SPARSE_REAL = {
     "snapkv": {"budget": 48, "window": 16},
     "token_select": {"budget": 96, "n_sink": 16, "n_local": 32, "pool_kernel": 3},
     "token_sparse": {"layers": list(range(20, 30)), "coverage": 0.05, "window": 16, "min_tokens": 32},
+    "fast_v": {"layer": 8, "keep": 0.5, "tail": 16, "pool_kernel": 7},
+    "razor_attention": {"window": 32},
 }
 
 
@@ -115,3 +140,20 @@ def test_static_cache_is_refused_on_the_bundled_model(bundled):
     with torch.no_grad(), ts.sparsify(model, ts.methods.get("snapkv")()):
         with pytest.raises(UnsupportedCacheError, match="session.new_cache"):
             model.generate(**ids, max_new_tokens=4, cache_implementation="static")
+
+
+def test_fast_v_generation_equals_the_masked_reference_on_the_bundled_model(bundled):
+    """Rows dropped after layer 7 on SmolLM2: greedy generation from the pruned cache equals a dense
+    run in which layers >= 8 do not see the dropped tokens (positions preserved)."""
+    from test_rows import MaskedReference, generate, kept_tokens
+
+    model, tok = bundled
+    ids = tok(tasks.passkey(tok, 600, depth=0.4).prompt(), return_tensors="pt").input_ids
+    mask = torch.ones_like(ids)
+    logits, seq, cache, stats = generate(model, ts.methods.get("fast_v")(layer=8, keep=0.5, tail=16), ids, mask, new=8)
+    assert stats["rows_kept"] < stats["rows_total"]
+    ref = MaskedReference()
+    ref.first, ref.allowed = 8, kept_tokens(cache, 8, seq.shape[1] - 1)
+    ref_logits, ref_seq, _, _ = generate(model, ref, ids, mask, new=8)
+    assert torch.equal(seq, ref_seq)
+    assert (logits - ref_logits).abs().max().item() < 1e-3

@@ -160,15 +160,21 @@ def cmd_calibrate(args) -> int:
 
     import torch
 
-    from tokensparse.engine.calibration import user_profile_path
+    import tokensparse as ts
+    from tokensparse.engine.calibration import calibrate, kind_profile_path
     from tokensparse.eval.corpus import load_corpus
-    from tokensparse.methods.drift_profile import calibrate_drift
 
     # every argument is checked before the model is loaded and anything is computed or saved
+    try:
+        cls = ts.methods.get(args.method)
+    except KeyError as e:
+        raise SystemExit(f"tokensparse calibrate: {e}") from None
+    if not cls.profile_kind:
+        needing = [n for n in ts.methods.names() if ts.methods.get(n).profile_kind]
+        raise SystemExit(f"tokensparse calibrate: method {args.method!r} needs no calibration; "
+                         f"methods with a profile: {', '.join(needing)}")
     if args.tokens < 16:
         raise SystemExit(f"tokensparse calibrate: --tokens must be >= 16, got {args.tokens}")
-    if not 0.0 <= args.quantile <= 1.0:
-        raise SystemExit(f"tokensparse calibrate: --quantile must lie in [0, 1], got {args.quantile}")
     if args.out is not None and Path(args.out).is_dir():
         raise SystemExit(f"tokensparse calibrate: --out {args.out!r} is a directory; pass the profile's file path")
     text = _read_text(args.text, "--text", "calibrate") if args.text else load_corpus("kjv")
@@ -184,17 +190,17 @@ def cmd_calibrate(args) -> int:
     src = args.text or "tokensparse/data/kjv.txt.gz"
     t0 = time.perf_counter()
     with torch.no_grad():
-        prof = calibrate_drift(model, ids, source=f"{src} (first {args.tokens} tokens)")
-    out = args.out or str(user_profile_path(prof.model_fingerprint))
+        prof = calibrate(model, cls, ids, source=f"{src} (first {args.tokens} tokens)")
+    out = args.out or str(kind_profile_path(prof.model_fingerprint, prof.kind))
     try:
         prof.save(out)
     except OSError as e:
         raise SystemExit(f"tokensparse calibrate: cannot write the profile to {out!r}: {e.strerror or e}") from None
-    layers = prof.sparse_layers(args.quantile)
-    print(f"drift profile for model {prof.model_fingerprint} ({prof.num_layers} layers, {args.tokens} tokens, "
-          f"{time.perf_counter() - t0:.1f} s) written to {out}")
-    print("drift per layer: " + " ".join(f"{d:.4f}" for d in prof.drift))
-    print(f"sparse layers at quantile {args.quantile}: {layers}")
+    print(f"{prof.kind} profile ({args.method}) for model {prof.model_fingerprint} ({prof.num_layers} layers, "
+          f"{args.tokens} tokens, {time.perf_counter() - t0:.1f} s) written to {out}")
+    text = cls.describe_profile(prof.payload)
+    if text:
+        print(text)
     return 0
 
 
@@ -307,12 +313,13 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("calibrate", help="measure Representation Drift and save a profile (Token Sparse Attention)")
+    s = sub.add_parser("calibrate", help="run a method's offline calibration and save its profile "
+                       "(default: Token Sparse Attention's Representation Drift)")
+    s.add_argument("--method", default="token_sparse", help="the method to calibrate (default: token_sparse)")
     s.add_argument("--model", help="local HF model directory (default: the bundled SmolLM2)")
     s.add_argument("--tokens", type=int, default=8192, help="length of the calibration prompt")
     s.add_argument("--text", help="plain-text file to calibrate on (default: the bundled King James Bible)")
     s.add_argument("--out", help="profile path (default: the user cache, where lookups find it)")
-    s.add_argument("--quantile", type=float, default=0.5, help="drift quantile used to print the sparse layers")
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_calibrate)
 

@@ -28,7 +28,9 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Model families whose attention modules call the transformers attention interface with the
 #: standard signature (post-RoPE query, un-repeated K/V, ``module.layer_idx``). Each one is covered by
 #: the test matrix with a tiny random-weight model.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: Gemma 2 soft-caps attention logits (every executor applies the cap, through its reference path);
+#: Gemma 3 (text) alternates sliding and global layers; Phi-3 fuses its QKV projection.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 
 
 class ModelLoadError(RuntimeError):

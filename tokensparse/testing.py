@@ -15,7 +15,7 @@ import torch
 #: executors) cannot be held to less; fp32 (1e-4) is the sharp check.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.125}
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text")
 
 #: sliding-window variants, each with a window (8) shorter than the test prompts: every layer
 #: sliding (Mistral without ``layer_types``, Qwen2 with ``layer_types``) and a mix of sliding and
@@ -64,6 +64,15 @@ def tiny_config(family: str, **overrides):
         return tf.Qwen3Config(**common)
     if family == "mistral":
         return tf.MistralConfig(**common)
+    if family == "phi3":  # fused QKV projection, partial rotary
+        common.pop("head_dim")
+        return tf.Phi3Config(**{"partial_rotary_factor": 0.5, **common})
+    if family == "gemma2":  # logit soft-capping in attention, sliding/global alternation, query_pre_attn_scalar
+        return tf.Gemma2Config(**{"attn_logit_softcapping": 5.0, "final_logit_softcapping": 30.0, "sliding_window": 8,
+                                  "query_pre_attn_scalar": 16, **common})
+    if family == "gemma3_text":  # sliding/global pattern, q/k norms, a local RoPE base
+        return tf.Gemma3TextConfig(**{"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
+                                      "query_pre_attn_scalar": 16, **common})
     raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
 
 
@@ -72,7 +81,9 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, *
 
     torch.manual_seed(seed)
     cfg = tiny_config(family, **overrides)
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    # transformers' SDPA integration ignores Gemma 2's soft-cap: its eager attention is the dense reference
+    impl = "eager" if getattr(cfg, "attn_logit_softcapping", None) else "sdpa"
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, dtype=torch.float32)
     return model.to(dtype).eval()
 
 

@@ -46,7 +46,7 @@ import shutil
 
 import torch
 
-from .executors import bias_at, gather_rows, reference_attention
+from .executors import active_softcap, bias_at, gather_rows, reference_attention
 from .selection import KeyBias, Selection, indices_from_mask, mask_from_indices
 
 FLEX_BUCKET = 512
@@ -175,6 +175,8 @@ def block_attend(q, k, v, sel: Selection, scale: float, *, key_valid: torch.Tens
     impl = {"fast": "auto"}.get(impl, impl)
     if impl not in IMPLS:
         raise ValueError(f"block executor must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if active_softcap() is not None:  # a soft-capped call: only the reference applies the cap
+        impl = "reference"
     if impl == "reference":
         return _reference(q, k, v, sel, scale, key_valid, bias, return_lse)
     if impl == "auto":

@@ -9,7 +9,8 @@ work unchanged.
   decode step (measured 133 → 102 ms/token at 8K on SmolLM2 with a preallocated layer).
 * :class:`EvictingLayer` can physically drop rows. Every physical row carries the absolute index
   of the token it holds (``slots``; -1 marks an empty row: left padding, or a hole left when KV heads
-  keep different numbers of rows). ``get_seq_length`` stays absolute and ``get_mask_sizes``
+  keep different numbers of rows; ``<= -2`` a synthetic row standing for ``-1 - slot`` dropped tokens,
+  :class:`SyntheticRows`). ``get_seq_length`` stays absolute and ``get_mask_sizes``
   describes the physical rows, as transformers' mask code expects. Because physical and absolute
   indices no longer match after an eviction, the engine builds the attention mask itself from
   ``slots`` for those calls (see ``engine.call.AttentionCall.mask``).
@@ -20,6 +21,7 @@ Neither layer knows about methods: eviction policies call :meth:`EvictingLayer.k
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -40,6 +42,58 @@ def consume_last_update(key: torch.Tensor):
     if rec is not None and rec[1] is key:
         return rec[0]
     return None
+
+
+#: ``slots`` value of an empty row (left padding, a KV head's filler); real tokens are >= 0
+EMPTY = -1
+
+
+def synthetic_slot(count: torch.Tensor) -> torch.Tensor:
+    """The ``slots`` code of a synthetic row standing for ``count >= 1`` dropped tokens: ``-1 - count``
+    (so ``<= -2``); ``count == 0`` gives :data:`EMPTY` (no row)."""
+    return torch.where(count > 0, -1 - count, torch.full_like(count, EMPTY))
+
+
+def synthetic_count(slots: torch.Tensor) -> torch.Tensor:
+    """How many dropped tokens each row stands for: ``N`` for a synthetic row, 0 for any other."""
+    return (-1 - slots).clamp_min(0).masked_fill(slots >= 0, 0)
+
+
+@dataclass(eq=False)
+class SyntheticRows:
+    """Rows that hold no token of the sequence (RazorAttention's compensation token: the mean key and
+    value of the dropped rows), appended by :meth:`EvictingLayer.keep` after each KV head's kept rows.
+
+    ``keys, values (B, Hkv, m, D)``; ``counts (B, Hkv, m)`` long: the number of dropped tokens each
+    row stands for (0 = no row here: stored empty). A synthetic row is visible to every later query
+    of a global-attention layer (hidden on sliding-window layers: it has no position); its slot
+    is ``synthetic_slot(count)``, so the count travels with the row through beams, batch
+    operations, copies and ragged packing, and a method reads it back with :func:`synthetic_count`
+    (e.g. to weight the row by ``log N`` through a key bias).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    counts: torch.Tensor
+
+    def check(self, b: int, h: int, dk: int, dv: int) -> None:
+        m = self.counts.shape[-1]
+        if (self.keys.shape != (b, h, m, dk) or self.values.shape != (b, h, m, dv) or self.counts.shape != (b, h, m)
+                or self.counts.dtype != torch.long):
+            raise ValueError(f"synthetic rows must be keys ({b}, {h}, m, {dk}), values ({b}, {h}, m, {dv}) and long "
+                             f"counts ({b}, {h}, m); got {tuple(self.keys.shape)}, {tuple(self.values.shape)}, "
+                             f"{tuple(self.counts.shape)} {self.counts.dtype}")
+        if bool((self.counts < 0).any()):
+            raise ValueError("synthetic row counts must be >= 0")
+
+
+def _append_synthetic(keys, values, slots, synthetic: "SyntheticRows | None"):
+    if synthetic is None:
+        return keys, values, slots
+    b, h, _, dk = keys.shape
+    synthetic.check(b, h, dk, values.shape[-1])
+    return (torch.cat([keys, synthetic.keys.to(keys.dtype)], 2), torch.cat([values, synthetic.values.to(values.dtype)], 2),
+            torch.cat([slots, synthetic_slot(synthetic.counts.to(slots.device))], 2))
 
 
 class CacheState:
@@ -386,6 +440,7 @@ class EvictingLayer(PreallocLayer):
         self.has_empty_rows = False
         self._slots: torch.Tensor | None = None
         self.seq_state: dict[str, torch.Tensor] = {}
+        self._expected: tuple[torch.Tensor, int] | None = None  # see expect_positions
 
     def _allocate(self, b: int, h: int, cap: int, dk: int, dv: int) -> None:
         old = self._slots
@@ -396,11 +451,31 @@ class EvictingLayer(PreallocLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         t = key_states.shape[-2]
+        expected, self._expected = self._expected, None
+        if expected is not None and expected[0].shape != (key_states.shape[0], t):
+            raise ValueError(f"expected {tuple(expected[0].shape)} rows (batch, tokens) from expect_positions, got "
+                             f"{(key_states.shape[0], t)}")
         self._write(key_states, value_states)
-        self._slots[:, :, self.n - t : self.n] = torch.arange(self.seen, self.seen + t, device=self.device)
-        self.seen += t
+        if expected is None:
+            self._slots[:, :, self.n - t : self.n] = torch.arange(self.seen, self.seen + t, device=self.device)
+            self.seen += t
+        else:  # rows of a pass whose hidden rows were pruned (engine.rows): positions given
+            pos, seen_after = expected
+            self._slots[:, :, self.n - t : self.n] = pos[:, None, :].to(self.device)
+            self.seen = seen_after
+            self.evicted = True  # physical rows no longer sit at their absolute positions
+            self.has_empty_rows = self.has_empty_rows or bool((pos < 0).any())
         _last_update.rec = (self, self.keys)
         return self.keys, self.values
+
+    def expect_positions(self, positions: torch.Tensor, seen_after: int) -> None:
+        """The next :meth:`update` writes the rows of tokens ``positions (B, t)`` (absolute indices,
+        ``-1`` = a filler row, stored empty) and the layer has then seen ``seen_after`` tokens; used
+        by the decoder-layer hook (:mod:`tokensparse.engine.rows`) when later layers compute only some
+        rows of a pass."""
+        if positions.dim() != 2 or positions.dtype != torch.long:
+            raise ValueError(f"positions must be a (B, t) long tensor, got {tuple(positions.shape)} {positions.dtype}")
+        self._expected = (positions, int(seen_after))
 
     @property
     def slots(self) -> torch.Tensor:
@@ -408,8 +483,8 @@ class EvictingLayer(PreallocLayer):
         return self._slots[:, :, : self.n]
 
     def valid_rows(self) -> torch.Tensor:
-        """``(B, Hkv, n)`` bool, True where the physical row holds a real token."""
-        return self.slots >= 0
+        """``(B, Hkv, n)`` bool, True where the physical row holds a token or a synthetic row."""
+        return self.slots != EMPTY
 
     def mark_empty(self, empty: torch.Tensor) -> None:
         """Mark physical rows as empty (e.g. left padding). ``empty``: bool ``(B, 1 or Hkv, n)``."""
@@ -426,13 +501,16 @@ class EvictingLayer(PreallocLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.n + query_length, self.seen - self.n
 
-    def keep(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    def keep(self, idx: torch.Tensor, valid: torch.Tensor | None = None, synthetic: SyntheticRows | None = None) -> None:
         """Keep only the physical rows ``idx`` ``(B, Hkv, k)`` (sorted ascending), drop the rest.
 
         ``valid`` ``(B, Hkv, k)`` marks padding entries of ``idx`` (False = this KV head keeps fewer
-        rows); those rows become empty. The buffers are reallocated to ``k + headroom`` rows, so the
+        rows); those rows become empty. ``synthetic``: rows appended after the kept ones
+        (:class:`SyntheticRows`). The buffers are reallocated to ``k + headroom`` rows, so the
         memory is actually released.
         """
+        if synthetic is not None and self.states:
+            raise NotImplementedError("synthetic rows and cache-carried state cannot be combined")
         if idx.dim() != 3 or idx.shape[:2] != self._kbuf.shape[:2]:
             raise ValueError(f"keep expects idx of shape (B, Hkv, k) = {tuple(self._kbuf.shape[:2])} + (k,), got {tuple(idx.shape)}")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
@@ -444,6 +522,8 @@ class EvictingLayer(PreallocLayer):
         slots = self.slots.gather(2, idx)
         if valid is not None:
             slots = slots.masked_fill(~valid, -1)
+        keys, values, slots = _append_synthetic(keys, values, slots, synthetic)
+        k = slots.shape[-1]
         self._slots = None
         self.n = 0
         super()._allocate(b, h, k + self.headroom, dk, dv)
@@ -453,7 +533,7 @@ class EvictingLayer(PreallocLayer):
         self._slots[:, :, :k].copy_(slots)
         self.n = k
         self.evicted = True
-        self.has_empty_rows = bool((slots < 0).any())
+        self.has_empty_rows = bool((slots == EMPTY).any())
         self._refresh_views()
         for st in self.states.values():
             st.on_keep(self, idx, valid)
@@ -464,6 +544,7 @@ class EvictingLayer(PreallocLayer):
         self.evicted = False
         self.has_empty_rows = False
         self.seq_state = {}
+        self._expected = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("an evicting cache cannot be rolled back (crop); assisted decoding is not supported")
@@ -638,9 +719,9 @@ class RaggedLayer(EvictingLayer):
         return self.ragged_headroom + lens // 32
 
     def _pack(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, extra: int = 0) -> None:
-        """Store the rows of ``k, v (B, Hkv, n, D)`` whose slot is >= 0, in order, one segment per
+        """Store the rows of ``k, v (B, Hkv, n, D)`` that are not empty, in order, one segment per
         (sequence, KV head) with room for ``extra`` more rows plus :meth:`_room`."""
-        valid = slots >= 0
+        valid = slots != EMPTY
         lens = valid.sum(-1)  # (B, Hkv)
         caps = lens + extra + self._room(lens)
         ends = caps.flatten().cumsum(0)
@@ -681,9 +762,10 @@ class RaggedLayer(EvictingLayer):
         _last_update.rec = (self, keys)
         return keys, values
 
-    def keep(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    def keep(self, idx: torch.Tensor, valid: torch.Tensor | None = None, synthetic: SyntheticRows | None = None) -> None:
         """Keep the rows ``idx (B, Hkv, k)`` of the current (padded) view, ``valid`` False for a KV
-        head's filler entries, and pack them into segments: each KV head then holds only its rows."""
+        head's filler entries, append ``synthetic`` rows, and pack them into segments: each KV head
+        then holds only its rows."""
         if self.states:
             raise NotImplementedError("cache-carried state is not supported on a ragged cache layer")
         k_all, v_all = self.keys, self.values
@@ -695,7 +777,7 @@ class RaggedLayer(EvictingLayer):
         if valid is not None:
             slots = slots.masked_fill(~valid, -1)
         keys, values = gather_rows(k_all, idx), gather_rows(v_all, idx)
-        self._pack(keys, values, slots)
+        self._pack(*_append_synthetic(keys, values, slots, synthetic))
         self.evicted = True
 
     def mark_empty(self, empty: torch.Tensor) -> None:
@@ -759,7 +841,7 @@ class RaggedLayer(EvictingLayer):
     def bytes_held(self) -> int:
         if not self.ragged:
             return super().bytes_held()
-        return int((self._sflat >= 0).sum()) * self._row_bytes()
+        return int((self._sflat != EMPTY).sum()) * self._row_bytes()
 
     def bytes_allocated(self) -> int:
         if not self.ragged:

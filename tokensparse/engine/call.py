@@ -132,8 +132,8 @@ class AttentionCall:
                 )
             return self.hf_mask
         b, lq, past = self.batch, self.q_len, self.past_len
-        slots = ev.slots[:, :, :past]  # (B, Hkv, past) absolute token index, -1 = empty
-        old = (slots >= 0)[:, :, None, :]  # (B, Hkv, 1, past)
+        slots = ev.slots[:, :, :past]  # (B, Hkv, past) absolute token index, -1 = empty, <= -2 synthetic
+        old = (slots != -1)[:, :, None, :]  # (B, Hkv, 1, past): tokens and synthetic rows
         w = self.sliding_window
         if w is not None:
             qabs = torch.arange(ev.seen - lq, ev.seen, device=slots.device)  # absolute query positions

@@ -20,14 +20,49 @@ logits; the SDPA paths apply it exactly through :func:`with_key_bias`, which app
 to Q, K and V (Q: the bias over the scale, K: a one-hot of the biased positions, V: zeros) so that
 ``scale · q'·k' = scale · q·k + bias`` and the output is unchanged otherwise. SDPA keeps its fused
 CPU kernel only when Q, K and V have the same head size, hence the zero columns of V.
+
+Logit soft-capping (Gemma 2: ``logits = cap · tanh(logits / cap)`` before the mask and softmax) is
+set for the duration of an attention call with :func:`logit_softcap` (the engine does it when the
+model passes ``softcap=``). SDPA and the CPU flash kernels cannot soft-cap, so while a cap is active
+*every* executor runs its reference path, which applies it (correct, not fast: soft-capped models
+get no speed-up from the fast executors), and :func:`dense_attention` runs :func:`reference_attention`.
+A key bias is added after the cap.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
 
 from .selection import KeyBias, mask_from_indices
+
+
+_SOFTCAP: contextvars.ContextVar[float | None] = contextvars.ContextVar("tokensparse_softcap", default=None)
+
+
+@contextlib.contextmanager
+def logit_softcap(cap: float | None):
+    """Soft-cap attention logits at ``cap`` in every executor inside the block (``None``: no cap)."""
+    if cap is not None and not (float(cap) > 0):
+        raise ValueError(f"a logit soft-cap must be > 0, got {cap!r}")
+    token = _SOFTCAP.set(None if cap is None else float(cap))
+    try:
+        yield
+    finally:
+        _SOFTCAP.reset(token)
+
+
+def active_softcap() -> float | None:
+    """The soft-cap of the current attention call (see :func:`logit_softcap`), or ``None``."""
+    return _SOFTCAP.get()
+
+
+def _capped(s: torch.Tensor) -> torch.Tensor:
+    cap = _SOFTCAP.get()
+    return s if cap is None else torch.tanh(s / cap) * cap
 
 
 def _expand_heads(mask: torch.Tensor | None, hq: int) -> torch.Tensor | None:
@@ -94,7 +129,7 @@ def reference_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = N
     g = hq // hkv
     scale = d**-0.5 if scale is None else scale
     qf = q.float().reshape(b, hkv, g * lq, d)
-    s = (qf @ k.float().transpose(-1, -2) * scale).view(b, hkv, g, lq, lk).reshape(b, hq, lq, lk)
+    s = _capped((qf @ k.float().transpose(-1, -2) * scale).view(b, hkv, g, lq, lk).reshape(b, hq, lq, lk))
     if bias is not None:
         s = s + bias_at(bias, torch.arange(lk, device=q.device)[None, None], hq)[:, :, None, :]
     allowed = _expand_heads(mask, hq) if mask is not None else causal_mask(lq, lk, q.device)
@@ -110,6 +145,10 @@ def dense_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = None)
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g = hq // hkv
+    if _SOFTCAP.get() is not None:  # SDPA cannot soft-cap
+        if mask is None and lq != lk:
+            mask = causal_mask(lq, lk, q.device)[None, None]
+        return reference_attention(q, k, v, mask, scale, bias)
     if bias is not None:
         scale = d**-0.5 if scale is None else scale
         if mask is None and lq != lk:
@@ -192,6 +231,8 @@ def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str 
     if not per_query_head and idx.shape[1] != hkv:
         raise ValueError(f"idx must have {hq} (query heads) or {hkv} (KV heads) heads, got {idx.shape[1]}")
     n = idx.shape[-1]
+    if _SOFTCAP.get() is not None:  # a soft-capped call: the reference applies the cap
+        impl = "reference"
     if impl == "reference":
         sel = mask_from_indices(idx, lk, valid)
         sel = _expand_heads(sel[:, :, None, :], hq)[:, :, 0]  # (B, Hq, L)
@@ -267,6 +308,8 @@ def gather_attend(q, k, v, idx, scale=None, mask=None, impl: str = "fast", bias:
     if idx.shape[1] not in (1, hkv):
         raise ValueError(f"idx must have 1 or {hkv} heads, got {idx.shape[1]}")
     n = idx.shape[-1]
+    if _SOFTCAP.get() is not None:  # a soft-capped call: the reference applies the cap
+        impl = "reference"
     if impl == "reference":
         full = mask_from_indices(idx[:, :, None, :].expand(b, idx.shape[1], lq, n), lk, None if mask is None else mask.expand(b, idx.shape[1], lq, n))
         return reference_attention(q, k, v, full, scale, bias)
@@ -317,11 +360,13 @@ def segments_attend(q, segments, scale=None, impl: str = "fast", bias: KeyBias |
     hkv = segments[0][0].shape[1]
     g = hq // hkv
     scale = d**-0.5 if scale is None else scale
+    if _SOFTCAP.get() is not None:  # a soft-capped call: the reference applies the cap
+        impl = "reference"
     if impl == "reference":
         k = torch.cat([s[0] for s in segments], 2)
         v = torch.cat([s[1] for s in segments], 2)
         qf = q.float().reshape(b, hkv, g * lq, d)
-        logits = (qf @ k.float().transpose(-1, -2) * scale).view(b, hq, lq, k.shape[2])
+        logits = _capped((qf @ k.float().transpose(-1, -2) * scale).view(b, hq, lq, k.shape[2]))
         if bias is not None:
             pos = torch.cat([p.expand(b, hkv, p.shape[-1]) for p in positions], -1)
             logits = logits + bias_at(bias, pos, hq)[:, :, None, :]

@@ -28,7 +28,9 @@ from ..models import check_supported
 from .attach import attached, attention_modules
 from .cache import consume_last_update
 from .call import AttentionCall
+from .executors import logit_softcap
 from .method import Method
+from .rows import RowPruner
 from .session import Session
 from .telemetry import Telemetry
 
@@ -67,12 +69,14 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         _mark_padding(call, attention_mask)
     if session._call_observers:
         session.observe_call(call)
-    if call.is_sliding:
-        # methods assume global attention; a sliding layer's window already bounds its cost
-        session.stats["sliding_dense_calls"] += 1
-        out = call.dense()
-    else:
-        out = session.method.forward(call)
+    softcap = kwargs.get("softcap")  # Gemma 2: every executor applies it (executors.logit_softcap)
+    with logit_softcap(softcap) if softcap else contextlib.nullcontext():
+        if call.is_sliding:
+            # methods assume global attention; a sliding layer's window already bounds its cost
+            session.stats["sliding_dense_calls"] += 1
+            out = call.dense()
+        else:
+            out = session.method.forward(call)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -180,8 +184,11 @@ def sparsify(model, method: Method, *, telemetry: bool | Telemetry = False, obse
     attn_name = timed_name(model, ATTN_NAME)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model  # runs on every path into the layers
     hook = decoder.register_forward_pre_hook(lambda *_: session.begin_forward())
+    pruner = RowPruner(session, model).install() if method.prunes_rows else None
     try:
         with attached(model, modules, _SESSIONS, session, attn_name):
             yield session
     finally:
         hook.remove()
+        if pruner is not None:
+            pruner.remove()

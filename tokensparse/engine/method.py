@@ -16,6 +16,10 @@ the forced-sparse test switch, eviction bookkeeping — belongs to the engine
 * ``compress_prompt(model, context_ids)``: only for ``Phase.PROMPT`` methods — called by
   :func:`~tokensparse.engine.prompt.apply_prompt_step` (the evaluation harness does) before the
   model sees the prompt; returns the context positions to keep;
+* ``keep_rows(session, layer_idx, hidden)``: only for methods with ``prunes_rows = True`` — after
+  every decoder layer, the rows of the pass the later layers keep
+  (:class:`~tokensparse.engine.rows.RowKeep`, or ``None`` to keep all); the engine gathers the hidden
+  states, positions, masks and cache rows (:mod:`tokensparse.engine.rows`);
 * ``forward(call)``: the escape hatch for a method that is not "select then execute"; the default
   runs the pipeline.
 """
@@ -47,7 +51,9 @@ class Phase(str, enum.Enum):
       methods such as ZeroTuning; the cache stays full);
     * ``PROMPT``: shortens the prompt before the model runs (prompt compression); inside
       ``sparsify`` it changes nothing, the harness applies it through
-      :func:`~tokensparse.engine.prompt.apply_prompt_step`.
+      :func:`~tokensparse.engine.prompt.apply_prompt_step`;
+    * ``PRUNE``: drops hidden-state rows of a token span between decoder layers (the later layers
+      compute and cache only the kept rows: FastV-style context-token pruning).
     """
 
     PREFILL = "prefill"
@@ -55,6 +61,7 @@ class Phase(str, enum.Enum):
     EVICTION = "eviction"
     REWEIGHT = "reweight"
     PROMPT = "prompt"
+    PRUNE = "prune"
 
     def __str__(self) -> str:
         return self.value
@@ -86,6 +93,23 @@ class Method:
     #: ``"ragged"``: ``session.new_cache()`` stores each KV head at its own length after an eviction
     #: (:class:`~tokensparse.engine.cache.RaggedLayer`), for per-head / per-layer budgets
     kv_layout: ClassVar[str] = "padded"
+    #: the engine asks :meth:`keep_rows` after every decoder layer (decoder-layer hooks installed)
+    prunes_rows: ClassVar[bool] = False
+    #: methods calibrated offline: the kind of :class:`~tokensparse.engine.calibration.Profile` that
+    #: :meth:`calibrate` measures (``tokensparse calibrate --method NAME``) and its payload version
+    profile_kind: ClassVar[str] = ""
+    profile_version: ClassVar[int] = 1
+
+    @classmethod
+    def calibrate(cls, model, input_ids: torch.Tensor) -> dict:
+        """Methods with a ``profile_kind``: measure on ``input_ids (1, L)`` (dense attention) and return
+        the profile payload (a JSON-serialisable dict)."""
+        raise NotImplementedError(f"{cls.name or cls.__name__} needs no calibration")
+
+    @classmethod
+    def describe_profile(cls, payload: dict) -> str:
+        """One or two lines the ``calibrate`` command prints about a fresh profile."""
+        return ""
 
     def __post_init__(self):
         check_fields(self)  # every field declared with engine.config.param: type, range, choices
@@ -124,6 +148,12 @@ class Method:
         """``Phase.PROMPT`` methods: the positions of ``context_ids (1, n)`` to keep, a sorted 1-D
         long tensor (the kept tokens are fed in their original order)."""
         raise NotImplementedError(f"{self.name or type(self).__name__} is not a prompt-step method")
+
+    def keep_rows(self, session: "Session", layer_idx: int, hidden: torch.Tensor):
+        """Methods with ``prunes_rows``: after decoder layer ``layer_idx`` produced ``hidden (B, L, d)``
+        (the rows this layer computed), the rows the later layers keep — a
+        :class:`~tokensparse.engine.rows.RowKeep` or a ``(B, L')`` long index — or ``None`` (keep all)."""
+        return None
 
     def forward(self, call: "AttentionCall") -> torch.Tensor:
         """Attention output ``(B, Hq, Lq, D)`` for one call: by default the selection pipeline."""

@@ -230,7 +230,10 @@ def execute(call, selection: Selection | None, impl: str = "fast", bias=None) ->
         if idx.shape[1] == 1:  # one set for every KV head
             idx = idx.expand(call.batch, call.n_kv_heads, idx.shape[-1])
             valid = None if valid is None else valid.expand_as(idx)
-        call.evicting.keep(idx, valid)
+        if selection.synthetic is not None:
+            call.evicting.keep(idx, valid, synthetic=selection.synthetic)
+        else:
+            call.evicting.keep(idx, valid)
         return out
     raise AssertionError(kind)
 

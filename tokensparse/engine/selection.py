@@ -357,10 +357,15 @@ class Selection:
     complete: bool = False
     block_q: int = 0
     block_k: int = 0
+    #: ``"keep"`` only: synthetic rows the cache appends after the kept rows of each KV head
+    #: (:class:`~tokensparse.engine.cache.SyntheticRows`, e.g. RazorAttention's compensation token)
+    synthetic: object | None = None
 
     def __post_init__(self):
         if self.kind not in SELECTION_KINDS:
             raise ValueError(f"selection kind must be one of {SELECTION_KINDS}, got {self.kind!r}")
+        if self.synthetic is not None and self.kind != "keep":
+            raise ValueError("synthetic rows come with a 'keep' selection only")
         if self.kind != "dense" and self.idx is None:
             raise ValueError(f"a {self.kind!r} selection needs idx")
         if self.kind == "blocks":

@@ -53,6 +53,15 @@ class Session:
         #: not run in this pass cannot leave stale entries behind
         self.carry: dict[Any, Any] = {}
         self.forward_passes = 0
+        #: the rows the current layer computes when a method pruned hidden rows in this pass
+        #: (:class:`~tokensparse.engine.rows.RowMap`; ``None`` = all), with the pass's length and the
+        #: tokens cached before it (set by the decoder-layer hooks, engine-owned)
+        self.rows = None
+        self.pass_len = 0
+        self.pass_offset = 0
+        #: a marked token span ``(start, end)`` of the next prompt, in positions of its real tokens
+        #: (e.g. the context of a prompt, or an image's tokens); see :meth:`mark_span`
+        self.span: tuple[int, int] | None = None
         cfg = model.config.get_text_config(decoder=True)
         self.num_layers = cfg.num_hidden_layers
         self.layers = [LayerState(i) for i in range(self.num_layers)]
@@ -63,6 +72,19 @@ class Session:
         m = self.method
         return KVCache(self.model, evicting=m.needs_evicting_cache, capacity=capacity, headroom=headroom,
                        ragged=m.needs_evicting_cache and m.kv_layout == "ragged")
+
+    def mark_span(self, start: int, end: int) -> None:
+        """Mark tokens ``[start, end)`` of the next prompt (counted over each sequence's real tokens,
+        left padding excluded) as the span that span methods act on (FastV's "image tokens",
+        generalised: the evaluation harness marks a prompt's context). ``clear_span()`` removes it."""
+        if isinstance(start, bool) or isinstance(end, bool) or not isinstance(start, int) or not isinstance(end, int):
+            raise TypeError(f"mark_span takes two ints, got {start!r}, {end!r}")
+        if not 0 <= start <= end:
+            raise ValueError(f"mark_span needs 0 <= start <= end, got ({start}, {end})")
+        self.span = (start, end)
+
+    def clear_span(self) -> None:
+        self.span = None
 
     def add_observers(self, observers) -> None:
         for o in observers:
@@ -92,6 +114,7 @@ class Session:
     def begin_forward(self) -> None:
         """Start of a model forward pass (a forward pre-hook installed by ``sparsify``)."""
         self.carry.clear()
+        self.rows = None
         self.forward_passes += 1
         self.method.on_forward_start(self)
 

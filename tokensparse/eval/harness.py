@@ -176,6 +176,9 @@ def run_sample(model, tokenizer, sample, method=None, *, placement: str = "insid
     mem = PeakMemory(next(model.parameters()).device).start() if measure else None
     ctxmgr = ts.sparsify(model, method, telemetry=telemetry) if method is not None else nullcontext()
     with ctxmgr as session:
+        if session is not None:  # the context, after a leading BOS, is the span span methods (FastV) act on
+            bos = getattr(tokenizer, "bos_token_id", None)
+            session.mark_span(int(bos is not None and int(ctx[0, 0]) == bos), ctx.shape[1])
         snap: dict[str, Any] = {}
 
         def keep(kv, last_logits):

@@ -153,6 +153,27 @@ def _refuse_decode_methods(model) -> None:
             "attention's); use tokensparse.eval.metrics.answer_loglik (decode path) instead")
 
 
+def _check_rows_kept(model, total: int, n: int) -> None:
+    """After a forward inside ``ts.sparsify`` with a method that drops hidden rows (FastV): the last
+    ``n`` output rows must still be positions ``total - n .. total - 1``, else the scored logits would
+    belong to other tokens."""
+    try:
+        from .scoring import _active_session
+
+        session = _active_session(model)
+    except Exception:  # not a transformers model
+        return
+    rows = getattr(session, "rows", None)
+    if rows is None:
+        return
+    want = torch.arange(total - n, total, device=rows.index.device)
+    tail = rows.index[:, -n:]
+    if tail.shape[1] < n or not bool((tail == want).all()):
+        raise ValueError(
+            f"the active method {session.method.name!r} dropped rows among the last {n} positions that are scored; "
+            "mark the span it may prune (session.mark_span) so that the scored tokens stay outside it")
+
+
 def prefill_answer_loglik(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, *, cache=None,
                           **forward_kwargs) -> float:
     """Teacher-forced ``sum_t log p(answer_t | prompt, answer_<t)`` in nats, from ONE forward over
@@ -185,6 +206,7 @@ def prefill_answer_loglik(model, prompt_ids: torch.Tensor, answer_ids: torch.Ten
         kw.setdefault("use_cache", False)
     with torch.no_grad():
         logits = _logits_of(model(input_ids=ids, **kw))
+    _check_rows_kept(model, ids.shape[1], A + 1)
     if logits.shape[1] < A + 1:
         raise ValueError(f"the model returned {logits.shape[1]} positions, need at least {A + 1}")
     # logits at position p predict token p + 1: positions L-1 .. L+A-2 predict the answer
@@ -243,6 +265,7 @@ def perplexity(model, input_ids: torch.Tensor, stride: int | None = None, *, win
         while scored_end < N:
             end = min(begin + window, N)
             logits = _logits_of(model(input_ids=ids[:, begin:end], **kw))[0]
+            _check_rows_kept(model, end - begin, end - begin)  # every position is scored
             # position p (absolute begin + p) predicts token begin + p + 1; score tokens [scored_end, end)
             first = scored_end - begin - 1
             total += _nll_sum(logits[first:end - begin - 1], ids[0, scored_end:end])

@@ -4,34 +4,47 @@ For each decoder layer, ``drift = mean_t ||h_out - h_in|| / (||h_in|| + 1e-8)`` 
 stream across the whole block, measured on one long natural-text prompt and normalised over layers
 to sum to 1. Layers whose drift is at most the ``quantile`` of all drifts are the ones made sparse.
 
-This module is not a registered method (the registry imports only ``_MODULES``); the file lookup,
-format/version checks and staleness errors are the engine's generic profile machinery
-(:mod:`tokensparse.engine.calibration`).
+This module is not a registered method (the registry imports only ``_MODULES``). The profile is a
+generic :class:`~tokensparse.engine.calibration.Profile` of kind ``drift`` (payload: ``tokens`` and
+one ``drift`` value per layer), written by ``tokensparse calibrate --method token_sparse``; the file
+lookup, format/version checks and staleness errors are the engine's generic profile machinery.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..engine.calibration import (
+    Profile,
     StaleProfileError,
     check_profile_model,
+    find_kind_profile,
     find_profile,
     read_profile,
     user_profile_path,
-    write_profile,
 )
 from ..models import model_fingerprint
 
-PROFILE_FORMAT = "tokensparse.drift-profile"
-PROFILE_VERSION = 1
+#: the generic profile kind and payload version (:class:`~tokensparse.engine.calibration.Profile`)
+KIND = "drift"
+KIND_VERSION = 1
+#: the format drift profiles had before the generic one (still read: shipped or user files)
+LEGACY_FORMAT = "tokensparse.drift-profile"
+LEGACY_VERSION = 1
 
-__all__ = ["DriftProfile", "PROFILE_FORMAT", "PROFILE_VERSION", "StaleProfileError", "calibrate_drift",
-           "find_profile", "measure_drift", "user_profile_path"]
+__all__ = ["DriftProfile", "KIND", "KIND_VERSION", "LEGACY_FORMAT", "StaleProfileError", "calibrate_drift",
+           "find_drift_profile", "measure_drift", "user_profile_path"]
+
+
+def find_drift_profile(model) -> Path | None:
+    """The drift profile for ``model``: the generic ``drift`` profile (shipped, then the user cache),
+    else a file of the earlier format (``profiles/<fingerprint>.json``), else ``None``."""
+    return find_kind_profile(model, KIND) or find_profile(model)
 
 
 @dataclass
@@ -42,8 +55,6 @@ class DriftProfile:
     tokens: int
     source: str
     drift: list[float]
-    format: str = PROFILE_FORMAT
-    version: int = PROFILE_VERSION
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def sparse_layers(self, quantile: float = 0.5) -> list[int]:
@@ -54,20 +65,45 @@ class DriftProfile:
         thr = torch.quantile(d, quantile).item()
         return [i for i, x in enumerate(self.drift) if x <= thr]
 
+    def to_profile(self) -> Profile:
+        return Profile(kind=KIND, kind_version=KIND_VERSION, model_fingerprint=self.model_fingerprint,
+                       model_type=self.model_type, num_layers=self.num_layers, source=self.source,
+                       payload={"tokens": self.tokens, "drift": list(self.drift)}, created=self.created)
+
+    @classmethod
+    def from_profile(cls, prof: Profile, path="profile") -> "DriftProfile":
+        drift = prof.payload.get("drift")
+        if not isinstance(drift, list) or len(drift) != prof.num_layers or not isinstance(prof.payload.get("tokens"), int):
+            raise StaleProfileError(f"{path}: a drift payload needs 'tokens' and one 'drift' value per layer; "
+                                    "delete it and re-run `tokensparse calibrate`")
+        return cls(model_fingerprint=prof.model_fingerprint, model_type=prof.model_type, num_layers=prof.num_layers,
+                   tokens=prof.payload["tokens"], source=prof.source, drift=[float(x) for x in drift],
+                   created=prof.created)
+
     def save(self, path: str | Path) -> Path:
-        return write_profile(path, asdict(self))
+        """Written as a generic profile of kind ``drift``."""
+        return self.to_profile().save(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "DriftProfile":
-        data = read_profile(path, PROFILE_FORMAT, PROFILE_VERSION, what="drift profile")
-        names = {f.name for f in fields(cls)}
-        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name != "created")
+        """A generic ``drift`` profile, or a file of the earlier drift-profile format."""
+        try:
+            fmt = json.loads(Path(path).read_text()).get("format")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            fmt = None  # not JSON / not an object: Profile.load names the problem
+        if fmt != LEGACY_FORMAT:
+            return cls.from_profile(Profile.load(path, KIND, KIND_VERSION), path)
+        data = read_profile(path, LEGACY_FORMAT, LEGACY_VERSION, what="drift profile")
+        names = {"model_fingerprint", "model_type", "num_layers", "tokens", "source", "drift", "created",
+                 "format", "version"}
+        missing = sorted(n for n in names - {"created"} if n not in data)
         unknown = sorted(set(data) - names)
         if missing or unknown:
             raise StaleProfileError(
                 f"{path} is not a valid tokensparse drift profile (missing fields {missing}, unknown fields "
                 f"{unknown}); delete it and re-run `tokensparse calibrate`"
             )
+        data.pop("format"), data.pop("version")
         return cls(**data)
 
     def check(self, model) -> None:

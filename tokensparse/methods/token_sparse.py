@@ -55,7 +55,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.calibration import find_profile
 from ..engine.config import param
 from ..engine.method import Method, Phase
 from ..engine.pipeline import KeyPlan, everything
@@ -67,7 +66,7 @@ from ..engine.selection import (
     pool1d,
     window_scores,
 )
-from .drift_profile import DriftProfile
+from .drift_profile import KIND, KIND_VERSION, DriftProfile, find_drift_profile, measure_drift
 
 
 @dataclass(eq=False)
@@ -78,6 +77,8 @@ class TokenSparse(Method):
     kv_memory = "none (full cache; decode is dense)"
     calibration = "optional: representation-drift layer profile"
     paper = "[Token Sparse Attention](https://arxiv.org/abs/2602.03216)"
+    profile_kind = KIND
+    profile_version = KIND_VERSION
 
     coverage: float = param(0.005, "float", ge=0.0, lt=1.0)
     window: int = param(128, "int", ge=1)
@@ -99,6 +100,18 @@ class TokenSparse(Method):
     def at_sparse_budget(cls) -> "Method":
         return cls(coverage=0.3, window=4, min_tokens=2, layers="all", pool_kernel=3)
 
+    @classmethod
+    def calibrate(cls, model, input_ids) -> dict:
+        """The drift profile's payload: per-layer Representation Drift on ``input_ids`` (dense)."""
+        return {"tokens": int(input_ids.shape[1]), "drift": measure_drift(model, input_ids)}
+
+    @classmethod
+    def describe_profile(cls, payload: dict) -> str:
+        drift = payload["drift"]
+        prof = DriftProfile("", "", len(drift), payload["tokens"], "", drift)
+        return ("drift per layer: " + " ".join(f"{d:.4f}" for d in drift)
+                + f"\nsparse layers at the default quantile 0.5: {prof.sparse_layers(0.5)}")
+
     def setup(self, session) -> None:
         n = session.num_layers
         if isinstance(self.layers, str):
@@ -107,7 +120,7 @@ class TokenSparse(Method):
             elif self.layers == "second_half":
                 chosen = list(range(n // 2, n))
             else:
-                path = self.profile or find_profile(session.model)
+                path = self.profile or find_drift_profile(session.model)
                 if path is None:
                     warnings.warn(
                         "token_sparse: no drift profile for this model; using the documented fallback "

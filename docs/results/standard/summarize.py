@@ -1,6 +1,6 @@
 """Compact tables of docs/results/standard (the ones quoted in the READMEs), from standard.jsonl.
 
-    .venv/bin/python docs/results/standard/summarize.py
+    .venv/bin/python docs/results/standard/summarize.py [RESULTS.jsonl]
 
 Paired differences vs dense on the same samples (tokensparse rows vs tokensparse dense; kvpress
 rows vs kvpress's own dense), 95% percentile-bootstrap intervals (tokensparse.eval.stats.paired);
@@ -13,7 +13,10 @@ from pathlib import Path
 
 from tokensparse.eval.stats import paired
 
-ROWS = [json.loads(line) for line in (Path(__file__).parent / "standard.jsonl").open()]
+import sys
+
+# another results file of the same suite (e.g. docs/results/part2/standard.jsonl) as the first argument
+ROWS = [json.loads(line) for line in Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "standard.jsonl").open()]
 SHORT = {
     ("snapkv", "inside"): "SnapKV 50% [inside]", ("snapkv", "after"): "SnapKV 50% [after]",
     ("streaming_llm", "after"): "StreamingLLM 50% [after]",
@@ -27,6 +30,8 @@ SHORT = {
 
 def config(r):
     key = (r["method"], r["placement"])
+    if r["method"] == "fast_v":  # two configurations in docs/results/part2
+        return key + (r["config"].get("layer"), r["config"].get("pool_kernel", 1))
     return key + (r["config"].get("reuse_threshold"),) if r["method"] == "token_select" else key
 
 
