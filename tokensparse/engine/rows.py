@@ -135,8 +135,7 @@ class RowPruner:
     def _pre(self, i: int):
         def hook(module, args, kwargs):
             s = self.session
-            if i == 0:
-                s.rows = None
+            if i == 0:  # (session.rows was cleared by begin_forward)
                 s.pass_len = _hidden(args, kwargs).shape[1]
                 s.pass_offset = _cache_seen(kwargs)
             rows = s.rows
@@ -156,6 +155,9 @@ class RowPruner:
             mask = kwargs.get("attention_mask")
             if isinstance(mask, dict):
                 raise NotImplementedError("decoder layers that receive a dict of masks are not supported by row pruning")
+            if mask is None and rows.valid is not None and rows.offset:
+                raise NotImplementedError("filler rows in a pass over a non-empty cache need the model's mask "
+                                          "(pass attention_mask=...)")
             past = 0 if mask is None else mask.shape[-1] - rows.length
             kwargs["attention_mask"] = gather_mask(mask, rows, past)
             self._expect(i, kwargs, rows)

@@ -85,7 +85,7 @@ class FastV(Method):
     def setup(self, session) -> None:
         n = session.num_layers
         if self.layer >= n:  # (the default K=2 on a 2-layer test model): said, not silent
-            self._rank_layer = None
+            session.state["fast_v_rank_layer"] = None
             session.info["fast_v"] = f"layer={self.layer} is not below the model's {n} decoder layers: nothing is pruned"
             warnings.warn(f"fast_v: {session.info['fast_v']}", stacklevel=2)
             return
@@ -95,14 +95,15 @@ class FastV(Method):
         def is_global(i):
             return types[i] != "sliding_attention" if types else window is None
         ranks = [i for i in range(self.layer) if is_global(i)]
-        self._rank_layer = ranks[-1] if ranks else None
+        session.state["fast_v_rank_layer"] = ranks[-1] if ranks else None
         session.info["fast_v"] = (
-            f"layer {self._rank_layer} ranks, layers {self.layer}..{n - 1} keep {self.keep:g} of the span"
+            f"layer {ranks[-1] if ranks else None} ranks, layers {self.layer}..{n - 1} keep {self.keep:g} of the span"
             if ranks else f"no global-attention layer before layer {self.layer}: nothing is pruned"
         )
 
     def forward(self, call) -> torch.Tensor:
-        if call.layer_idx == self._rank_layer and call.past_len == 0 and call.session.rows is None:
+        rank_layer = call.session.state["fast_v_rank_layer"]
+        if call.layer_idx == rank_layer and call.past_len == 0 and call.session.rows is None:
             call.carry["fast_v"] = (self._scores(call), call.key_valid)
         return call.dense()
 
