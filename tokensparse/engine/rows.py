@@ -37,6 +37,7 @@ import torch
 
 from .cache import EvictingLayer, KVCache, RaggedLayer
 from .call import CacheRequiredError
+from .executors import causal_mask
 
 
 @dataclass(eq=False)
@@ -97,7 +98,7 @@ def gather_mask(mask: torch.Tensor | None, rows: RowMap, past: int) -> torch.Ten
     if mask is None:
         if valid is None:
             return None  # kept rows in ascending order: causal among them, after every past row
-        mask = torch.ones(n, past + n, dtype=torch.bool, device=idx.device).tril(past)[None, None]
+        mask = causal_mask(n, past + n, idx.device)[None, None]
     if mask.shape[-2] != n or mask.shape[-1] < n:
         raise ValueError(f"layer mask of shape {tuple(mask.shape)} does not cover the pass's {n} rows")
     b, h = idx.shape[0], mask.shape[1]

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.config import param
+from ..engine.executors import causal_mask
 from ..engine.method import Method, Phase
 from ..engine.rows import RowKeep
 from ..engine.selection import grouped_logits, pool1d, select_topk
@@ -113,9 +114,7 @@ class FastV(Method):
         logits = grouped_logits(call.query[:, :, -n:], call.key, call.scale)  # (B, Hq, n, Lk) fp32
         mask = call.mask
         if mask is None:
-            lk = call.k_len
-            qpos = torch.arange(lk - n, lk, device=logits.device)
-            mask = (torch.arange(lk, device=logits.device)[None, :] <= qpos[:, None])[None, None]
+            mask = causal_mask(n, call.k_len, logits.device)[None, None]
         else:
             mask = mask[:, :, -n:]
             mask = mask.repeat_interleave(call.n_q_heads // mask.shape[1], dim=1)
