@@ -57,6 +57,9 @@ SPARSE.update(
         "token_select-share": ts.methods.get("token_select")(budget=0.4, n_sink=2, n_local=4, pool_kernel=3),
         "token_select-per-kv-head": ts.methods.get("token_select")(budget=12, n_sink=2, n_local=4, select_per="kv_head"),
         "snapkv-share": ts.methods.get("snapkv")(budget=0.4, window=4, pool="avg"),
+        "tidal_decode-quest": ts.methods.get("tidal_decode")(budget=6, selection_layers=[0], scorer="quest"),
+        "tidal_decode-token_select": ts.methods.get("tidal_decode")(budget=0.3, selection_layers=[0],
+                                                                    scorer="token_select"),
         "streaming_llm-share": ts.methods.get("streaming_llm")(budget=0.5, n_sink=2),
         "token_sparse-sinks-kv-head": ts.methods.get("token_sparse")(
             coverage=0.3, window=4, min_tokens=2, layers="all", sink_tokens=2, select_per="kv_head"
@@ -87,6 +90,8 @@ def test_padded_row_equals_the_prompt_alone_at_a_sparse_budget(config, variant):
     # and TidalDecode needs a global selection layer before the global layers that reuse its choice
     # (FastV likewise a global layer before the layer that prunes)
     if variant != "mistral-sw8" and (config, variant) not in (("tidal_decode", "qwen3-mixed-sw8"),
+                                                              ("tidal_decode-quest", "qwen3-mixed-sw8"),
+                                                              ("tidal_decode-token_select", "qwen3-mixed-sw8"),
                                                               ("fast_v", "qwen3-mixed-sw8")):
         dense_logits, _, _ = generate(model, None, ids, mask)
         assert max_diff(logits, dense_logits) > 1e-3, "the method did not act"

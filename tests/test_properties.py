@@ -432,6 +432,7 @@ def tidal_decode_configs(draw):
         budget=draw(st.one_of(SHARES, st.integers(0, 30))),
         selection_layers=draw(st.sampled_from(["paper", [0], [1], [0, 1]])),  # the test models have 2 layers
         gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)),
+        scorer=draw(st.sampled_from([None, None, "quest", "landmark", "token_select"])),
     )
 
 
@@ -634,6 +635,51 @@ def check_razor_attention(m, r: Record, sc: Scenario) -> None:
             assert got == want, f"row {i}, head {j}: kept {sorted(got)}, expected {sorted(want)}"
 
 
+@st.composite
+def recycled_attention_configs(draw):
+    return dict(budget=draw(st.one_of(SHARES, st.integers(0, 30))), stride=draw(st.integers(1, 5)),
+                similarity=draw(st.sampled_from([None, 0.5, 0.95, 1.0])), n_sink=draw(st.integers(0, 3)),
+                n_local=draw(st.integers(0, 3)), gqa_reduce=draw(st.sampled_from(("first",) + GQA_REDUCTIONS)))
+
+
+def check_recycled_attention(m, r: Record, sc: Scenario) -> None:
+    """A recycle step attends to at most the budget plus the tokens written since its full step,
+    always to the current token and to the sinks, never to padding."""
+    assert r.call_kind == "decode", r.call_kind
+    if r.kind == "dense":  # a full step
+        return
+    assert r.kind == "keys"
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        got = _ranks(r, i, pos)
+        assert real in got, f"row {i}, head {j}: the current token is not attended"
+        assert set(range(1, min(m.n_sink, real) + 1)) <= got, f"row {i}, head {j}: a sink is missing"
+        assert len(got) == len(pos), f"row {i}, head {j}: a key listed twice or padding attended"
+
+
+@st.composite
+def landmark_configs(draw):
+    return dict(budget=draw(st.one_of(SHARES, st.integers(1, 30))), block=draw(st.integers(1, 6)),
+                representative=draw(st.sampled_from(["mean", "max_norm"])), dense_layers=draw(st.integers(0, 1)),
+                gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)))
+
+
+def check_landmark(m, r: Record, sc: Scenario) -> None:
+    """Whole blocks of each row's grid plus the current block; never more than the budget allows."""
+    assert r.call_kind == "decode", r.call_kind
+    if r.kind == "dense":
+        return
+    assert r.kind == "keys"
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        got = _ranks(r, i, pos)
+        assert real in got, f"row {i}, head {j}: the current token is not attended"
+        blocks = {(x - 1) // m.block for x in got}
+        assert len(blocks) <= m.n_blocks(real), f"row {i}, head {j}: {len(blocks)} blocks"
+        for blk in blocks:  # whole blocks (the last one up to the current token)
+            assert set(range(blk * m.block + 1, min((blk + 1) * m.block, real) + 1)) <= got
+
+
 #: every registered method needs a config strategy and an invariant check (``None``: general only)
 METHODS = {
     "token_sparse": (token_sparse_configs(), check_token_sparse),
@@ -650,6 +696,8 @@ METHODS = {
     "pyramid_kv": (pyramid_kv_configs(), check_pyramid_kv),
     "ada_kv": (ada_kv_configs(), check_ada_kv),
     "fast_v": (fast_v_configs(), None),
+    "recycled_attention": (recycled_attention_configs(), check_recycled_attention),
+    "landmark": (landmark_configs(), check_landmark),
     "razor_attention": (razor_attention_configs(), check_razor_attention),  # no selections: tests/test_rows.py checks its rows against a reference  # a prompt step: run_prompt_scenario
 }
 

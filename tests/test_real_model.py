@@ -36,6 +36,8 @@ CONFIGS = {
     # (docs/results/fast_v: 0/9 at 4K); layer 7's attention finds it (7/9)
     "fast_v": {"layer": 8},
     "razor_attention": {},
+    "recycled_attention": {"budget": 0.25, "stride": 16},
+    "landmark": {"budget": 0.25},
 }
 
 #: configurations measured to lose this pass key (kept in the table so that a fix shows up as XPASS)

@@ -65,6 +65,16 @@ def main(args) -> int:
         if unknown or not wanted:
             raise SystemExit(f"--methods: {', '.join(unknown) or 'none given'}; benchmarked methods: {', '.join(known)}")
         kw["configs"] = [c for c in CONFIGS if c[1] in wanted]
+    if getattr(args, "variants", None):
+        if args.what != "decode":
+            raise SystemExit("--variants applies to bench decode")
+        from .decode import load_variants
+
+        try:
+            kw["variants"] = load_variants(args.variants)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise SystemExit(f"--variants: {e}") from None
+        kw["dynamic"] = not getattr(args, "no_dynamic", False)
     if args.what == "prefill":
         from .prefill import run
     elif args.what == "decode":

@@ -7,7 +7,11 @@ For each length a pass key prompt is prefilled densely once (untimed); every var
 interleaved over ``repeats`` rounds (after one untimed round of 2 steps per variant) and the
 median step time is reported with its spread. Beyond
 the trained 8K context the model is loaded with YaRN RoPE scaling through its config.
-TokenSelect's Selection Cache hit rate (reused selections / all selections) is reported.
+TokenSelect's Selection Cache hit rate (reused selections / all selections) is reported, and for
+every method the share of the step time spent selecting (scoring and top-k, timed by the session
+around each selection: ``Session.time_selection``). ``variants`` (``--variants FILE``) replaces the
+default method configurations; means are reported next to medians (a method with a periodic full
+step is judged on the mean).
 """
 
 from __future__ import annotations
@@ -56,8 +60,31 @@ def _decode(model, cache, first_token: torch.Tensor, steps: int) -> list[float]:
     return times
 
 
+def load_variants(path: str) -> list[tuple[str, str, dict]]:
+    """Decode variants from a JSON file: a list of ``{"label": ..., "method": ..., "config": {...}}``
+    (each config is built and checked here, so a typo fails before any model is loaded)."""
+    import json
+
+    with open(path) as f:
+        items = json.load(f)
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: expected a non-empty JSON list of {{label, method, config}} objects")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) - {"label", "method", "config"} or "method" not in item:
+            raise ValueError(f"{path}: item {i} must be an object with 'method' and optional 'label', 'config'")
+        cfg = item.get("config", {})
+        ts.methods.get(item["method"])(**cfg)  # refuse an unknown method or a bad config now
+        out.append((item.get("label") or f"{item['method']} {cfg}", item["method"], cfg))
+    labels = [v[0] for v in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{path}: labels must be unique, got {labels}")
+    return out
+
+
 @torch.no_grad()
-def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = None) -> dict:
+def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = None,
+        variants: list[tuple[str, str, dict]] | None = None, dynamic: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     out = {"env": environment(), "kind": "decode", "steps": steps, "results": []}
@@ -76,33 +103,41 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
         fill_s = time.perf_counter() - t0
         torch.set_num_threads(threads)
         first = logits[:, -1].argmax(-1, keepdim=True)
-        variants = [("dense DynamicCache", None), ("dense KVCache (prealloc)", None)] + [
-            (label, ts.methods.get(name)(**kw)) for label, name, kw in SELECT_CONFIGS
+        runs = ([("dense DynamicCache", None)] if dynamic else []) + [("dense KVCache (prealloc)", None)] + [
+            (label, ts.methods.get(name)(**kw)) for label, name, kw in (variants or SELECT_CONFIGS)
         ]
-        times = {label: [] for label, _ in variants}
-        hits = {label: [0, 0] for label, _ in variants}
+        times = {label: [] for label, _ in runs}
+        hits = {label: [0, 0] for label, _ in runs}
+        selection_s = {label: 0.0 for label, _ in runs}
         for r in tqdm(range(repeats + 1), desc=f"decode @{ids.shape[1]}"):
             warm = r == 0  # a first untimed round of 2 steps per variant
-            for label, method in variants:
+            for label, method in runs:
                 n = 2 if warm else steps
                 if method is None:
                     cache = _dynamic_copy(model, kv) if "Dynamic" in label else kv.clone()
                     t = _decode(model, cache, first, n)
                 else:
                     with ts.sparsify(model, method) as s:
+                        s.time_selection = True
                         t = _decode(model, kv.clone(), first, n)
                     if not warm:
+                        selection_s[label] += s.stats.get("selection_s", 0.0)
                         hits[label][0] += s.stats.get("reuse", 0)
                         hits[label][1] += s.stats.get("reuse", 0) + s.stats.get("select", 0)
                 if not warm:
                     times[label] += t
         base = statistics.median(times["dense KVCache (prealloc)"])
-        for label, method in variants:
+        base_mean = statistics.fmean(times["dense KVCache (prealloc)"])
+        for label, method in runs:
             ms = [1000 * t for t in times[label]]
             row = {
                 "length": int(ids.shape[1]), "rope_scaling": rope, "variant": label, "ms_per_token": spread(ms),
+                "mean_ms_per_token": statistics.fmean(ms),
                 "tokens_per_s": 1000 / statistics.median(ms),
                 "speedup_vs_dense_prealloc": base / statistics.median(times[label]),
+                # periodic methods (a full step every S steps) are judged on the mean: the median hides the full steps
+                "mean_speedup_vs_dense_prealloc": base_mean / statistics.fmean(times[label]),
+                "selection_share": selection_s[label] / sum(times[label]) if method is not None else None,
                 "fill_prefill_s": fill_s, "fill_threads": fill_threads,
             }
             if method is not None:
@@ -111,8 +146,12 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
                     row["selection_cache_hit_rate"] = hits[label][0] / hits[label][1] if hits[label][1] else 0.0
             out["results"].append(row)
             extra = f"  hit rate {row['selection_cache_hit_rate']:.2f}" if "selection_cache_hit_rate" in row else ""
+            if row["selection_share"] is not None:
+                extra += f"  selection {100 * row['selection_share']:.1f}% of step time"
             print(f"{ids.shape[1]:>6} {label:<46} {statistics.median(ms):7.1f} ms/token "
-                  f"({min(ms):.1f}-{max(ms):.1f})  x{row['speedup_vs_dense_prealloc']:.2f} vs dense prealloc{extra}")
+                  f"({min(ms):.1f}-{max(ms):.1f}; mean {row['mean_ms_per_token']:.1f})  "
+                  f"x{row['speedup_vs_dense_prealloc']:.2f} (mean x{row['mean_speedup_vs_dense_prealloc']:.2f}) "
+                  f"vs dense prealloc{extra}")
         del model, kv
     return out
 

@@ -188,40 +188,71 @@ def summarize_pages(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.
     return kmin, kmax
 
 
-class PageSummary(CacheState):
-    """Per-page key summaries of a full cache (Quest's pages): for every ``page`` consecutive rows
-    and KV head, the elementwise minimum and maximum key (``kmin``, ``kmax``: ``(B, Hkv, n_pages,
-    D)`` in the cache dtype). Maintained on write: a decode step recomputes only the page it lands
-    in (at most ``page`` rows), a prefill summarises its pages once. The last page may be partial
-    (summarised over the rows it holds). Eviction is refused (a page's rows would no longer be
-    consecutive tokens); a crop recomputes the page it cuts."""
+def page_means(keys: torch.Tensor, page: int) -> tuple[torch.Tensor]:
+    """Mean key of every ``page`` consecutive rows of ``keys (B, H, n, D)``: ``((B, H, ceil(n / page), D),)``
+    (a partial last page: the mean of the rows it has)."""
+    n = keys.shape[2]
+    full = n // page
+    means = keys[:, :, : full * page].unflatten(2, (full, page)).mean(3)
+    if full * page < n:
+        means = torch.cat([means, keys[:, :, full * page :].mean(2, keepdim=True)], 2)
+    return (means,)
 
-    def __init__(self, page: int = 16):
+
+def page_max_norm_keys(keys: torch.Tensor, page: int) -> tuple[torch.Tensor]:
+    """The key of largest L2 norm in every ``page`` consecutive rows (the earliest on ties):
+    ``((B, H, ceil(n / page), D),)``."""
+    b, h, n, d = keys.shape
+    n_pages = -(-n // page)
+    padded = keys.new_zeros(b, h, n_pages * page, d)
+    padded[:, :, :n] = keys
+    norms = padded.float().norm(dim=-1).unflatten(2, (n_pages, page))  # zero rows of a partial page: norm 0
+    best = norms.argmax(-1)  # (B, H, n_pages); argmax returns the first maximum
+    rows = best + torch.arange(n_pages, device=keys.device) * page
+    return (padded.gather(2, rows[..., None].expand(b, h, n_pages, d)),)
+
+
+#: page summary kinds: name -> (function (keys, page) -> tuple of (B, H, n_pages, D) tensors)
+PAGE_SUMMARIES = {"minmax": summarize_pages, "mean": page_means, "max_norm": page_max_norm_keys}
+
+
+class PageSummary(CacheState):
+    """Per-page key summaries of a full cache: for every ``page`` consecutive rows and KV head,
+    ``kind`` ``"minmax"`` keeps the elementwise minimum and maximum key (Quest's pages), ``"mean"``
+    the mean key and ``"max_norm"`` the key of largest norm (Landmark-style representatives); each
+    summary is ``(B, Hkv, n_pages, D)`` in the cache dtype. Maintained on write: a decode step
+    recomputes only the page it lands in (at most ``page`` rows), a prefill summarises its pages
+    once. The last page may be partial (summarised over the rows it holds). Eviction is refused (a
+    page's rows would no longer be consecutive tokens); a crop recomputes the page it cuts."""
+
+    def __init__(self, page: int = 16, kind: str = "minmax"):
         if page < 1:
             raise ValueError(f"page size must be >= 1, got {page}")
+        if kind not in PAGE_SUMMARIES:
+            raise ValueError(f"page summary kind must be one of {sorted(PAGE_SUMMARIES)}, got {kind!r}")
         self.page = int(page)
-        self.kmin: torch.Tensor | None = None
-        self.kmax: torch.Tensor | None = None
+        self.kind = kind
+        self.parts: list[torch.Tensor] | None = None
         self.n_pages = 0
 
     def _ensure(self, layer: "PreallocLayer") -> None:
         b, h, _, d = layer._kbuf.shape
         cap = -(-layer.capacity // self.page)
-        if self.kmin is None or self.kmin.shape[2] < cap or self.kmin.shape[:2] != (b, h):
-            kmin = layer._kbuf.new_empty(b, h, cap, d)
-            kmax = layer._kbuf.new_empty(b, h, cap, d)
-            if self.kmin is not None and self.kmin.shape[:2] == (b, h):
-                kmin[:, :, : self.n_pages] = self.kmin[:, :, : self.n_pages]
-                kmax[:, :, : self.n_pages] = self.kmax[:, :, : self.n_pages]
-            self.kmin, self.kmax = kmin, kmax
+        n_parts = 2 if self.kind == "minmax" else 1
+        if self.parts is None or self.parts[0].shape[2] < cap or self.parts[0].shape[:2] != (b, h):
+            parts = [layer._kbuf.new_empty(b, h, cap, d) for _ in range(n_parts)]
+            if self.parts is not None and self.parts[0].shape[:2] == (b, h):
+                for new, old in zip(parts, self.parts):
+                    new[:, :, : self.n_pages] = old[:, :, : self.n_pages]
+            self.parts = parts
 
     def on_write(self, layer, start, end):
         self._ensure(layer)
         p0 = start // self.page
-        kmin, kmax = summarize_pages(layer.keys[:, :, p0 * self.page : end], self.page)
-        self.kmin[:, :, p0 : p0 + kmin.shape[2]] = kmin
-        self.kmax[:, :, p0 : p0 + kmax.shape[2]] = kmax
-        self.n_pages = p0 + kmin.shape[2]
+        fresh = PAGE_SUMMARIES[self.kind](layer.keys[:, :, p0 * self.page : end], self.page)
+        for buf, part in zip(self.parts, fresh):
+            buf[:, :, p0 : p0 + part.shape[2]] = part
+        self.n_pages = p0 + fresh[0].shape[2]
 
     def on_crop(self, layer):
         self.n_pages = 0
@@ -234,10 +265,27 @@ class PageSummary(CacheState):
         raise NotImplementedError("page summaries need a full cache (rows of a page must be consecutive tokens); "
                                   "a page-based method cannot run on an evicting cache")
 
+    def map_batch(self, fn) -> None:
+        if self.parts is not None:
+            self.parts = [fn(p) for p in self.parts]
+
+    def clone(self) -> "PageSummary":
+        new = PageSummary(self.page, self.kind)
+        new.n_pages = self.n_pages
+        new.parts = None if self.parts is None else [p.clone() for p in self.parts]
+        return new
+
+    @property
+    def summaries(self) -> tuple[torch.Tensor, ...]:
+        """The summaries of the pages in use, ``(B, Hkv, n_pages, D)`` each (views)."""
+        return tuple(p[:, :, : self.n_pages] for p in self.parts)
+
     @property
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(kmin, kmax)`` of the pages in use, ``(B, Hkv, n_pages, D)`` each (views)."""
-        return self.kmin[:, :, : self.n_pages], self.kmax[:, :, : self.n_pages]
+        """``(kmin, kmax)`` of the pages in use (kind ``"minmax"``), ``(B, Hkv, n_pages, D)`` each (views)."""
+        if self.kind != "minmax":
+            raise ValueError(f"bounds are kept by a 'minmax' page summary, this one is {self.kind!r}")
+        return self.summaries
 
 
 class PreallocLayer(CacheLayerMixin):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .cache import EvictingLayer, PreallocLayer
-from .executors import causal_mask, dense_attention
+from .executors import causal_mask, dense_attention, reference_attention
 
 
 class CacheRequiredError(RuntimeError):
@@ -185,6 +185,22 @@ class AttentionCall:
         """Dense attention for this call, ``(B, Hq, Lq, D)``; ``bias``: an optional
         :class:`~tokensparse.engine.selection.KeyBias`."""
         return dense_attention(self.query, self.key, self.value, self.mask, self.scale, bias)
+
+    def dense_with_probs(self, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense attention and the probabilities it used, ``((B, Hq, Lq, D), (B, Hq, Lq, Lk) fp32)``,
+        for methods that rank keys by a dense step's attention (TidalDecode's selection layers,
+        Recycled Attention's full steps). fp32: one pass
+        (:func:`~tokensparse.engine.executors.reference_attention`), equal to :meth:`dense` up to
+        fp32 rounding. bf16/fp16: the output is :meth:`dense` (SDPA's rounding is the dense
+        reference there; an fp32 pass differs from it by more than that dtype's tolerance) and the
+        probabilities a second, fp32 pass."""
+        mask = self.mask
+        if mask is None and self.q_len != self.k_len:
+            mask = causal_mask(self.q_len, self.k_len, self.query.device)[None, None]
+        out, probs = reference_attention(self.query, self.key, self.value, mask, self.scale, bias, return_probs=True)
+        if self.query.dtype != torch.float32:
+            out = self.dense(bias)
+        return out, probs
 
     @property
     def carry(self) -> dict:

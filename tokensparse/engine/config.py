@@ -58,12 +58,17 @@ class Spec:
         )
 
 
-def param(default, kind: str, *, ge=None, gt=None, le=None, lt=None, choices=(), optional: bool = False):
-    """A dataclass field whose accepted values are declared (see :class:`Spec`)."""
+def param(default, kind: str, *, ge=None, gt=None, le=None, lt=None, choices=(), optional: bool = False,
+          added: bool = False):
+    """A dataclass field whose accepted values are declared (see :class:`Spec`).
+
+    ``added=True``: a field added after results were stored whose default reproduces the earlier
+    behaviour; :meth:`~tokensparse.engine.method.Method.config_dict` leaves it out while it holds
+    that default, so stored evaluation rows (keyed by the full config) stay valid."""
     if kind not in KINDS:
         raise ValueError(f"unknown parameter kind {kind!r}; known: {KINDS}")
     spec = Spec(kind, ge, gt, le, lt, tuple(choices), optional)
-    return field(default=default, metadata={"spec": spec})
+    return field(default=default, metadata={"spec": spec, "added": bool(added)})
 
 
 def spec_of(f) -> Spec | None:

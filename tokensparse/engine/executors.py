@@ -118,12 +118,15 @@ def _sdpa(q, k, v, *, mask=None, is_causal=False, scale, bias=None, key_pos=None
     return out if bias is None else out[..., :dv]
 
 
-def reference_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = None, return_lse: bool = False):
+def reference_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = None, return_lse: bool = False,
+                        return_probs: bool = False):
     """Plain matmul/softmax attention in fp32 (the oracle). Masked logits use ``finfo.min``.
 
     ``return_lse``: also return the log-sum-exp ``(B, Hq, Lq)`` fp32 of each row's logits over its
     allowed keys (``-inf`` for a row that may see no key; its output is then the uniform average,
-    as with ``finfo.min`` masking)."""
+    as with ``finfo.min`` masking). ``return_probs``: also return the attention probabilities
+    ``(B, Hq, Lq, Lk)`` fp32 the output was computed from (one pass: a method that ranks keys by
+    the attention of a dense step reads them here instead of computing the logits twice)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -137,7 +140,8 @@ def reference_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = N
     s = s.masked_fill(~allowed, torch.finfo(torch.float32).min)
     p = s.softmax(-1)
     out = (p.view(b, hkv, g * lq, lk) @ v.float()).view(b, hq, lq, v.shape[-1]).to(q.dtype)
-    return (out, lse) if return_lse else out
+    extra = ((lse,) if return_lse else ()) + ((p,) if return_probs else ())
+    return (out, *extra) if extra else out
 
 
 def dense_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = None):

@@ -27,7 +27,7 @@ the forced-sparse test switch, eviction bookkeeping — belongs to the engine
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -159,5 +159,14 @@ class Method:
         """Attention output ``(B, Hq, Lq, D)`` for one call: by default the selection pipeline."""
         return run(self, call)
 
+    def key_scores(self, call: "AttentionCall") -> "torch.Tensor | None":
+        """Scorer methods (usable as another method's ``scorer``, e.g. TidalDecode's): how much each
+        key of this decode call is needed, ``(B, 1 | Hkv, Lk)`` float, higher = keep, ``-inf`` on
+        keys that hold no token. ``None``: this method is not a scorer."""
+        return None
+
     def config_dict(self) -> dict:
-        return {"method": self.name, **asdict(self)}
+        """``{"method": name, **fields}``; fields declared ``added=True`` are left out at their default."""
+        values = asdict(self)
+        omit = {f.name for f in fields(self) if f.metadata.get("added") and values[f.name] == f.default}
+        return {"method": self.name, **{k: v for k, v in values.items() if k not in omit}}

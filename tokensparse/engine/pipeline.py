@@ -191,7 +191,9 @@ def run(method, call) -> torch.Tensor:
     """The default ``Method.forward``: select, then :func:`execute`."""
     if method.needs_evicting_cache and call.require_evicting_cache(method.name) is None:
         return call.dense(method.key_bias(call))  # use_cache=False: nothing is stored, nothing to evict
-    return execute(call, method.select(call), impl=getattr(method, "impl", "fast"), bias=method.key_bias(call))
+    with call.session.selecting():
+        selection = method.select(call)
+    return execute(call, selection, impl=getattr(method, "impl", "fast"), bias=method.key_bias(call))
 
 
 def execute(call, selection: Selection | None, impl: str = "fast", bias=None) -> torch.Tensor:
@@ -236,6 +238,15 @@ def execute(call, selection: Selection | None, impl: str = "fast", bias=None) ->
             call.evicting.keep(idx, valid)
         return out
     raise AssertionError(kind)
+
+
+def record_dense(call) -> None:
+    """Count and observe a call the method attended densely itself (e.g. with
+    :meth:`~tokensparse.engine.call.AttentionCall.dense_with_probs`), as :func:`execute` does for a
+    dense selection."""
+    call.session.stats["calls"] += 1
+    call.session.stats["dense_calls"] += 1
+    call.session.observe(call, Selection.dense())
 
 
 def _attend_keys(call, sel: Selection, impl: str, bias) -> torch.Tensor:

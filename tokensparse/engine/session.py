@@ -7,6 +7,9 @@ module through a weak map; methods reach it as ``call.session`` and their layer'
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +65,9 @@ class Session:
         #: a marked token span ``(start, end)`` of the next prompt, in positions of its real tokens
         #: (e.g. the context of a prompt, or an image's tokens); see :meth:`mark_span`
         self.span: tuple[int, int] | None = None
+        #: when True, :meth:`selecting` adds the wall time of each selection (scoring and top-k) to
+        #: ``stats["selection_s"]`` (benchmarks switch it on; a perf_counter pair per call)
+        self.time_selection = False
         cfg = model.config.get_text_config(decoder=True)
         self.num_layers = cfg.num_hidden_layers
         self.layers = [LayerState(i) for i in range(self.num_layers)]
@@ -85,6 +91,19 @@ class Session:
 
     def clear_span(self) -> None:
         self.span = None
+
+    @contextlib.contextmanager
+    def selecting(self):
+        """Wrap a method's selection work (scoring and top-k, not the attention it then runs):
+        timed into ``stats["selection_s"]`` when :attr:`time_selection` is on."""
+        if not self.time_selection:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stats["selection_s"] += time.perf_counter() - t0
 
     def add_observers(self, observers) -> None:
         for o in observers:

@@ -38,10 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.cache import PageSummary, summarize_pages
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pipeline import everything
+from ..engine.pages import page_select, page_token_scores
 from ..engine.selection import Selection, resolve_budget, select_topk
 
 
@@ -76,53 +75,28 @@ class Quest(Method):
         layer = call.require_cache(self.name)
         if layer is None:  # no cache (use_cache=False): nothing to decode against
             return None
-        p, n = self.page, call.k_len
-        stats = call.session.stats
-        if call.key_valid is None:  # unpadded: the cache's page summaries
-            st = layer.state(f"quest.pages.{p}", lambda: PageSummary(p))
-            kmin, kmax = st.bounds
-            n_sel = self.n_pages(n)
-            if kmin.shape[2] <= n_sel:
-                return everything(call, "keys")
-            top = self.top_pages(call.query, kmin[:, :, :-1], kmax[:, :, :-1], n_sel - 1)
-            stats["quest_summary_rows"] += 2 * kmin.shape[2]
-            stats["quest_cache_rows"] += n
-            idx = (top[..., None] * p + torch.arange(p, device=top.device)).flatten(-2)
-            return Selection.keys(idx, suffix=n - (kmin.shape[2] - 1) * p)
-        # a padded batch: each row on its own grid, from its real keys
-        real = call.n_real[:, 0].tolist()
-        if all(self.n_pages(r) >= -(-r // p) for r in real):
-            return everything(call, "keys")
-        rows, width = [], 0
-        for r, n_real in enumerate(real):
-            start = n - n_real
-            kmin, kmax = summarize_pages(call.key[r : r + 1, :, start:], p)
-            n_all, n_sel = kmin.shape[2], self.n_pages(n_real)
-            if n_all <= n_sel:
-                pages = torch.arange(n_all, device=kmin.device).expand(1, kmin.shape[1], n_all)
-            else:
-                top = self.top_pages(call.query[r : r + 1], kmin[:, :, :-1], kmax[:, :, :-1], n_sel - 1)
-                pages = torch.cat([top, torch.full_like(top[..., :1], n_all - 1)], -1)
-            tok = (pages[..., None] * p + torch.arange(p, device=pages.device)).flatten(-2)
-            tok = tok[..., : int((tok < n_real).sum(-1).max())]  # the last page may be partial
-            rows.append(tok + start)
-            width = max(width, tok.shape[-1])
-        idx = torch.full((call.batch, call.n_kv_heads, width), n - 1, dtype=torch.long, device=call.query.device)
-        valid = torch.zeros_like(idx, dtype=torch.bool)
-        for r, tok in enumerate(rows):
-            ok = tok < n
-            idx[r, :, : tok.shape[-1]] = tok.clamp_max(n - 1)
-            valid[r, :, : tok.shape[-1]] = ok
-        return Selection.keys(idx, None if bool(valid.all()) else valid)
+        return page_select(call, self.page, self.n_pages, "minmax",
+                           lambda q, parts, k: self.top_pages(q, *parts, k), "quest", layer)
+
+    def key_scores(self, call) -> torch.Tensor | None:
+        """As a scorer: each key scored by its page's bound (``(B, Hkv, Lk)``; decode calls)."""
+        layer = call.require_cache(self.name)
+        if layer is None:
+            return None
+        return page_token_scores(call, self.page, "minmax", lambda q, parts: self.page_bounds(q, *parts), layer)
 
     @staticmethod
-    def top_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, k: int) -> torch.Tensor:
-        """The ``k`` pages ``(B, Hkv, k)`` (ascending) with the largest upper bound of ``q·key``
-        over their keys, the bound maximised over the query heads of each KV head:
-        ``Σ_d max(q_d·M_d, q_d·m_d) = q⁺·M + q⁻·m``."""
+    def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+        """``(B, Hkv, P)``: the upper bound of ``q·key`` over each page's keys, maximised over the
+        query heads of each KV head: ``Σ_d max(q_d·M_d, q_d·m_d) = q⁺·M + q⁻·m``."""
         b, hq, _, d = q.shape
         hkv = kmin.shape[1]
         qg = q.float().reshape(b, hkv, hq // hkv, d)
         bound = qg.clamp_min(0) @ kmax.float().transpose(-1, -2) + qg.clamp_max(0) @ kmin.float().transpose(-1, -2)
-        top, _ = select_topk(bound.amax(2), k)
+        return bound.amax(2)
+
+    @classmethod
+    def top_pages(cls, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, k: int) -> torch.Tensor:
+        """The ``k`` pages ``(B, Hkv, k)`` (ascending) with the largest :meth:`page_bounds`."""
+        top, _ = select_topk(cls.page_bounds(q, kmin, kmax), k)
         return top

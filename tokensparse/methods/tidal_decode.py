@@ -27,6 +27,13 @@ selection_layers: str | list[int] = "paper"
 gqa_reduce: str = "max"
     How the attention weights of a KV head's query group are combined before the top-k (``max``,
     ``mean`` or ``sum``): one position set per KV head, so K/V rows are read once per KV head.
+scorer: str | None = None
+    Composition: the name of a registered scorer method (``quest``: page bounds, ``landmark``:
+    block representatives, ``token_select``: the soft vote; each at its defaults, through
+    :meth:`~tokensparse.engine.method.Method.key_scores`) that ranks the keys in the selection
+    layers instead of their dense attention; a selection layer then attends to its own choice, so
+    no layer after the dense ones reads the whole cache. ``None``: the paper's dense selection
+    layers.
 
 Deviations: the HF reference selects per query head (after repeating K/V) and its kernel path
 does not support GQA (the README lists it as future work); here one set per KV head from the
@@ -44,10 +51,13 @@ import torch
 
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pipeline import KeyPlan, everything
-from ..engine.selection import GQA_REDUCTIONS, Selection, grouped_logits, aggregate_gqa, resolve_budget_rows
+from ..engine.pipeline import KeyPlan, everything, execute, record_dense, run
+from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, resolve_budget_rows
 
 _CARRY = "tidal_decode.positions"
+
+#: registered methods whose ``key_scores`` can drive the selection layers (``scorer=``)
+SCORERS = ("quest", "landmark", "token_select")
 
 
 @dataclass(eq=False)
@@ -62,10 +72,20 @@ class TidalDecode(Method):
     budget: int | float = param(0.25, "budget")
     selection_layers: str | list[int] = param("paper", "layers", choices=("paper",))
     gqa_reduce: str = param("max", "choice", choices=GQA_REDUCTIONS)
+    scorer: str | None = param(None, "choice", choices=SCORERS, optional=True, added=True)
 
     def validate(self) -> None:
         if isinstance(self.budget, int) and self.budget < 2:
             raise ValueError(f"tidal_decode: budget ({self.budget}) must hold the current token and at least one other")
+
+    @property
+    def needs_cache_state(self) -> bool:  # a page scorer keeps its summaries with the cache
+        return self.scorer is not None and self._scorer().needs_cache_state
+
+    def _scorer(self) -> Method:
+        from . import get
+
+        return get(self.scorer)()
 
     @classmethod
     def at_full_budget(cls) -> "TidalDecode":
@@ -85,23 +105,48 @@ class TidalDecode(Method):
                 raise ValueError(f"tidal_decode: selection_layers {layers} out of range for a {n}-layer model")
         session.state["tidal_selection_layers"] = frozenset(layers)
         session.info["tidal_selection_layers"] = layers
+        if self.scorer is not None:
+            session.state["tidal_scorer"] = self._scorer()
+
+    def forward(self, call) -> torch.Tensor:
+        """A selection layer that picks attends densely and ranks the keys by the probabilities of
+        that same pass (:meth:`~tokensparse.engine.call.AttentionCall.dense_with_probs`, one pass);
+        every other call goes through the selection pipeline (:meth:`select`)."""
+        layers = call.session.state["tidal_selection_layers"]
+        if call.kind == "decode" and call.layer_idx in layers:
+            plan = KeyPlan(call, window=1)
+            n_top = resolve_budget_rows(self.budget, call.n_real) - 1
+            if self.scorer is not None and not plan.covers(n_top):
+                # a composed scorer ranks the keys; the selection layer attends to its own choice
+                scorer = call.session.state["tidal_scorer"]
+                with call.session.selecting():
+                    scores = scorer.key_scores(call)
+                    if scores is None:  # no cache to score from (use_cache=False)
+                        return run(self, call)
+                    if scores.shape[1] == 1:
+                        scores = scores.expand(-1, call.n_kv_heads, -1)
+                    chosen = call.carry[_CARRY] = plan.top(scores[..., plan.lo : plan.hi].contiguous(), n_top)
+                call.session.stats["select"] += 1
+                return execute(call, plan.selection(*chosen, kind="keys"), impl="fast")
+            if not plan.covers(n_top):
+                out, probs = call.dense_with_probs()
+                with call.session.selecting():
+                    weights = aggregate_gqa(probs[:, :, 0], call.n_kv_heads, self.gqa_reduce)  # (B, Hkv, Lk)
+                    call.carry[_CARRY] = plan.top(weights[..., plan.lo : plan.hi], n_top)
+                call.session.stats["select"] += 1
+                record_dense(call)
+                return out
+        return run(self, call)
 
     def select(self, call) -> Selection | None:
         if call.kind != "decode" or call.layer_idx < min(call.session.state["tidal_selection_layers"]):
             return None  # prefill and chunks run dense; so do the layers before the first selection
         plan = KeyPlan(call, window=1)  # the current token is always attended
         if call.layer_idx in call.session.state["tidal_selection_layers"]:
-            n_top = resolve_budget_rows(self.budget, call.n_real) - 1
-            if plan.covers(n_top):
-                call.carry[_CARRY] = None  # the budget covers everything: the next layers attend to all
-            else:
-                logits = grouped_logits(call.query, call.key, call.scale)[:, :, 0]  # (B, Hq, Lk)
-                if call.key_valid is not None:
-                    logits = logits.masked_fill(~call.key_valid[:, None, :], torch.finfo(torch.float32).min)
-                weights = aggregate_gqa(logits.softmax(-1), call.n_kv_heads, self.gqa_reduce)  # (B, Hkv, Lk)
-                call.carry[_CARRY] = plan.top(weights[..., plan.lo : plan.hi], n_top)
+            # only reached when the budget covers everything (see forward): the next layers attend to all
+            call.carry[_CARRY] = None
             call.session.stats["select"] += 1
-            return Selection.dense()  # a selection layer attends to everything
+            return Selection.dense()
         if _CARRY not in call.carry:  # no selection layer ran in this pass (e.g. it is a sliding layer)
             call.session.stats["no_selection_yet"] += 1
             return None

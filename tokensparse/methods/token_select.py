@@ -123,6 +123,15 @@ class TokenSelect(Method):
             vote = vote.masked_fill(~cand[:, None, :], -1.0)
         return vote
 
+    def key_scores(self, call) -> torch.Tensor | None:
+        """As a scorer: the soft vote over every key of the call (``(B, 1 | Hkv, Lk)``; padding
+        ``-inf``). Sinks, window, budget and the Selection Cache belong to TokenSelect's own
+        selection and are not applied here."""
+        vote = self._vote(call, call.query.mean(2), 0, call.k_len, call.key_valid)
+        if call.key_valid is not None:
+            vote = vote.masked_fill(~call.key_valid[:, None, :], float("-inf"))
+        return vote
+
     def _cached(self, call, key: tuple, fresh):
         """``fresh()`` (a tuple of ``(B, …)`` tensors), or the previous choice from the Selection Cache.
 

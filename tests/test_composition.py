@@ -1,0 +1,82 @@
+"""Composition: TidalDecode's position reuse driven by another registered method's key scores
+(``scorer=``). The selection layer's choice is the top of the scorer's scores (checked against a
+brute-force Quest bound from the call's keys), the layers after it reuse that choice, a stored
+run key does not change when the new field holds its default, and a full budget equals dense."""
+
+import pytest
+import torch
+
+import tokensparse as ts
+from tokensparse.engine.observers import Observer
+from tokensparse.testing import TOLERANCE, max_diff, tiny_inputs, tiny_model
+
+Tidal = ts.methods.get("tidal_decode")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def _generate(model, method, ids, mask, observers=(), new=6):
+    with torch.no_grad(), ts.sparsify(model, method, observers=list(observers)) as s:
+        out = model.generate(ids, attention_mask=mask, cache=s.new_cache(), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        return torch.stack(out.logits, 1), dict(s.stats)
+
+
+class QuestBruteForce(Observer):
+    """Layer 0 selects with Quest's page bound (pages of 16 from position 0); layer 1 must reuse it."""
+
+    def __init__(self, budget):
+        self.budget, self.chosen, self.checked = budget, None, 0
+
+    def on_selection(self, call, selection):
+        if call.kind != "decode":
+            return
+        n = call.k_len
+        got = selection.mask(n).expand(call.batch, call.n_kv_heads, n)
+        if call.layer_idx == 0:
+            q, k = call.query.float(), call.key.float()
+            b, hq, _, d = q.shape
+            hkv = k.shape[1]
+            want = torch.zeros(b, hkv, n, dtype=torch.bool)
+            for i in range(b):
+                for h in range(hkv):
+                    score = []
+                    for j in range(n - 1):  # candidates: all but the current token
+                        page = k[i, h, j // 16 * 16 : j // 16 * 16 + 16]
+                        qs = q[i, h * (hq // hkv) : (h + 1) * (hq // hkv), 0]  # (G, D)
+                        bound = (qs[:, None, :] * page[None]).amax(1).sum(-1).amax()  # max over G of Σ_d max_k q_d k_d
+                        score.append(float(bound))
+                    order = sorted(range(n - 1), key=lambda j: (-score[j], j))[: self.budget - 1]
+                    want[i, h, order] = True
+                    want[i, h, n - 1] = True
+            assert torch.equal(got, want), "layer 0: not the top of Quest's page bounds"
+            self.chosen = want
+        else:
+            assert torch.equal(got, self.chosen), "layer 1 does not reuse layer 0's positions"
+        self.checked += 1
+
+
+def test_selection_layer_ranks_by_the_scorer_and_later_layers_reuse(model):
+    ids, mask = tiny_inputs(2, 40, seed=6)
+    obs = QuestBruteForce(budget=10)
+    _, stats = _generate(model, Tidal(budget=10, selection_layers=[0], scorer="quest"), ids, mask, observers=[obs])
+    assert obs.checked == 2 * 5 and stats["select"] == 5
+
+
+@pytest.mark.parametrize("scorer", ["quest", "landmark", "token_select"])
+def test_full_budget_composition_equals_dense(model, scorer):
+    ids, mask = tiny_inputs(2, 30, pad=5, seed=3)
+    dense, _ = _generate(model, Tidal(budget=1.0, selection_layers=[0]), ids, mask)
+    logits, _ = _generate(model, Tidal(budget=1.0, selection_layers=[0], scorer=scorer), ids, mask)
+    assert max_diff(logits, dense) <= TOLERANCE[torch.float32]
+
+
+def test_added_field_keeps_stored_run_keys():
+    assert "scorer" not in Tidal(budget=0.25).config_dict()
+    assert Tidal(budget=0.25, scorer="quest").config_dict()["scorer"] == "quest"
+    assert Tidal(budget=0.25, scorer="quest").needs_cache_state and not Tidal(budget=0.25).needs_cache_state
+    with pytest.raises(ValueError, match="scorer"):
+        Tidal(scorer="h2o")

@@ -1,0 +1,99 @@
+"""Landmark-style block retrieval: the cache-kept representatives (mean / max-norm key per block)
+equal a computation from the full keys after prefill, decode, crop and beam reordering; the blocks a
+decode step attends are the brute-force top blocks by attention to the representatives."""
+
+import pytest
+import torch
+
+import tokensparse as ts
+from tokensparse.engine import PreallocLayer
+from tokensparse.engine.cache import PageSummary, page_max_norm_keys, page_means
+from tokensparse.engine.observers import Observer
+from tokensparse.testing import tiny_inputs, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+Landmark = ts.methods.get("landmark")
+
+
+def test_representatives_brute_force():
+    k = torch.randn(2, 3, 11, 4)
+    (mean,) = page_means(k, 4)
+    (top,) = page_max_norm_keys(k, 4)
+    assert mean.shape == top.shape == (2, 3, 3, 4)
+    for p, (s, e) in enumerate([(0, 4), (4, 8), (8, 11)]):
+        assert torch.allclose(mean[:, :, p], k[:, :, s:e].mean(2))
+        for b in range(2):
+            for h in range(3):
+                j = int(k[b, h, s:e].norm(dim=-1).argmax())
+                assert torch.equal(top[b, h, p], k[b, h, s + j])
+
+
+@pytest.mark.parametrize("kind", ["mean", "max_norm"])
+@pytest.mark.parametrize("page", [1, 3])
+def test_representatives_follow_prefill_decode_crop_and_beams(kind, page):
+    fn = {"mean": page_means, "max_norm": page_max_norm_keys}[kind]
+    g = torch.Generator().manual_seed(0)
+
+    def kv(t):
+        return torch.randn(2, 2, t, 8, generator=g), torch.randn(2, 2, t, 8, generator=g)
+
+    def agrees(layer, st):
+        return torch.allclose(st.summaries[0], fn(layer.keys, page)[0])
+
+    layer = PreallocLayer(headroom=2)
+    layer.update(*kv(7))
+    st = layer.state("r", lambda: PageSummary(page, kind))
+    assert agrees(layer, st)
+    for _ in range(5):
+        layer.update(*kv(1))
+        assert agrees(layer, st)
+    layer.crop(-4)
+    assert agrees(layer, st)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert agrees(layer, st)
+    copy = layer.clone()
+    copy.batch_repeat_interleave(2)
+    assert agrees(copy, copy.states["r"])
+    with pytest.raises(ValueError, match="kind"):
+        PageSummary(4, "median")
+    with pytest.raises(ValueError, match="minmax"):
+        st.bounds
+
+
+class BruteForceBlocks(Observer):
+    def __init__(self, m):
+        self.m, self.checked = m, 0
+
+    def on_selection(self, call, selection):
+        if call.kind != "decode" or selection.kind == "dense":
+            return
+        assert call.key_valid is None
+        q, k = call.query.float(), call.key.float()
+        b, hq, _, d = q.shape
+        hkv, n = k.shape[1], k.shape[2]
+        blk = self.m.block
+        n_all = -(-n // blk)
+        reps = torch.stack([k[:, :, i * blk : (i + 1) * blk].mean(2) for i in range(n_all - 1)], 2)
+        logits = torch.einsum("bhd,bhpd->bhp", q[:, :, 0], reps.repeat_interleave(hq // hkv, 1)) * call.scale
+        w = logits.softmax(-1).view(b, hkv, hq // hkv, -1).amax(2)
+        n_sel = self.m.n_blocks(n) - 1
+        want = torch.zeros(b, hkv, n, dtype=torch.bool)
+        want[:, :, (n_all - 1) * blk :] = True
+        for i in range(b):
+            for h in range(hkv):
+                for p in sorted(range(n_all - 1), key=lambda p: (-float(w[i, h, p]), p))[:n_sel]:
+                    want[i, h, p * blk : (p + 1) * blk] = True
+        assert torch.equal(selection.mask(n).expand_as(want), want), f"layer {call.layer_idx}"
+        self.checked += 1
+
+
+def test_attended_blocks_are_the_brute_force_top_blocks():
+    model = tiny_model("llama")
+    method = Landmark(budget=12, block=4)
+    ids, mask = tiny_inputs(2, 33, seed=2)
+    obs = BruteForceBlocks(method)
+    with torch.no_grad(), ts.sparsify(model, method, observers=[obs]) as s:
+        model.generate(ids, attention_mask=mask, cache=s.new_cache(), max_new_tokens=6, min_new_tokens=6,
+                       do_sample=False, pad_token_id=0)
+        assert s.stats["landmark_summary_rows"] < s.stats["landmark_cache_rows"]
+    assert obs.checked == 2 * 5

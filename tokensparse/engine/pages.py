@@ -1,0 +1,92 @@
+"""Page selection over a full cache: the shared mechanics of page-based decode methods (Quest's
+bounds, Landmark-style representative keys).
+
+A method supplies how a page is summarised (a :class:`~tokensparse.engine.cache.PageSummary` kind,
+kept by the cache on write) and how a query ranks the summaries (``top(query, summaries, k) ->
+(B, Hkv, k)`` page indices); :func:`page_select` turns that into a ``"keys"`` selection: the chosen
+pages plus the current (partial) page, read as one gathered set per KV head. Unpadded calls read
+the cache-kept summaries (bytes read per step: the summaries, not the keys); in a left-padded batch
+the page grid starts at each row's first real token, so a row chooses what it would alone, and the
+summaries are computed per step from that row's keys.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .cache import PAGE_SUMMARIES, PageSummary
+from .pipeline import everything
+from .selection import Selection
+
+#: ``top(query (B, Hq, 1, D), summaries: tuple of (B, Hkv, P, D), k) -> (B, Hkv, k)`` ascending page indices
+TopPages = Callable[[torch.Tensor, tuple, int], torch.Tensor]
+
+
+def page_select(call, page: int, n_pages: Callable[[int], int], kind: str, top: TopPages, stats_prefix: str,
+                layer=None) -> Selection:
+    """The ``"keys"`` selection of a page method for one decode call (see the module doc).
+
+    ``n_pages(n_real)``: pages attended for a row of ``n_real`` real tokens, the current page
+    included (at least 2). ``layer``: the call's tokensparse cache layer (its page summaries).
+    Counts ``<stats_prefix>_summary_rows`` (summary rows read) and ``<stats_prefix>_cache_rows``.
+    """
+    p, n = page, call.k_len
+    stats = call.session.stats
+    if call.key_valid is None:  # unpadded: the cache's page summaries
+        st = layer.state(f"pages.{kind}.{p}", lambda: PageSummary(p, kind))
+        parts = st.summaries
+        n_all, n_sel = parts[0].shape[2], n_pages(n)
+        if n_all <= n_sel:
+            return everything(call, "keys")
+        chosen = top(call.query, tuple(x[:, :, :-1] for x in parts), n_sel - 1)
+        stats[f"{stats_prefix}_summary_rows"] += len(parts) * n_all
+        stats[f"{stats_prefix}_cache_rows"] += n
+        idx = (chosen[..., None] * p + torch.arange(p, device=chosen.device)).flatten(-2)
+        return Selection.keys(idx, suffix=n - (n_all - 1) * p)
+    # a padded batch: each row on its own grid, from its real keys
+    real = call.n_real[:, 0].tolist()
+    if all(n_pages(r) >= -(-r // p) for r in real):
+        return everything(call, "keys")
+    rows, width = [], 0
+    for r, n_real in enumerate(real):
+        start = n - n_real
+        parts = PAGE_SUMMARIES[kind](call.key[r : r + 1, :, start:], p)
+        n_all, n_sel = parts[0].shape[2], n_pages(n_real)
+        if n_all <= n_sel:
+            pages = torch.arange(n_all, device=call.key.device).expand(1, call.n_kv_heads, n_all)
+        else:
+            chosen = top(call.query[r : r + 1], tuple(x[:, :, :-1] for x in parts), n_sel - 1)
+            pages = torch.cat([chosen, torch.full_like(chosen[..., :1], n_all - 1)], -1)
+        tok = (pages[..., None] * p + torch.arange(p, device=pages.device)).flatten(-2)
+        tok = tok[..., : int((tok < n_real).sum(-1).max())]  # the last page may be partial
+        rows.append(tok + start)
+        width = max(width, tok.shape[-1])
+    idx = torch.full((call.batch, call.n_kv_heads, width), n - 1, dtype=torch.long, device=call.query.device)
+    valid = torch.zeros_like(idx, dtype=torch.bool)
+    for r, tok in enumerate(rows):
+        ok = tok < n
+        idx[r, :, : tok.shape[-1]] = tok.clamp_max(n - 1)
+        valid[r, :, : tok.shape[-1]] = ok
+    return Selection.keys(idx, None if bool(valid.all()) else valid)
+
+
+#: ``score(query (B, Hq, 1, D), summaries: tuple of (B, Hkv, P, D)) -> (B, Hkv, P)`` page scores
+PageScores = Callable[[torch.Tensor, tuple], torch.Tensor]
+
+
+def page_token_scores(call, page: int, kind: str, score: PageScores, layer=None) -> torch.Tensor:
+    """Every key's score as its page's score, ``(B, Hkv, Lk)`` fp32 (``-inf`` on padding): a page
+    method used as a token scorer (:meth:`~tokensparse.engine.method.Method.key_scores`). Pages
+    as in :func:`page_select` (the cache's summaries unpadded; each row's own grid when padded)."""
+    n = call.k_len
+    if call.key_valid is None:
+        st = layer.state(f"pages.{kind}.{page}", lambda: PageSummary(page, kind))
+        return score(call.query, st.summaries).float().repeat_interleave(page, -1)[..., :n]
+    out = torch.full((call.batch, call.n_kv_heads, n), float("-inf"), device=call.query.device)
+    for r, n_real in enumerate(call.n_real[:, 0].tolist()):
+        start = n - n_real
+        parts = PAGE_SUMMARIES[kind](call.key[r : r + 1, :, start:], page)
+        out[r, :, start:] = score(call.query[r : r + 1], parts).float().repeat_interleave(page, -1)[0, :, :n_real]
+    return out

@@ -1,0 +1,109 @@
+"""Landmark-style block retrieval, training-free: one representative key per block of the cache;
+the query attends to the representatives, the top blocks per KV head are attended exactly.
+
+After Mohtashami and Jaggi, "Landmark Attention: Random-Access Infinite Context Length for
+Transformers", NeurIPS 2023, https://arxiv.org/abs/2305.16300 (official code:
+github.com/epfml/landmark-attention).
+
+The paper inserts a *trained* landmark token after every block of the input; the attention a query
+gives a block's landmark gates the block, and at inference the top-k blocks per head are retrieved
+and attended exactly. This training-free version has no landmark tokens: each block's
+representative is computed from its keys and kept by the cache on write
+(:class:`~tokensparse.engine.cache.PageSummary`): the **mean key** (``representative="mean"``, the
+direction a block's keys share; a decode step updates only the block it lands in) or the key of
+**largest norm** (``"max_norm"``). At a decode step each query head takes a softmax over the
+representatives (scaled like attention logits), the query heads of a KV head are combined by
+``gqa_reduce``, and the top ``budget // block`` blocks per KV head (the current, partial block
+always added) are attended exactly. Scoring reads ``D`` numbers per block (``1/block`` of K).
+
+Parameters
+----------
+budget: int | float = 1024
+    Tokens attended per decode step, rounded up to whole blocks, at least 2 blocks (the current one
+    included); a float in (0, 1] is a share of each row's real tokens.
+block: int = 32
+    Tokens per block (the paper uses 50 with one landmark token each).
+representative: str = "mean"
+    The block's key that stands in for its landmark: ``mean`` or ``max_norm``.
+dense_layers: int = 0
+    The first layers run dense.
+gqa_reduce: str = "max"
+    How a KV head's query group combines its softmax over the blocks: ``max``, ``mean`` or ``sum``.
+
+Deviations: no trained landmark tokens (representatives computed from the keys, above); the
+paper's grouped softmax, in which the landmark's weight multiplies the in-block attention, is
+replaced by exact attention over the retrieved blocks (the paper's own inference mode for long
+inputs); one block set per KV head (the paper retrieves per head: here the query group shares it,
+so each chosen block is read once per KV head). The prefill and chunks run dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..engine.config import param
+from ..engine.method import Method, Phase
+from ..engine.pages import page_select, page_token_scores
+from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, resolve_budget, select_topk
+
+
+@dataclass(eq=False)
+class Landmark(Method):
+    name = "landmark"
+    phase = Phase.DECODE
+    schedule = "every decode step, layers from dense_layers"
+    kv_memory = "full cache (+D per block and KV head)"
+    calibration = "no (the paper trains landmark tokens; here: mean or max-norm key per block)"
+    paper = "[Landmark Attention](https://arxiv.org/abs/2305.16300)"
+    needs_cache_state = True
+
+    budget: int | float = param(1024, "budget")
+    block: int = param(32, "int", ge=1)
+    representative: str = param("mean", "choice", choices=("mean", "max_norm"))
+    dense_layers: int = param(0, "int", ge=0)
+    gqa_reduce: str = param("max", "choice", choices=GQA_REDUCTIONS)
+
+    @classmethod
+    def at_full_budget(cls) -> "Landmark":
+        return cls(budget=1.0, block=4)
+
+    @classmethod
+    def at_sparse_budget(cls) -> "Landmark":
+        return cls(budget=8, block=2)
+
+    def n_blocks(self, n_real: int) -> int:
+        """Blocks attended for a context of ``n_real`` real tokens (the current one included)."""
+        return max(2, -(-resolve_budget(self.budget, n_real) // self.block))
+
+    def select(self, call) -> Selection | None:
+        if call.kind != "decode" or call.layer_idx < self.dense_layers:
+            return None
+        layer = call.require_cache(self.name)
+        if layer is None:  # no cache (use_cache=False): nothing to decode against
+            return None
+        return page_select(call, self.block, self.n_blocks, self.representative,
+                           lambda q, parts, k: self.top_blocks(q, parts[0], k, call.scale), "landmark", layer)
+
+    def key_scores(self, call) -> torch.Tensor | None:
+        """As a scorer: each key scored by its block's weight (``(B, Hkv, Lk)``; decode calls)."""
+        layer = call.require_cache(self.name)
+        if layer is None:
+            return None
+        return page_token_scores(call, self.block, self.representative,
+                                 lambda q, parts: self.block_weights(q, parts[0], call.scale), layer)
+
+    def block_weights(self, q: torch.Tensor, reps: torch.Tensor, scale: float) -> torch.Tensor:
+        """``(B, Hkv, P)``: the attention the query heads of each KV head give the representatives
+        ``reps (B, Hkv, P, D)`` (softmax per query head over them, combined by ``gqa_reduce``)."""
+        b, hq, _, d = q.shape
+        hkv = reps.shape[1]
+        qg = q.float().reshape(b, hkv, hq // hkv, d)
+        p = (qg @ reps.float().transpose(-1, -2) * scale).softmax(-1)  # (B, Hkv, G, P)
+        return aggregate_gqa(p.flatten(1, 2), hkv, self.gqa_reduce)
+
+    def top_blocks(self, q: torch.Tensor, reps: torch.Tensor, k: int, scale: float) -> torch.Tensor:
+        """The ``k`` blocks ``(B, Hkv, k)`` (ascending) with the largest :meth:`block_weights`."""
+        top, _ = select_topk(self.block_weights(q, reps, scale), k)
+        return top
