@@ -189,3 +189,14 @@ def test_grouped_dot_matches_matmul_on_views():
     k = buf[:, :, 3:41]
     q = torch.randn(B, HKV, 3, D)
     torch.testing.assert_close(grouped_dot(q, k), q @ k.transpose(-1, -2), atol=1e-5, rtol=1e-5)
+
+
+def test_gather_pages_equals_gather_rows_on_cache_views():
+    from tokensparse.engine.executors import gather_pages, gather_rows
+
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(2, 3, 40, 8, generator=g)
+    x = buf[:, :, :27]  # a cache view: a prefix of a preallocated buffer (27 rows, pages of 4: 6 full)
+    pages = torch.tensor([[[0, 2, 5], [1, 3, 4], [0, 1, 2]], [[5, 4, 3], [2, 3, 5], [0, 4, 5]]]).sort(-1).values
+    rows = (pages[..., None] * 4 + torch.arange(4)).flatten(-2)
+    assert torch.equal(gather_pages(x, pages, 4), gather_rows(x, rows))

@@ -94,6 +94,7 @@ def token_select_configs(draw):
         select_per=draw(st.sampled_from(["layer", "kv_head"])),
         reuse_threshold=draw(st.sampled_from([None, -1.0, 0.5, 0.9, 1.0])),
         impl=draw(st.sampled_from(["fast", "reference"])),
+        shadow=draw(st.sampled_from([None, None, "int8", "bf16"])),
     )
 
 
@@ -432,7 +433,7 @@ def tidal_decode_configs(draw):
         budget=draw(st.one_of(SHARES, st.integers(0, 30))),
         selection_layers=draw(st.sampled_from(["paper", [0], [1], [0, 1]])),  # the test models have 2 layers
         gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)),
-        scorer=draw(st.sampled_from([None, None, "quest", "landmark", "token_select"])),
+        scorer=draw(st.sampled_from([None, None, "quest", "landmark", "token_select", "fasa"])),
     )
 
 
@@ -491,7 +492,7 @@ def check_h2o(m, r: Record, sc: Scenario) -> None:
 @st.composite
 def quest_configs(draw):
     return dict(budget=draw(st.one_of(SHARES, st.integers(0, 40))), page=draw(st.integers(1, 6)),
-                dense_layers=draw(st.integers(0, 2)))
+                dense_layers=draw(st.integers(0, 2)), bound=draw(st.sampled_from(["minmax", "minmax", "int8", "bf16"])))
 
 
 def check_quest(m, r: Record, sc: Scenario) -> None:
@@ -680,6 +681,25 @@ def check_landmark(m, r: Record, sc: Scenario) -> None:
             assert set(range(blk * m.block + 1, min((blk + 1) * m.block, real) + 1)) <= got
 
 
+@st.composite
+def fasa_configs(draw):
+    return dict(budget=draw(st.one_of(SHARES, st.integers(2, 30))), chunks=draw(st.integers(1, 4)),
+                layout=draw(st.sampled_from(["rotate_half", "adjacent"])), fcs=draw(st.sampled_from(["low", "high"])),
+                dense_layers=draw(st.integers(0, 1)), gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)))
+
+
+def check_fasa(m, r: Record, sc: Scenario) -> None:
+    assert r.call_kind == "decode", r.call_kind
+    if r.kind == "dense":
+        return
+    assert r.kind == "keys"
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        got = _ranks(r, i, pos)
+        assert real in got, f"row {i}, head {j}: the current token is not attended"
+        assert len(got) == len(pos) == min(_resolve(m.budget, real), real), f"row {i}, head {j}: {len(pos)} keys"
+
+
 #: every registered method needs a config strategy and an invariant check (``None``: general only)
 METHODS = {
     "token_sparse": (token_sparse_configs(), check_token_sparse),
@@ -698,6 +718,7 @@ METHODS = {
     "fast_v": (fast_v_configs(), None),
     "recycled_attention": (recycled_attention_configs(), check_recycled_attention),
     "landmark": (landmark_configs(), check_landmark),
+    "fasa": (fasa_configs(), check_fasa),
     "razor_attention": (razor_attention_configs(), check_razor_attention),  # no selections: tests/test_rows.py checks its rows against a reference  # a prompt step: run_prompt_scenario
 }
 

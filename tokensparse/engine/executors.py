@@ -206,6 +206,24 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, heads: torch.Tensor | None =
     return rows.index_select(0, (idx * sl + base).reshape(-1)).view(b, h, k, x.shape[-1])
 
 
+def gather_pages(x: torch.Tensor, pages: torch.Tensor, page: int) -> torch.Tensor:
+    """Whole pages ``pages (B, H, k)`` (page ``j`` = rows ``[j·page, (j+1)·page)``) of ``x (B, H, L, D)``
+    → ``(B, H, k·page, D)``: one ``index_select`` per (sequence, head) over a view of its rows as
+    ``(L // page, page·D)`` pages, i.e. one contiguous copy per page instead of one per row (the
+    pages must lie below ``L``). Equals :func:`gather_rows` on the pages' rows."""
+    b, h, k = pages.shape
+    d = x.shape[-1]
+    n_full = x.shape[2] // page
+    out = x.new_empty(b, h, k * page, d)
+    for i in range(b):
+        for j in range(h):
+            rows = x[i, j, : n_full * page]
+            if rows.stride(-1) != 1 or rows.stride(-2) != d:
+                rows = rows.contiguous()
+            torch.index_select(rows.view(n_full, page * d), 0, pages[i, j], out=out[i, j].view(k, page * d))
+    return out
+
+
 def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str = "fast", valid=None,
                             bias: KeyBias | None = None):
     """Token-sparse attention: per head, attend among the selected tokens only; other rows get 0.

@@ -18,7 +18,7 @@ import torch
 
 from .cache import PAGE_SUMMARIES, PageSummary
 from .pipeline import everything
-from .selection import Selection
+from .selection import Selection, select_topk
 
 #: ``top(query (B, Hq, 1, D), summaries: tuple of (B, Hkv, P, D), k) -> (B, Hkv, k)`` ascending page indices
 TopPages = Callable[[torch.Tensor, tuple, int], torch.Tensor]
@@ -44,12 +44,12 @@ def page_select(call, page: int, n_pages: Callable[[int], int], kind: str, top: 
         stats[f"{stats_prefix}_summary_rows"] += len(parts) * n_all
         stats[f"{stats_prefix}_cache_rows"] += n
         idx = (chosen[..., None] * p + torch.arange(p, device=chosen.device)).flatten(-2)
-        return Selection.keys(idx, suffix=n - (n_all - 1) * p)
+        return Selection.keys(idx, suffix=n - (n_all - 1) * p, page=p)
     # a padded batch: each row on its own grid, from its real keys
     real = call.n_real[:, 0].tolist()
     if all(n_pages(r) >= -(-r // p) for r in real):
         return everything(call, "keys")
-    rows, width = [], 0
+    rows = []
     for r, n_real in enumerate(real):
         start = n - n_real
         parts = PAGE_SUMMARIES[kind](call.key[r : r + 1, :, start:], p)
@@ -59,17 +59,8 @@ def page_select(call, page: int, n_pages: Callable[[int], int], kind: str, top: 
         else:
             chosen = top(call.query[r : r + 1], tuple(x[:, :, :-1] for x in parts), n_sel - 1)
             pages = torch.cat([chosen, torch.full_like(chosen[..., :1], n_all - 1)], -1)
-        tok = (pages[..., None] * p + torch.arange(p, device=pages.device)).flatten(-2)
-        tok = tok[..., : int((tok < n_real).sum(-1).max())]  # the last page may be partial
-        rows.append(tok + start)
-        width = max(width, tok.shape[-1])
-    idx = torch.full((call.batch, call.n_kv_heads, width), n - 1, dtype=torch.long, device=call.query.device)
-    valid = torch.zeros_like(idx, dtype=torch.bool)
-    for r, tok in enumerate(rows):
-        ok = tok < n
-        idx[r, :, : tok.shape[-1]] = tok.clamp_max(n - 1)
-        valid[r, :, : tok.shape[-1]] = ok
-    return Selection.keys(idx, None if bool(valid.all()) else valid)
+        rows.append((pages, start, n_real))
+    return _row_pages(call, rows, p)
 
 
 #: ``score(query (B, Hq, 1, D), summaries: tuple of (B, Hkv, P, D)) -> (B, Hkv, P)`` page scores
@@ -90,3 +81,63 @@ def page_token_scores(call, page: int, kind: str, score: PageScores, layer=None)
         parts = PAGE_SUMMARIES[kind](call.key[r : r + 1, :, start:], page)
         out[r, :, start:] = score(call.query[r : r + 1], parts).float().repeat_interleave(page, -1)[0, :, :n_real]
     return out
+
+
+def page_maxima(scores: torch.Tensor, page: int) -> torch.Tensor:
+    """``scores (B, H, n)`` → ``(B, H, ceil(n / page))``: the maximum over each page (a partial last
+    page over the rows it has)."""
+    b, h, n = scores.shape
+    n_pages = -(-n // page)
+    padded = scores.new_full((b, h, n_pages * page), float("-inf"))
+    padded[..., :n] = scores
+    return padded.view(b, h, n_pages, page).amax(-1)
+
+
+def page_select_by_max(call, page: int, n_pages: Callable[[int], int], token_scores, stats_prefix: str) -> Selection:
+    """:func:`page_select` with each page scored by the maximum of its keys' scores:
+    ``token_scores(query, start, rows)`` returns ``(rows of B, Hkv, n)`` scores of the keys
+    ``[start, Lk)`` (``rows``: a slice of the batch). Unpadded calls score the whole cache once; a
+    left-padded batch scores each row's real keys on its own grid (so a row chooses what it would
+    alone)."""
+    p, n = page, call.k_len
+    if call.key_valid is None:
+        n_all, n_sel = -(-n // p), n_pages(n)
+        if n_all <= n_sel:
+            return everything(call, "keys")
+        scores = page_maxima(token_scores(call.query, 0, slice(None)), p)[..., :-1]
+        call.session.stats[f"{stats_prefix}_scored_rows"] += n
+        chosen, _ = select_topk(scores, n_sel - 1)
+        idx = (chosen[..., None] * p + torch.arange(p, device=chosen.device)).flatten(-2)
+        return Selection.keys(idx, suffix=n - (n_all - 1) * p, page=p)
+    real = call.n_real[:, 0].tolist()
+    if all(n_pages(r) >= -(-r // p) for r in real):
+        return everything(call, "keys")
+    rows = []
+    for r, n_real in enumerate(real):
+        start = n - n_real
+        n_all, n_sel = -(-n_real // p), n_pages(n_real)
+        if n_all <= n_sel:
+            pages = torch.arange(n_all, device=call.key.device).expand(1, call.n_kv_heads, n_all)
+        else:
+            scores = page_maxima(token_scores(call.query[r : r + 1], start, slice(r, r + 1)), p)[..., :-1]
+            chosen, _ = select_topk(scores, n_sel - 1)
+            pages = torch.cat([chosen, torch.full_like(chosen[..., :1], n_all - 1)], -1)
+        rows.append((pages, start, n_real))
+    return _row_pages(call, rows, p)
+
+
+def _row_pages(call, rows: list, page: int) -> Selection:
+    """The selection of a padded batch from each row's chosen pages ``(pages (1, Hkv, k), start,
+    n_real)`` (pages on the row's own grid from its first real token; the last may be partial)."""
+    n = call.k_len
+    toks = []
+    for pages, start, n_real in rows:
+        tok = (pages[..., None] * page + torch.arange(page, device=pages.device)).flatten(-2)
+        toks.append(tok[..., : int((tok < n_real).sum(-1).max())] + start)  # the last page may be partial
+    width = max(t.shape[-1] for t in toks)
+    idx = torch.full((call.batch, call.n_kv_heads, width), n - 1, dtype=torch.long, device=call.query.device)
+    valid = torch.zeros_like(idx, dtype=torch.bool)
+    for r, tok in enumerate(toks):
+        idx[r, :, : tok.shape[-1]] = tok.clamp_max(n - 1)
+        valid[r, :, : tok.shape[-1]] = tok < n
+    return Selection.keys(idx, None if bool(valid.all()) else valid)

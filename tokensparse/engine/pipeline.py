@@ -30,7 +30,7 @@ import threading
 import torch
 
 from .blocks import block_attend
-from .executors import compress_attend_scatter, gather_attend, gather_rows, segments_attend
+from .executors import compress_attend_scatter, gather_attend, gather_pages, gather_rows, segments_attend
 from .selection import Selection, indices_from_mask, mask_from_indices, resolve_budget_rows, select_topk
 
 _force_sparse = threading.local()
@@ -269,7 +269,7 @@ def _attend_keys(call, sel: Selection, impl: str, bias) -> torch.Tensor:
         segments = [(k[:, :, :lo], v[:, :, :lo])]
         positions = [torch.arange(0, lo, device=q.device)[None, None]]
         if sel.idx.shape[-1]:
-            segments.append(_gathered(call, sel.idx))
+            segments.append(_gathered(call, sel.idx, sel.page))
             positions.append(sel.idx)
         segments.append((k[:, :, hi:], v[:, :, hi:]))
         positions.append(torch.arange(hi, length, device=q.device)[None, None])
@@ -291,7 +291,7 @@ def _attend_keys(call, sel: Selection, impl: str, bias) -> torch.Tensor:
     return gather_attend(q, k, v, idx, call.scale, mask, impl=impl, bias=bias)
 
 
-def _gathered(call, idx: torch.Tensor):
+def _gathered(call, idx: torch.Tensor, page: int = 0):
     """K/V rows ``idx (B, 1|Hkv, n)`` of the call's cache, gathered once per ``idx`` tensor and cache
     buffer (cache rows never change in place on a growing cache, so a reused selection reuses them)."""
     state = call.layer.gathered
@@ -299,6 +299,10 @@ def _gathered(call, idx: torch.Tensor):
     if state is not None and state[0][0] is idx and state[0][1] == key[1]:
         return state[1]
     sel = idx.expand(call.batch, call.n_kv_heads, idx.shape[-1])
-    rows = (gather_rows(call.key, sel), gather_rows(call.value, sel))
+    if page:  # whole aligned pages: one copy per page
+        pages = sel[..., ::page] // page
+        rows = (gather_pages(call.key, pages, page), gather_pages(call.value, pages, page))
+    else:
+        rows = (gather_rows(call.key, sel), gather_rows(call.value, sel))
     call.layer.gathered = (key, rows)
     return rows

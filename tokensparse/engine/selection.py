@@ -357,6 +357,9 @@ class Selection:
     complete: bool = False
     block_q: int = 0
     block_k: int = 0
+    #: ``"keys"`` only, optional: ``idx`` lists whole pages of ``page`` tokens aligned at multiples of
+    #: ``page`` (Quest, Landmark); the decode executor then copies page by page instead of row by row
+    page: int = 0
     #: ``"keep"`` only: synthetic rows the cache appends after the kept rows of each KV head
     #: (:class:`~tokensparse.engine.cache.SyntheticRows`, e.g. RazorAttention's compensation token)
     synthetic: object | None = None

@@ -23,6 +23,13 @@ page: int = 16
     Tokens per page (the paper's ``chunk_size``).
 dense_layers: int = 2
     The first layers run dense.
+bound: str = "minmax"
+    How a page is scored: ``minmax`` (the paper's bound from per-page min/max keys, ``2·D`` numbers
+    per page) or, beyond the paper, the exact maximum of ``q·k`` over the page's keys read from a
+    low-precision shadow of K that the cache keeps (:mod:`tokensparse.engine.shadow`: ``int8``
+    reads a quarter of the fp32 key bytes plus a scale per row, ``bf16`` half). On SmolLM2 the
+    bound is loose at head dim 64 (docs/results/quest: an exact-page oracle answers the pass key
+    where the bound does not); the shadow is the affordable exact-ish page score.
 
 Deviations: the paper scores pages per query head; here the query heads of a KV head share one
 choice (the maximum of their bounds, which is still an upper bound for each of them), so the
@@ -40,7 +47,8 @@ import torch
 
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pages import page_select, page_token_scores
+from ..engine.pages import page_select, page_select_by_max, page_token_scores
+from ..engine.shadow import SHADOW_DTYPES, shadow_token_scores
 from ..engine.selection import Selection, resolve_budget, select_topk
 
 
@@ -56,6 +64,7 @@ class Quest(Method):
     budget: int | float = param(1024, "budget")
     page: int = param(16, "int", ge=1)
     dense_layers: int = param(2, "int", ge=0)
+    bound: str = param("minmax", "choice", choices=("minmax",) + SHADOW_DTYPES, added=True)
 
     @classmethod
     def at_full_budget(cls) -> "Quest":
@@ -75,6 +84,10 @@ class Quest(Method):
         layer = call.require_cache(self.name)
         if layer is None:  # no cache (use_cache=False): nothing to decode against
             return None
+        if self.bound != "minmax":  # the exact per-page maximum of q·k over a low-precision shadow of K
+            return page_select_by_max(call, self.page, self.n_pages,
+                                      lambda q, start, rows: shadow_token_scores(call, self.bound, q, start, rows),
+                                      "quest")
         return page_select(call, self.page, self.n_pages, "minmax",
                            lambda q, parts, k: self.top_pages(q, *parts, k), "quest", layer)
 

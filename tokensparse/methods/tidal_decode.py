@@ -57,7 +57,7 @@ from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, resolve
 _CARRY = "tidal_decode.positions"
 
 #: registered methods whose ``key_scores`` can drive the selection layers (``scorer=``)
-SCORERS = ("quest", "landmark", "token_select")
+SCORERS = ("quest", "landmark", "token_select", "fasa")
 
 
 @dataclass(eq=False)
@@ -106,7 +106,8 @@ class TidalDecode(Method):
         session.state["tidal_selection_layers"] = frozenset(layers)
         session.info["tidal_selection_layers"] = layers
         if self.scorer is not None:
-            session.state["tidal_scorer"] = self._scorer()
+            scorer = session.state["tidal_scorer"] = self._scorer()
+            scorer.setup(session)  # e.g. FASA resolves its frequency chunks (its state keys are its own)
 
     def forward(self, call) -> torch.Tensor:
         """A selection layer that picks attends densely and ranks the keys by the probabilities of

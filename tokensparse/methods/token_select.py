@@ -41,6 +41,10 @@ select_per: str = "layer"
     (one set per KV head, vote summed over its query group).
 reuse_threshold: float | None = None
     Selection Cache threshold θ on cosine similarity (paper: 0.9; off in the official release).
+shadow: str | None = None
+    Beyond the paper: score with a low-precision copy of K the cache keeps (``bf16`` or ``int8``,
+    :mod:`tokensparse.engine.shadow`) instead of the keys themselves (the vote reads all of K each
+    step); attention still reads the full-precision rows.
 impl: str = "fast"
     ``"fast"``: in decode, one softmax over cache views of the sinks and local window plus the
     gathered top-k rows (:func:`~tokensparse.engine.executors.segments_attend`); chunks and padded
@@ -64,6 +68,7 @@ from ..engine.config import param
 from ..engine.method import Method, Phase
 from ..engine.pipeline import KeyPlan, everything
 from ..engine.selection import Selection, grouped_dot, pool1d, resolve_budget_rows
+from ..engine.shadow import SHADOW_DTYPES, ShadowKeys, quantize_rows, shadow_logits, shadow_of
 
 
 @dataclass(eq=False)
@@ -83,6 +88,7 @@ class TokenSelect(Method):
     select_per: str = param("layer", "choice", choices=("layer", "kv_head"))
     reuse_threshold: float | None = param(None, "float", ge=-1.0, le=1.0, optional=True)  # a cosine similarity
     impl: str = param("fast", "choice", choices=("fast", "reference"))
+    shadow: str | None = param(None, "choice", choices=SHADOW_DTYPES, optional=True, added=True)
 
     def validate(self) -> None:
         if isinstance(self.budget, int) and self.budget <= self.n_sink + self.n_local:
@@ -112,7 +118,15 @@ class TokenSelect(Method):
         hkv, g = call.n_kv_heads, call.group
         scale = call.scale if self.logit_scale is None else self.logit_scale
         q = (q_fp.float() * scale).view(b, hkv, g, d)
-        logits = grouped_dot(q.to(k.dtype), k).float()  # (B, Hkv, G, C), in the cache dtype
+        if self.shadow is not None and call.cache_layer is not None and call.key_valid is None:
+            logits = shadow_logits(q, shadow_of(call, self.shadow))[..., lo:hi]  # the cache's low-precision copy
+        elif self.shadow is not None:  # padded rows: the same per-row quantisation on the fly (a row votes as alone)
+            tmp = ShadowKeys(self.shadow)
+            tmp.keys, tmp.scale = (k.to(torch.bfloat16), None) if self.shadow == "bf16" else quantize_rows(k)
+            tmp.n = k.shape[2]
+            logits = shadow_logits(q, tmp)
+        else:
+            logits = grouped_dot(q.to(k.dtype), k).float()  # (B, Hkv, G, C), in the cache dtype
         if cand is not None:
             logits = logits.masked_fill(~cand[:, None, None, :], torch.finfo(torch.float32).min)
         p = logits.softmax(-1)

@@ -1,0 +1,130 @@
+"""FASA: the agreement profile equals a brute-force count on a tiny model, the cache's copy of
+the chosen key dimensions follows writes, the keys a decode step attends are the brute-force top
+keys by the frequency-chunk scores (both dimension pairings), and profiles load or are refused."""
+
+import pytest
+import torch
+
+import tokensparse as ts
+from tokensparse.engine import PreallocLayer
+from tokensparse.engine.calibration import calibrate
+from tokensparse.engine.observers import Observer
+from tokensparse.methods.fasa import KeyDims, fc_dims, measure_agreement
+from tokensparse.testing import tiny_inputs, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FASA = ts.methods.get("fasa")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def test_fc_dims_layouts():
+    c = torch.tensor([[0, 3]])
+    assert fc_dims(c, 8, "rotate_half").tolist() == [[0, 3, 4, 7]]
+    assert fc_dims(c, 8, "adjacent").tolist() == [[0, 1, 6, 7]]
+
+
+def test_agreement_against_brute_force(model):
+    ids, _ = tiny_inputs(1, 40, seed=1)
+    payload = measure_agreement(model, ids, queries=4)
+    captured = {}
+
+    class Grab(Observer):
+        def on_call(self, call):
+            captured[call.layer_idx] = (call.query[0].float(), call.key[0].float().repeat_interleave(call.group, 0))
+
+    with torch.no_grad(), ts.observe(model, Grab()):
+        model(ids, use_cache=False)
+    q, k = captured[1]
+    d = q.shape[-1]
+    for bi, budget in enumerate(payload["budgets"]):
+        kk = min(budget, 40 - 4)
+        for layout in ("rotate_half", "adjacent"):
+            got = torch.tensor(payload["agreement"][layout][bi][1])  # (Hq, D/2)
+            for h in (0, q.shape[0] - 1):
+                for c in range(d // 2):
+                    dims = fc_dims(torch.tensor([c]), d, layout)
+                    total = 0.0
+                    for qi in range(36, 40):
+                        full = q[h, qi] @ k[h, : qi + 1].T
+                        part = q[h, qi, dims] @ k[h, : qi + 1][:, dims].T
+                        a = set(full.topk(kk).indices.tolist())
+                        b = set(part.topk(kk).indices.tolist())
+                        total += len(a & b) / kk
+                    assert got[h, c] == pytest.approx(total / 4, abs=1e-4), (layout, budget, h, c)
+
+
+def test_key_dims_follow_writes():
+    dims = torch.tensor([[0, 5], [2, 3]])
+    layer = PreallocLayer(headroom=2)
+    g = torch.Generator().manual_seed(0)
+    layer.update(torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g))
+    st = layer.state("d", lambda: KeyDims(dims))
+    for _ in range(4):
+        layer.update(torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 2, 1, 8, generator=g))
+    want = torch.stack([layer.keys[:, h][..., dims[h]] for h in range(2)], 1)
+    assert torch.equal(st.values, want)
+    layer.crop(-2)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    want = torch.stack([layer.keys[:, h][..., dims[h]] for h in range(2)], 1)
+    assert torch.equal(st.values, want)
+
+
+class BruteForceTop(Observer):
+    def __init__(self, m, dims):
+        self.m, self.dims, self.checked = m, dims, 0
+
+    def on_selection(self, call, selection):
+        if call.kind != "decode" or selection.kind == "dense":
+            return
+        q, k = call.query.float()[:, :, 0], call.key.float()
+        b, hq, d = q.shape
+        hkv, n = k.shape[1], k.shape[2]
+        g = hq // hkv
+        want = torch.zeros(b, hkv, n, dtype=torch.bool)
+        for i in range(b):
+            for h in range(hkv):
+                dims = self.dims[h]
+                p = torch.stack([(q[i, h * g + j, dims] @ k[i, h][:, dims].T * call.scale).softmax(-1) for j in range(g)])
+                w = p.amax(0)
+                order = sorted(range(n - 1), key=lambda j: (-float(w[j]), j))[: self.m.budget - 1]
+                want[i, h, order + [n - 1]] = True
+        assert torch.equal(selection.mask(n).expand_as(want), want), f"layer {call.layer_idx}"
+        self.checked += 1
+
+
+@pytest.mark.parametrize("layout", ["rotate_half", "adjacent"])
+def test_attended_keys_are_the_brute_force_top(model, layout):
+    m = FASA(budget=9, chunks=2, layout=layout, fcs="low", dense_layers=0)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    fc = fc_dims(torch.arange(d // 2)[:, None], d, layout)
+    idx = (fc % (d // 2)).double().mean(-1)
+    low = idx.argsort(descending=True, stable=True)[:2]
+    dims = fc_dims(low.sort().values, d, layout).expand(model.config.num_key_value_heads, -1)
+    ids, mask = tiny_inputs(2, 30, seed=2)
+    obs = BruteForceTop(m, dims)
+    with torch.no_grad(), ts.sparsify(model, m, observers=[obs]) as s:
+        model.generate(ids, attention_mask=mask, cache=s.new_cache(), max_new_tokens=5, min_new_tokens=5,
+                       do_sample=False, pad_token_id=0)
+        assert s.stats["fasa_scored_dims"] * d == s.stats["fasa_key_dims"] * 4  # 2 FCs = 4 of D dims
+    assert obs.checked == 2 * 4
+
+
+def test_profile_round_trip_and_missing_profile(model, tmp_path):
+    ids, mask = tiny_inputs(1, 40, seed=1)
+    prof = calibrate(model, FASA, ids, source="random ids")
+    path = prof.save(tmp_path / "fasa.json")
+    m = FASA(budget=8, chunks=2, profile=str(path))
+    with torch.no_grad(), ts.sparsify(model, m) as s:
+        model.generate(ids, attention_mask=mask, cache=s.new_cache(), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert s.info["fasa_profile"] == str(path)
+        assert s.stats["sparse_calls"] > 0
+    with pytest.warns(UserWarning, match="calibrate --method fasa"):
+        with ts.sparsify(model, FASA(budget=8)) as s:
+            assert s.info["fasa_fcs"] == "low"
+    with pytest.raises(ValueError, match="chunks"):
+        with ts.sparsify(model, FASA(budget=8, chunks=99, fcs="low")):
+            pass

@@ -1,0 +1,285 @@
+"""FASA: frequency-aware sparse attention — score keys with a few dominant RoPE frequency chunks,
+attend exactly to the top keys.
+
+Based on "FASA: Frequency-Aware Sparse Attention", ICLR 2026, https://arxiv.org/abs/2602.03152
+(official code: github.com/AMAP-ML/FASA-ICLR2026, ``identify_important_fre.py`` and
+``monkey_patch/frequency/``).
+
+A *frequency chunk* (FC) is a pair of query/key dimensions. Offline (``tokensparse calibrate
+--method fasa``, a profile of kind ``fasa_fc`` keyed by the model's fingerprint), the last
+``calib_queries`` queries of a text prefill play the decode queries: for every layer, query head
+and FC, the profile stores how much the top-``k`` keys by that FC's partial dot product agree with
+the top-``k`` keys by the full dot product (``|top_k(full) ∩ top_k(FC)| / k``, averaged over the
+queries), for k in :data:`PROFILE_BUDGETS` and for both pairings of dimensions: ``rotate_half``
+(``(i, i + D/2)``, the true RoPE rotation planes of HF Llama/Qwen/Mistral) and ``adjacent``
+(``(2c, 2c + 1)``, the official code's indexing). At decode time each KV head scores every key with
+its ``chunks`` FCs of highest agreement (the profile's slice for the budget nearest to the
+runtime budget, averaged over the KV head's query group), reading a contiguous copy of those key
+dimensions the cache keeps on write (:class:`KeyDims`: ``2·chunks / D`` of the key bytes); the
+``budget`` keys with the highest scores (the current token always among them) are attended
+exactly with full-dimension keys. Layer 0 runs dense (the paper's ``layer_control``); so do the
+prefill and chunks.
+
+Parameters
+----------
+budget: int | float = 1024
+    Keys attended per decode step, the current token included (the paper: 256 on LongBench with
+    128-dim heads, 1000–1500 for long reasoning); a float in (0, 1] is a share of each row's real
+    tokens.
+chunks: int = 8
+    FCs per KV head (the paper: 16 of 64 at head dim 128, i.e. a quarter of the dimensions; 8 of
+    32 is a quarter at SmolLM2's head dim 64).
+layout: str = "rotate_half"
+    How dimensions pair into FCs: ``rotate_half`` or ``adjacent`` (see above).
+fcs: str = "profile"
+    Where the FCs come from: ``profile`` (the calibrated agreement: ``profile=``, else the shipped or
+    cached profile; a model with neither gets the lowest frequencies with a warning, recorded in
+    ``session.info["fasa_fcs"]``), or data-free ``low`` / ``high`` (the lowest / highest RoPE
+    frequencies).
+dense_layers: int = 1
+    The first layers run dense.
+gqa_reduce: str = "max"
+    How a KV head's query group combines its softmax over the partial scores.
+profile: str | None = None
+    An explicit profile file.
+
+Deviations: the official code repeats K/V to the query heads and selects per query head; here one
+FC set and one key set per KV head (the group's mean agreement chooses the FCs, the group's
+partial scores are combined by ``gqa_reduce`` after a per-head softmax), so the cache holds
+``Hkv`` heads and each selected row is read once per KV head. The profile is measured on the last
+queries of one prefill (teacher-forced text) rather than on generated decode steps. The official
+budget slices are 128…4096; the profile here stores 64, 256 and 1024 (short contexts of a small
+model).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..engine.cache import CacheState
+from ..engine.calibration import Profile, find_kind_profile
+from ..engine.config import param
+from ..engine.method import Method, Phase
+from ..engine.observers import Observer, observe
+from ..engine.pipeline import KeyPlan, everything
+from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, resolve_budget_rows, select_topk
+
+KIND = "fasa_fc"
+KIND_VERSION = 1
+#: agreement budgets (top-k sizes) stored in a profile
+PROFILE_BUDGETS = (64, 256, 1024)
+LAYOUTS = ("rotate_half", "adjacent")
+
+
+def fc_dims(c: torch.Tensor, d: int, layout: str) -> torch.Tensor:
+    """The two dimensions of FC indices ``c (…, n)`` → ``(…, 2n)`` (sorted per row)."""
+    pair = torch.stack([c, c + d // 2], -1) if layout == "rotate_half" else torch.stack([2 * c, 2 * c + 1], -1)
+    return pair.flatten(-2).sort(-1).values
+
+
+class _Agreement(Observer):
+    """Per (layer, query head, FC): top-k agreement of the FC's partial logits with the full ones,
+    over the last ``w`` queries of a prefill (each sees the keys up to its own position)."""
+
+    def __init__(self, w: int):
+        self.w = w
+        self.scores: dict[int, dict[str, torch.Tensor]] = {}  # layer -> layout -> (n_budgets, Hq, D/2)
+
+    def on_call(self, call) -> None:
+        if call.past_len:
+            return
+        n, w = call.k_len, min(self.w, call.k_len - 1)
+        q = call.query[0, :, n - w :].float()  # (Hq, w, D)
+        k = call.key[0].float().repeat_interleave(call.group, 0)  # (Hq, n, D)
+        hq, _, d = q.shape
+        pos = torch.arange(n)
+        future = pos[None, :] > torch.arange(n - w, n)[:, None]  # (w, n)
+        full = (q @ k.transpose(-1, -2)).masked_fill(future, float("-inf"))  # (Hq, w, n)
+        out = {}
+        for layout in LAYOUTS:
+            c = torch.arange(d // 2)
+            dims = fc_dims(c[:, None], d, layout)  # (D/2, 2)
+            qc = q[:, :, dims]  # (Hq, w, D/2, 2)
+            kc = k[:, :, dims]  # (Hq, n, D/2, 2)
+            part = torch.einsum("hwcx,hncx->hcwn", qc, kc).masked_fill(future, float("-inf"))  # (Hq, D/2, w, n)
+            agree = torch.zeros(len(PROFILE_BUDGETS), hq, d // 2)
+            for bi, budget in enumerate(PROFILE_BUDGETS):
+                kk = min(budget, n - w)  # every query sees at least n - w keys
+                ref = torch.zeros(hq, w, n, dtype=torch.bool)
+                ref.scatter_(-1, full.topk(kk, -1).indices, True)
+                got = torch.zeros(hq, d // 2, w, n, dtype=torch.bool)
+                got.scatter_(-1, part.topk(kk, -1).indices, True)
+                agree[bi] = (got & ref[:, None]).sum(-1).float().mean(-1) / kk
+            out[layout] = agree
+        self.scores[call.layer_idx] = out
+
+
+def measure_agreement(model, input_ids: torch.Tensor, queries: int = 32) -> dict:
+    """The ``fasa_fc`` payload: agreement ``[layout][budget][layer][query head][FC]``."""
+    obs = _Agreement(queries)
+    dev = next(model.parameters()).device
+    with torch.no_grad(), observe(model, obs):
+        model(input_ids=input_ids.to(dev), use_cache=False, logits_to_keep=1)
+    layers = sorted(obs.scores)
+    return {
+        "tokens": int(input_ids.shape[1]), "queries": queries, "budgets": list(PROFILE_BUDGETS),
+        "agreement": {lay: [[obs.scores[i][lay][b].double().round(decimals=4).tolist() for i in layers]
+                            for b in range(len(PROFILE_BUDGETS))] for lay in LAYOUTS},
+    }
+
+
+class KeyDims(CacheState):
+    """A contiguous copy of some key dimensions per KV head (``dims (Hkv, m)``), kept on write:
+    ``(B, Hkv, n, m)`` in the cache dtype. Eviction is refused (FASA reads a full cache)."""
+
+    def __init__(self, dims: torch.Tensor):
+        self.dims = dims
+        self.buf: torch.Tensor | None = None
+        self.n = 0
+
+    def on_write(self, layer, start, end):
+        b, h, cap, _ = layer._kbuf.shape
+        m = self.dims.shape[-1]
+        if self.buf is None or self.buf.shape[2] < cap or self.buf.shape[:2] != (b, h):
+            new = layer._kbuf.new_empty(b, h, cap, m)
+            if self.buf is not None and self.buf.shape[:2] == (b, h):
+                new[:, :, : self.n] = self.buf[:, :, : self.n]
+            self.buf = new
+        dims = self.dims.to(layer.device)
+        rows = layer.keys[:, :, start:end]  # (B, Hkv, r, D)
+        self.buf[:, :, start:end] = rows.gather(-1, dims[None, :, None, :].expand(b, h, end - start, m))
+        self.n = end
+
+    def on_crop(self, layer):
+        self.n = layer.n
+
+    def on_keep(self, layer, idx, valid):
+        raise NotImplementedError("FASA's key-dimension copy needs a full cache; it cannot run on an evicting cache")
+
+    def map_batch(self, fn) -> None:
+        if self.buf is not None:
+            self.buf = fn(self.buf)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.buf[:, :, : self.n]
+
+
+@dataclass(eq=False)
+class FASA(Method):
+    name = "fasa"
+    phase = Phase.DECODE
+    schedule = "every decode step, layers from dense_layers"
+    kv_memory = "full cache (+2·chunks dims of K per row)"
+    calibration = "an offline dominant-frequency-chunk profile (or data-free low/high frequencies)"
+    paper = "[FASA](https://arxiv.org/abs/2602.03152)"
+    needs_cache_state = True
+    profile_kind = KIND
+    profile_version = KIND_VERSION
+
+    budget: int | float = param(1024, "budget")
+    chunks: int = param(8, "int", ge=1)
+    layout: str = param("rotate_half", "choice", choices=LAYOUTS)
+    fcs: str = param("profile", "choice", choices=("profile", "low", "high"))
+    dense_layers: int = param(1, "int", ge=0)
+    gqa_reduce: str = param("max", "choice", choices=GQA_REDUCTIONS)
+    profile: str | None = param(None, "path", optional=True)
+
+    def validate(self) -> None:
+        if isinstance(self.budget, int) and self.budget < 2:
+            raise ValueError(f"fasa: budget ({self.budget}) must hold the current token and at least one other")
+
+    @classmethod
+    def at_full_budget(cls) -> "FASA":
+        return cls(budget=1.0, chunks=1, fcs="low", dense_layers=0)
+
+    @classmethod
+    def at_sparse_budget(cls) -> "FASA":
+        return cls(budget=6, chunks=1, fcs="low", dense_layers=0)
+
+    @classmethod
+    def calibrate(cls, model, input_ids) -> dict:
+        return measure_agreement(model, input_ids)
+
+    @classmethod
+    def describe_profile(cls, payload: dict) -> str:
+        agree = torch.tensor(payload["agreement"]["rotate_half"][-1])  # (layers, Hq, D/2) at the largest budget
+        best = agree.mean((0, 1)).topk(min(4, agree.shape[-1])).indices.tolist()
+        return (f"agreement measured on {payload['queries']} queries of {payload['tokens']} tokens; FCs agreeing most "
+                f"on average (rotate_half): {best}")
+
+    # ---- setup: the FCs of every (layer, KV head) ---------------------------------------------------
+    def setup(self, session) -> None:
+        cfg = session.model.config.get_text_config(decoder=True)
+        hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+        n = session.num_layers
+        if self.chunks > d // 2:
+            raise ValueError(f"fasa: chunks ({self.chunks}) exceeds the {d // 2} frequency chunks of head dim {d}")
+        fcs = self.fcs
+        path = self.profile or (find_kind_profile(session.model, KIND) if fcs == "profile" else None)
+        if fcs == "profile" and path is None:
+            warnings.warn("fasa: no frequency-chunk profile for this model; using the data-free lowest frequencies "
+                          "(fcs='low'). Run `tokensparse calibrate --method fasa` to measure one.", stacklevel=4)
+            fcs = "low"
+        session.info["fasa_fcs"] = fcs
+        if fcs == "profile":
+            prof = Profile.load(path, KIND, KIND_VERSION)
+            prof.check(session.model)
+            payload = prof.payload
+            budgets = payload["budgets"]
+            want = self.budget if isinstance(self.budget, int) else 256
+            slot = min(range(len(budgets)), key=lambda i: abs(budgets[i] - want))
+            agree = torch.tensor(payload["agreement"][self.layout][slot])  # (layers, Hq, D/2)
+            if agree.shape != (n, hq, d // 2):
+                raise ValueError(f"fasa: profile {path} has shape {tuple(agree.shape)}, the model needs {(n, hq, d // 2)}")
+            per_kv = agree.view(n, hkv, hq // hkv, d // 2).mean(2)
+            chosen, _ = select_topk(per_kv, self.chunks)  # (layers, Hkv, chunks)
+            session.info["fasa_profile"] = str(path)
+        else:
+            # dimension j rotates at frequency index j mod D/2 (the frequency falls as the index grows):
+            # rank FCs by the mean index of their two dimensions
+            fc = fc_dims(torch.arange(d // 2)[:, None], d, self.layout)  # (D/2, 2)
+            index = (fc % (d // 2)).double().mean(-1)
+            chosen, _ = select_topk((index if fcs == "low" else -index)[None], self.chunks)
+            chosen = chosen[0].expand(n, hkv, self.chunks)
+        session.state["fasa_dims"] = fc_dims(chosen, d, self.layout)  # (layers, Hkv, 2·chunks)
+        session.info["fasa_key_share"] = 2 * self.chunks / d
+
+    # ---- decode ------------------------------------------------------------------------------------
+    def key_scores(self, call) -> torch.Tensor | None:
+        """``(B, Hkv, Lk)``: the group-combined softmax of the partial (FC) logits, ``-inf`` on padding."""
+        layer = call.require_cache(self.name)
+        if layer is None:
+            return None
+        dims = call.session.state["fasa_dims"][call.layer_idx]  # (Hkv, m)
+        st = layer.state(f"fasa.dims.{self.layout}.{self.chunks}.{self.fcs}", lambda: KeyDims(dims))
+        kd = st.values  # (B, Hkv, Lk, m)
+        b, hq, _, d = call.query.shape
+        hkv, g = call.n_kv_heads, call.group
+        q = call.query[:, :, -1].reshape(b, hkv, g, d)
+        qd = q.gather(-1, dims.to(q.device)[None, :, None, :].expand(b, hkv, g, dims.shape[-1]))  # (B, Hkv, G, m)
+        logits = (qd.to(kd.dtype) @ kd.transpose(-1, -2)).float() * call.scale  # (B, Hkv, G, Lk)
+        if call.key_valid is not None:
+            logits = logits.masked_fill(~call.key_valid[:, None, None, :], float("-inf"))
+        w = aggregate_gqa(logits.softmax(-1).flatten(1, 2), hkv, self.gqa_reduce)
+        call.session.stats["fasa_scored_dims"] += dims.shape[-1] * call.k_len
+        call.session.stats["fasa_key_dims"] += d * call.k_len
+        if call.key_valid is not None:
+            w = w.masked_fill(~call.key_valid[:, None, :], float("-inf"))
+        return w
+
+    def select(self, call) -> Selection | None:
+        if call.kind != "decode" or call.layer_idx < self.dense_layers:
+            return None
+        if call.require_cache(self.name) is None:
+            return None
+        plan = KeyPlan(call, window=1)  # the current token is always attended
+        n_top = resolve_budget_rows(self.budget, call.n_real) - 1
+        if plan.covers(n_top):
+            return everything(call, "keys")
+        scores = self.key_scores(call)
+        return plan.selection(*plan.top(scores[..., plan.lo : plan.hi].contiguous(), n_top), kind="keys")
