@@ -141,7 +141,7 @@ def test_model_load_errors_become_one_line(monkeypatch):
 
 @pytest.mark.parametrize("argv, match", [
     (["--method", "snapkvv"], "unknown method 'snapkvv'"),
-    (["--method", "snapkv"], "method 'snapkv' needs no calibration; methods with a profile: razor_attention, token_sparse"),
+    (["--method", "snapkv"], "method 'snapkv' needs no calibration; methods with a profile: fasa, razor_attention, token_sparse"),
     (["--tokens", "8"], "--tokens must be >= 16, got 8"),
     (["--text", "/nonexistent/text.txt"], "cannot read --text '/nonexistent/text.txt'"),
     (["--threads", "-1"], "--threads must be >= 1, got -1"),
@@ -198,3 +198,22 @@ def test_bench_decode_rejects_zero_steps(no_model):
 ])
 def test_bench_methods_filter_is_checked(no_model, argv, match):
     _fails(argv, match)
+
+
+@pytest.mark.parametrize("content, match", [
+    ('[{"method": "nope"}]', "unknown method 'nope'"),
+    ('[{"method": "quest", "config": {"budget": -1}}]', "budget"),
+    ('{"method": "quest"}', "non-empty JSON list"),
+    ('[{"method": "quest", "extra": 1}]', "item 0"),
+    ('[{"label": "a", "method": "quest"}, {"label": "a", "method": "landmark"}]', "labels must be unique"),
+])
+def test_bench_decode_variants_are_checked_before_loading(no_model, tmp_path, content, match):
+    f = tmp_path / "v.json"
+    f.write_text(content)
+    _fails(["bench", "decode", "--variants", str(f)], match)
+
+
+def test_bench_variants_only_for_decode(no_model, tmp_path):
+    f = tmp_path / "v.json"
+    f.write_text('[{"method": "quest"}]')
+    _fails(["bench", "prefill", "--variants", str(f)], "--variants applies to bench decode")

@@ -38,6 +38,7 @@ CONFIGS = {
     "razor_attention": {},
     "recycled_attention": {"budget": 0.25, "stride": 16},
     "landmark": {"budget": 0.25},
+    "fasa": {"budget": 0.25},
 }
 
 #: configurations measured to lose this pass key (kept in the table so that a fix shows up as XPASS)

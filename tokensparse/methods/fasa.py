@@ -109,9 +109,9 @@ class _Agreement(Observer):
             for bi, budget in enumerate(PROFILE_BUDGETS):
                 kk = min(budget, n - w)  # every query sees at least n - w keys
                 ref = torch.zeros(hq, w, n, dtype=torch.bool)
-                ref.scatter_(-1, full.topk(kk, -1).indices, True)
+                ref.scatter_(-1, select_topk(full, kk)[0], True)
                 got = torch.zeros(hq, d // 2, w, n, dtype=torch.bool)
-                got.scatter_(-1, part.topk(kk, -1).indices, True)
+                got.scatter_(-1, select_topk(part, kk)[0], True)
                 agree[bi] = (got & ref[:, None]).sum(-1).float().mean(-1) / kk
             out[layout] = agree
         self.scores[call.layer_idx] = out
@@ -207,7 +207,7 @@ class FASA(Method):
     @classmethod
     def describe_profile(cls, payload: dict) -> str:
         agree = torch.tensor(payload["agreement"]["rotate_half"][-1])  # (layers, Hq, D/2) at the largest budget
-        best = agree.mean((0, 1)).topk(min(4, agree.shape[-1])).indices.tolist()
+        best = select_topk(agree.mean((0, 1))[None], min(4, agree.shape[-1]))[0][0].tolist()
         return (f"agreement measured on {payload['queries']} queries of {payload['tokens']} tokens; FCs agreeing most "
                 f"on average (rotate_half): {best}")
 

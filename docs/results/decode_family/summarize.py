@@ -12,7 +12,7 @@ def label(r):
 
 
 def main(path):
-    rows = [json.loads(line) for line in open(path)]
+    rows = [r for r in (json.loads(line) for line in open(path)) if "error" not in r]
     key = lambda r: r["sample_id"]  # noqa: E731
     dense = {key(r): r for r in rows if r["method"] == "dense"}
     groups = collections.defaultdict(list)
