@@ -640,7 +640,8 @@ def check_razor_attention(m, r: Record, sc: Scenario) -> None:
 def recycled_attention_configs(draw):
     return dict(budget=draw(st.one_of(SHARES, st.integers(0, 30))), stride=draw(st.integers(1, 5)),
                 similarity=draw(st.sampled_from([None, 0.5, 0.95, 1.0])), n_sink=draw(st.integers(0, 3)),
-                n_local=draw(st.integers(0, 3)), gqa_reduce=draw(st.sampled_from(("first",) + GQA_REDUCTIONS)))
+                n_local=draw(st.integers(0, 3)), gqa_reduce=draw(st.sampled_from(("first",) + GQA_REDUCTIONS)),
+                pool_kernel=draw(st.integers(1, 5)))
 
 
 def check_recycled_attention(m, r: Record, sc: Scenario) -> None:

@@ -143,3 +143,31 @@ def test_needs_a_tokensparse_cache(model):
     with torch.no_grad(), ts.sparsify(model, R(budget=6)):
         with pytest.raises(CacheRequiredError):
             model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_pooled_scores_keep_neighbours(model):
+    """pool_kernel widens the ranking exactly as a max-pool of the brute-force weights would."""
+    from tokensparse.engine.selection import pool1d
+
+    class Pooled(ExpectedSets):
+        def on_selection(self, call, selection):
+            if call.kind == "decode" and selection.kind == "dense":
+                q, k = call.query.float(), call.key.float()
+                b, hq, _, d = q.shape
+                hkv, n = k.shape[1], k.shape[2]
+                logits = torch.einsum("bhd,bhld->bhl", q[:, :, 0], k.repeat_interleave(hq // hkv, 1)) * call.scale
+                w = pool1d(logits.softmax(-1).view(b, hkv, hq // hkv, n).amax(2), 5, "max")
+                keep = torch.zeros(b, hkv, n, dtype=torch.bool)
+                for i in range(b):
+                    for h in range(hkv):
+                        keep[i, h, sorted(range(n), key=lambda j: (-float(w[i, h, j]), j))[: self.m.budget]] = True
+                self.expected[call.layer_idx] = (keep, n)
+                return
+            super().on_selection(call, selection)
+
+    method = R(budget=8, stride=4, pool_kernel=5)
+    assert method.config_dict()["pool_kernel"] == 5 and "pool_kernel" not in R(budget=8).config_dict()
+    ids, mask = tiny_inputs(1, 30, seed=4)
+    obs = Pooled(method)
+    _generate(model, method, ids, mask, observers=[obs])
+    assert obs.checked > 0

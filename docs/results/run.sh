@@ -32,6 +32,10 @@ $TS eval --config $OUT/quest/passkey-4k.json --out $OUT/quest --threads 2
 $TS bench decode --lengths 8192 --threads 1 --repeats 3 --json $OUT/quest/decode_8k.json | tee $OUT/quest/decode_8k.txt
 $TS eval --config $OUT/adakv/adakv-2k.json --out $OUT/adakv --threads 2
 $TS sinks --tokens 2048 --threads 2 --json $OUT/sinks/kjv_2048.json | tee $OUT/sinks/kjv_2048.txt
+# decode family (issue 11): pass key 4K, the suite's 2K half, decode speed 8K/2K/16K/32K (docs/results/decode_family.md)
+$TS eval --config $OUT/decode_family/passkey-4k.json --out $OUT/decode_family --threads 2
+$TS eval --config $OUT/decode_family/standard.json --out $OUT/decode_family --threads 2 --set 'lengths=[2048]'
+bash $OUT/decode_family/bench.sh
 
 # ---- the v1 numbers (pass key only; superseded for accuracy claims by the standard suite above) ----
 # accuracy: pass key at ~4K tokens, 6 depths, dense vs every configuration, 2 threads

@@ -33,6 +33,11 @@ n_local: int = 0
 gqa_reduce: str = "max"
     How a KV head's query group combines its probabilities before the top-k: ``max``, ``mean``,
     ``sum``, or ``first`` (the first query head of the group, as a review of the paper describes).
+pool_kernel: int = 1
+    Beyond the paper: max-pool the full step's scores over this many neighbouring keys before the
+    top-k (1 = off), so the rest of a span the step attends to (the next digits of a number it is
+    copying) is recycled with it; one step's attention ranks what is needed now, not what the
+    following steps will read.
 
 Deviations: the dynamic schedule decides per layer (each layer compares its own queries) and per
 sequence; which query the paper compares is not specified beyond "the query". One recycled set per
@@ -59,6 +64,7 @@ from ..engine.selection import (
     aggregate_gqa,
     indices_from_mask,
     mask_from_indices,
+    pool1d,
     resolve_budget_rows,
 )
 
@@ -103,6 +109,7 @@ class RecycledAttention(Method):
     n_sink: int = param(0, "int", ge=0)
     n_local: int = param(0, "int", ge=0)
     gqa_reduce: str = param("max", "choice", choices=("first",) + GQA_REDUCTIONS)
+    pool_kernel: int = param(1, "int", ge=1, added=True)
 
     def validate(self) -> None:
         if isinstance(self.budget, int) and self.budget < self.n_sink + self.n_local:
@@ -178,6 +185,8 @@ class RecycledAttention(Method):
             weights = p.view(call.batch, call.n_kv_heads, call.group, -1)[:, :, 0]
         else:
             weights = aggregate_gqa(p, call.n_kv_heads, self.gqa_reduce)
+        if self.pool_kernel > 1:  # neighbours of a key the step attends to (the rest of a span) rank with it
+            weights = pool1d(weights, self.pool_kernel, "max")
         st.top, st.valid = plan.top(weights[..., plan.lo : plan.hi], n_top)
 
     @staticmethod
