@@ -174,6 +174,20 @@ class RowState(CacheState):
         self.n = layer.n
 
 
+def row_buffer(old: torch.Tensor | None, layer: "PreallocLayer", n_keep: int, tail: tuple = (),
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A ``(B, Hkv, capacity, *tail)`` buffer for per-row state of ``layer`` (one entry per cache
+    row): ``old`` while it still fits the layer's batch, heads and capacity, else a new one that
+    keeps ``old``'s first ``n_keep`` rows (a grown cache keeps its rows)."""
+    b, h, cap = layer._kbuf.shape[:3]
+    if old is not None and old.shape[:2] == (b, h) and old.shape[2] >= cap:
+        return old
+    new = torch.empty(b, h, cap, *tail, dtype=dtype or layer._kbuf.dtype, device=layer.device)
+    if old is not None and old.shape[:2] == (b, h):
+        new[:, :, :n_keep] = old[:, :, :n_keep]
+    return new
+
+
 def summarize_pages(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Elementwise min and max key of every ``page`` consecutive rows of ``keys (B, H, n, D)``:
     ``(B, H, ceil(n / page), D)`` each; a partial last page is summarised over the rows it has."""

@@ -24,6 +24,35 @@ from .selection import Selection, select_topk
 TopPages = Callable[[torch.Tensor, tuple, int], torch.Tensor]
 
 
+def _select_pages(call, page: int, n_pages: Callable[[int], int], choose) -> Selection:
+    """The ``"keys"`` selection of whole pages plus the current one. ``choose(query, start, rows, k)``
+    returns ``(rows of B, Hkv, k)`` ascending indices of the chosen pages among the full pages of the
+    keys ``[start, Lk)`` (the current, last page excluded). Unpadded: one call over the cache
+    (``start == 0``, every row); a left-padded batch: one call per row on its own grid."""
+    p, n = page, call.k_len
+    if call.key_valid is None:
+        n_all, n_sel = -(-n // p), n_pages(n)
+        if n_all <= n_sel:
+            return everything(call, "keys")
+        chosen = choose(call.query, 0, slice(None), n_sel - 1)
+        idx = (chosen[..., None] * p + torch.arange(p, device=chosen.device)).flatten(-2)
+        return Selection.keys(idx, suffix=n - (n_all - 1) * p, page=p)
+    real = call.n_real[:, 0].tolist()
+    if all(n_pages(r) >= -(-r // p) for r in real):
+        return everything(call, "keys")
+    rows = []
+    for r, n_real in enumerate(real):
+        start = n - n_real
+        n_all, n_sel = -(-n_real // p), n_pages(n_real)
+        if n_all <= n_sel:
+            pages = torch.arange(n_all, device=call.key.device).expand(1, call.n_kv_heads, n_all)
+        else:
+            chosen = choose(call.query[r : r + 1], start, slice(r, r + 1), n_sel - 1)
+            pages = torch.cat([chosen, torch.full_like(chosen[..., :1], n_all - 1)], -1)
+        rows.append((pages, start, n_real))
+    return _row_pages(call, rows, p)
+
+
 def page_select(call, page: int, n_pages: Callable[[int], int], kind: str, top: TopPages, stats_prefix: str,
                 layer=None) -> Selection:
     """The ``"keys"`` selection of a page method for one decode call (see the module doc).
@@ -32,35 +61,18 @@ def page_select(call, page: int, n_pages: Callable[[int], int], kind: str, top: 
     included (at least 2). ``layer``: the call's tokensparse cache layer (its page summaries).
     Counts ``<stats_prefix>_summary_rows`` (summary rows read) and ``<stats_prefix>_cache_rows``.
     """
-    p, n = page, call.k_len
     stats = call.session.stats
-    if call.key_valid is None:  # unpadded: the cache's page summaries
-        st = layer.state(f"pages.{kind}.{p}", lambda: PageSummary(p, kind))
-        parts = st.summaries
-        n_all, n_sel = parts[0].shape[2], n_pages(n)
-        if n_all <= n_sel:
-            return everything(call, "keys")
-        chosen = top(call.query, tuple(x[:, :, :-1] for x in parts), n_sel - 1)
-        stats[f"{stats_prefix}_summary_rows"] += len(parts) * n_all
-        stats[f"{stats_prefix}_cache_rows"] += n
-        idx = (chosen[..., None] * p + torch.arange(p, device=chosen.device)).flatten(-2)
-        return Selection.keys(idx, suffix=n - (n_all - 1) * p, page=p)
-    # a padded batch: each row on its own grid, from its real keys
-    real = call.n_real[:, 0].tolist()
-    if all(n_pages(r) >= -(-r // p) for r in real):
-        return everything(call, "keys")
-    rows = []
-    for r, n_real in enumerate(real):
-        start = n - n_real
-        parts = PAGE_SUMMARIES[kind](call.key[r : r + 1, :, start:], p)
-        n_all, n_sel = parts[0].shape[2], n_pages(n_real)
-        if n_all <= n_sel:
-            pages = torch.arange(n_all, device=call.key.device).expand(1, call.n_kv_heads, n_all)
-        else:
-            chosen = top(call.query[r : r + 1], tuple(x[:, :, :-1] for x in parts), n_sel - 1)
-            pages = torch.cat([chosen, torch.full_like(chosen[..., :1], n_all - 1)], -1)
-        rows.append((pages, start, n_real))
-    return _row_pages(call, rows, p)
+
+    def choose(query, start, rows, k):
+        if start == 0 and rows == slice(None):  # unpadded: the cache's page summaries
+            parts = layer.state(f"pages.{kind}.{page}", lambda: PageSummary(page, kind)).summaries
+            stats[f"{stats_prefix}_summary_rows"] += len(parts) * parts[0].shape[2]
+            stats[f"{stats_prefix}_cache_rows"] += call.k_len
+        else:  # one row of a padded batch: its pages from its real keys
+            parts = PAGE_SUMMARIES[kind](call.key[rows, :, start:], page)
+        return top(query, tuple(x[:, :, :-1] for x in parts), k)
+
+    return _select_pages(call, page, n_pages, choose)
 
 
 #: ``score(query (B, Hq, 1, D), summaries: tuple of (B, Hkv, P, D)) -> (B, Hkv, P)`` page scores
@@ -98,32 +110,14 @@ def page_select_by_max(call, page: int, n_pages: Callable[[int], int], token_sco
     ``token_scores(query, start, rows)`` returns ``(rows of B, Hkv, n)`` scores of the keys
     ``[start, Lk)`` (``rows``: a slice of the batch). Unpadded calls score the whole cache once; a
     left-padded batch scores each row's real keys on its own grid (so a row chooses what it would
-    alone)."""
-    p, n = page, call.k_len
-    if call.key_valid is None:
-        n_all, n_sel = -(-n // p), n_pages(n)
-        if n_all <= n_sel:
-            return everything(call, "keys")
-        scores = page_maxima(token_scores(call.query, 0, slice(None)), p)[..., :-1]
-        call.session.stats[f"{stats_prefix}_scored_rows"] += n
-        chosen, _ = select_topk(scores, n_sel - 1)
-        idx = (chosen[..., None] * p + torch.arange(p, device=chosen.device)).flatten(-2)
-        return Selection.keys(idx, suffix=n - (n_all - 1) * p, page=p)
-    real = call.n_real[:, 0].tolist()
-    if all(n_pages(r) >= -(-r // p) for r in real):
-        return everything(call, "keys")
-    rows = []
-    for r, n_real in enumerate(real):
-        start = n - n_real
-        n_all, n_sel = -(-n_real // p), n_pages(n_real)
-        if n_all <= n_sel:
-            pages = torch.arange(n_all, device=call.key.device).expand(1, call.n_kv_heads, n_all)
-        else:
-            scores = page_maxima(token_scores(call.query[r : r + 1], start, slice(r, r + 1)), p)[..., :-1]
-            chosen, _ = select_topk(scores, n_sel - 1)
-            pages = torch.cat([chosen, torch.full_like(chosen[..., :1], n_all - 1)], -1)
-        rows.append((pages, start, n_real))
-    return _row_pages(call, rows, p)
+    alone). Counts ``<stats_prefix>_scored_rows``."""
+
+    def choose(query, start, rows, k):
+        scores = token_scores(query, start, rows)
+        call.session.stats[f"{stats_prefix}_scored_rows"] += scores.shape[-1]
+        return select_topk(page_maxima(scores, page)[..., :-1], k)[0]
+
+    return _select_pages(call, page, n_pages, choose)
 
 
 def _row_pages(call, rows: list, page: int) -> Selection:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cache import CacheState
+from .cache import CacheState, row_buffer
 
 SHADOW_DTYPES = ("bf16", "int8")
 
@@ -40,16 +40,10 @@ class ShadowKeys(CacheState):
         self.n = 0
 
     def on_write(self, layer, start, end):
-        b, h, cap, d = layer._kbuf.shape
-        dtype = torch.bfloat16 if self.kind == "bf16" else torch.int8
-        if self.keys is None or self.keys.shape[2] < cap or self.keys.shape[:2] != (b, h):
-            keys = torch.empty(b, h, cap, d, dtype=dtype, device=layer.device)
-            scale = torch.empty(b, h, cap, dtype=torch.float32, device=layer.device) if self.kind == "int8" else None
-            if self.keys is not None and self.keys.shape[:2] == (b, h):
-                keys[:, :, : self.n] = self.keys[:, :, : self.n]
-                if scale is not None:
-                    scale[:, :, : self.n] = self.scale[:, :, : self.n]
-            self.keys, self.scale = keys, scale
+        d = layer._kbuf.shape[-1]
+        self.keys = row_buffer(self.keys, layer, self.n, (d,), torch.bfloat16 if self.kind == "bf16" else torch.int8)
+        if self.kind == "int8":
+            self.scale = row_buffer(self.scale, layer, self.n, (), torch.float32)
         rows = layer.keys[:, :, start:end]
         if self.kind == "bf16":
             self.keys[:, :, start:end] = rows.to(torch.bfloat16)

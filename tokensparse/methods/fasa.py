@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.cache import CacheState
+from ..engine.cache import CacheState, row_buffer
 from ..engine.calibration import Profile, find_kind_profile
 from ..engine.config import param
 from ..engine.method import Method, Phase
@@ -141,13 +141,9 @@ class KeyDims(CacheState):
         self.n = 0
 
     def on_write(self, layer, start, end):
-        b, h, cap, _ = layer._kbuf.shape
+        b, h = layer._kbuf.shape[:2]
         m = self.dims.shape[-1]
-        if self.buf is None or self.buf.shape[2] < cap or self.buf.shape[:2] != (b, h):
-            new = layer._kbuf.new_empty(b, h, cap, m)
-            if self.buf is not None and self.buf.shape[:2] == (b, h):
-                new[:, :, : self.n] = self.buf[:, :, : self.n]
-            self.buf = new
+        self.buf = row_buffer(self.buf, layer, self.n, (m,))
         dims = self.dims.to(layer.device)
         rows = layer.keys[:, :, start:end]  # (B, Hkv, r, D)
         self.buf[:, :, start:end] = rows.gather(-1, dims[None, :, None, :].expand(b, h, end - start, m))
