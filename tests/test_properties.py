@@ -438,6 +438,7 @@ def tidal_decode_configs(draw):
 
 
 def check_tidal_decode(m, r: Record, sc: Scenario) -> None:
+    """``budget`` distinct keys per row and head, the current token among them (also FASA's rule)."""
     assert r.call_kind == "decode", r.call_kind
     if r.kind == "dense":  # a selection layer, or a budget that covers the step
         return
@@ -446,7 +447,7 @@ def check_tidal_decode(m, r: Record, sc: Scenario) -> None:
         real = int(r.n_real[i])
         got = _ranks(r, i, pos)
         assert real in got, f"row {i}, head {j}: the current token is not attended"
-        assert len(pos) == min(_resolve(m.budget, real), real), f"row {i}, head {j}: {len(pos)} keys"
+        assert len(got) == len(pos) == min(_resolve(m.budget, real), real), f"row {i}, head {j}: {len(pos)} keys"
 
 
 @st.composite
@@ -689,18 +690,6 @@ def fasa_configs(draw):
                 dense_layers=draw(st.integers(0, 1)), gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)))
 
 
-def check_fasa(m, r: Record, sc: Scenario) -> None:
-    assert r.call_kind == "decode", r.call_kind
-    if r.kind == "dense":
-        return
-    assert r.kind == "keys"
-    for i, j, pos in _rows(r):
-        real = int(r.n_real[i])
-        got = _ranks(r, i, pos)
-        assert real in got, f"row {i}, head {j}: the current token is not attended"
-        assert len(got) == len(pos) == min(_resolve(m.budget, real), real), f"row {i}, head {j}: {len(pos)} keys"
-
-
 #: every registered method needs a config strategy and an invariant check (``None``: general only)
 METHODS = {
     "token_sparse": (token_sparse_configs(), check_token_sparse),
@@ -719,7 +708,7 @@ METHODS = {
     "fast_v": (fast_v_configs(), None),
     "recycled_attention": (recycled_attention_configs(), check_recycled_attention),
     "landmark": (landmark_configs(), check_landmark),
-    "fasa": (fasa_configs(), check_fasa),
+    "fasa": (fasa_configs(), check_tidal_decode),  # the same rule: budget keys, the current token among them
     "razor_attention": (razor_attention_configs(), check_razor_attention),  # no selections: tests/test_rows.py checks its rows against a reference  # a prompt step: run_prompt_scenario
 }
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .cache import EvictingLayer, PreallocLayer
-from .executors import causal_mask, dense_attention, reference_attention
+from .executors import causal_mask, dense_attention, reference_attention, reference_probs
 
 
 class CacheRequiredError(RuntimeError):
@@ -197,10 +197,9 @@ class AttentionCall:
         mask = self.mask
         if mask is None and self.q_len != self.k_len:
             mask = causal_mask(self.q_len, self.k_len, self.query.device)[None, None]
-        out, probs = reference_attention(self.query, self.key, self.value, mask, self.scale, bias, return_probs=True)
         if self.query.dtype != torch.float32:
-            out = self.dense(bias)
-        return out, probs
+            return self.dense(bias), reference_probs(self.query, self.key, mask, self.scale, bias)[0]
+        return reference_attention(self.query, self.key, self.value, mask, self.scale, bias, return_probs=True)
 
     @property
     def carry(self) -> dict:

@@ -127,6 +127,18 @@ def reference_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = N
     as with ``finfo.min`` masking). ``return_probs``: also return the attention probabilities
     ``(B, Hq, Lq, Lk)`` fp32 the output was computed from (one pass: a method that ranks keys by
     the attention of a dense step reads them here instead of computing the logits twice)."""
+    b, hq, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    p, lse = reference_probs(q, k, mask, scale, bias, return_lse)
+    out = (p.view(b, hkv, g * lq, lk) @ v.float()).view(b, hq, lq, v.shape[-1]).to(q.dtype)
+    extra = ((lse,) if return_lse else ()) + ((p,) if return_probs else ())
+    return (out, *extra) if extra else out
+
+
+def reference_probs(q, k, mask=None, scale=None, bias: KeyBias | None = None, return_lse: bool = False):
+    """The probabilities ``(B, Hq, Lq, Lk)`` fp32 of :func:`reference_attention` (and its log-sum-exp
+    ``(B, Hq, Lq)`` when ``return_lse``, else ``None``), without the product with V."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -137,11 +149,7 @@ def reference_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = N
         s = s + bias_at(bias, torch.arange(lk, device=q.device)[None, None], hq)[:, :, None, :]
     allowed = _expand_heads(mask, hq) if mask is not None else causal_mask(lq, lk, q.device)
     lse = s.masked_fill(~allowed, float("-inf")).logsumexp(-1) if return_lse else None
-    s = s.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    p = s.softmax(-1)
-    out = (p.view(b, hkv, g * lq, lk) @ v.float()).view(b, hq, lq, v.shape[-1]).to(q.dtype)
-    extra = ((lse,) if return_lse else ()) + ((p,) if return_probs else ())
-    return (out, *extra) if extra else out
+    return s.masked_fill(~allowed, torch.finfo(torch.float32).min).softmax(-1), lse
 
 
 def dense_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = None):
