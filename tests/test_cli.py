@@ -193,7 +193,7 @@ def test_bench_decode_rejects_zero_steps(no_model):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["bench", "attention", "--methods", "nope"], "--methods: nope; benchmarked methods: hip, token_sparse"),
+    (["bench", "attention", "--methods", "nope"], "--methods: nope; benchmarked methods: biformer, hip, token_sparse, xattention"),
     (["bench", "decode", "--methods", "hip"], "--methods applies to bench prefill and bench attention"),
 ])
 def test_bench_methods_filter_is_checked(no_model, argv, match):

@@ -64,6 +64,10 @@ SPARSE.update(
         "tidal_decode-token_select": ts.methods.get("tidal_decode")(budget=0.3, selection_layers=[0],
                                                                     scorer="token_select"),
         "streaming_llm-share": ts.methods.get("streaming_llm")(budget=0.5, n_sink=2),
+        "spatten-share-int4-heads": ts.methods.get("spatten")(budget=0.2, budget_first=0.5, dense_layers=0, n_local=2,
+                                                              quant="int4", threshold=0.3, head_prune=0.5),
+        "spatten-zero-heads": ts.methods.get("spatten")(budget=6, budget_first=12, dense_layers=0, n_local=2,
+                                                        head_prune=0.25, head_output="zero", prompt_window=None),
         "token_sparse-sinks-kv-head": ts.methods.get("token_sparse")(
             coverage=0.3, window=4, min_tokens=2, layers="all", sink_tokens=2, select_per="kv_head"
         ),

@@ -690,6 +690,108 @@ def fasa_configs(draw):
                 dense_layers=draw(st.integers(0, 1)), gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)))
 
 
+@st.composite
+def biformer_configs(draw):
+    return dict(
+        budget=draw(st.one_of(SHARES, st.integers(1, 40))),
+        block=draw(st.integers(1, 8)),
+        n_sink=draw(st.integers(0, 8)),
+        window=draw(st.integers(1, 12)),
+        dense_layers=draw(st.integers(0, 2)),
+        dense_tail=draw(st.integers(0, 12)),
+        impl=draw(st.sampled_from(["auto", "sdpa", "gather", "reference"])),  # flex: tests/test_blocks.py (compiles)
+    )
+
+
+def check_biformer(m, r: Record, sc: Scenario) -> None:
+    """Each query block of each row's real tokens reads its sinks, its window (diagonal included)
+    and routed blocks up to its budget — exactly ``max(keep, forced)`` blocks, nothing later than
+    itself; the prompt's tail reads everything."""
+    assert r.call_kind == "prefill" and r.layer >= m.dense_layers
+    if r.kind == "dense":  # every causal block chosen: a complete selection runs dense
+        return
+    assert r.kind == "blocks"
+    bs = m.block
+    sink, win = -(-m.n_sink // bs), -(-m.window // bs)
+    for i in range(r.idx.shape[0]):
+        real = int(r.n_real[i])
+        nb = -(-real // bs)
+        for j in range(r.idx.shape[1]):
+            for qb in range(r.idx.shape[2]):
+                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
+                if qb >= nb:
+                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
+                    continue
+                if m.dense_tail and qb >= (real - m.dense_tail) // bs:
+                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
+                    continue
+                always = {b for b in range(qb + 1) if b < sink or b > qb - win}
+                keep = math.ceil(m.budget * (qb + 1)) if isinstance(m.budget, float) else -(-m.budget // bs)
+                assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+                assert len(got) == min(qb + 1, max(keep, len(always))), f"row {i}, head {j}, block {qb}: {sorted(got)}"
+
+
+@st.composite
+def spatten_configs(draw):
+    return dict(budget=draw(st.one_of(SHARES, st.integers(1, 30))), budget_first=draw(st.one_of(SHARES, st.integers(1, 40))),
+                dense_layers=draw(st.integers(0, 2)), n_local=draw(st.integers(1, 6)),
+                prompt_window=draw(st.sampled_from([None, 0, 3, 32])), head_prune=draw(st.sampled_from([0.0, 0.25, 0.5])),
+                head_output=draw(st.sampled_from(["last", "zero"])), quant=draw(st.sampled_from([None, "int8", "int4"])),
+                threshold=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])), pool_kernel=draw(st.integers(1, 4)))
+
+
+def check_spatten(m, r: Record, sc: Scenario) -> None:
+    """One set per sequence; the call's own tokens and the last ``n_local`` real tokens are always read
+    (tests/test_spatten.py replays the whole cascade by brute force)."""
+    assert r.call_kind in ("decode", "chunk"), r.call_kind
+    if r.kind == "dense":  # nothing pruned (yet) in this layer
+        return
+    assert r.kind == "keys" and r.idx.shape[1] == 1
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        got = _ranks(r, i, pos)
+        recent = set(range(max(1, real - max(m.n_local, r.q_len) + 1), real + 1))
+        assert recent <= got, f"row {i}: recent tokens {sorted(recent - got)} not read"
+
+
+@st.composite
+def xattention_configs(draw):
+    stride = draw(st.integers(1, 4))
+    return dict(
+        threshold=draw(st.sampled_from([0.3, 0.6, 0.9, 1.0])),
+        stride=stride,
+        block=stride * draw(st.integers(1, 4)),
+        dense_layers=draw(st.integers(0, 2)),
+        dense_tail=draw(st.integers(0, 12)),
+        select_per=draw(st.sampled_from(["query_head", "kv_head"])),
+        impl=draw(st.sampled_from(["auto", "sdpa", "gather", "reference"])),
+    )
+
+
+def check_xattention(m, r: Record, sc: Scenario) -> None:
+    """Each query block of each row's real tokens reads its first block and its diagonal block,
+    nothing later than itself; the prompt's tail reads everything (the threshold rule itself:
+    tests/test_prefill_routing.py)."""
+    assert r.call_kind == "prefill" and r.layer >= m.dense_layers
+    if r.kind == "dense":
+        return
+    assert r.kind == "blocks"
+    bs = m.block
+    for i in range(r.idx.shape[0]):
+        real = int(r.n_real[i])
+        nb = -(-real // bs)
+        for j in range(r.idx.shape[1]):
+            for qb in range(r.idx.shape[2]):
+                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
+                if qb >= nb:
+                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
+                    continue
+                if m.dense_tail and qb >= (real - m.dense_tail) // bs:
+                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
+                    continue
+                assert {0, qb} <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+
+
 #: every registered method needs a config strategy and an invariant check (``None``: general only)
 METHODS = {
     "token_sparse": (token_sparse_configs(), check_token_sparse),
@@ -702,12 +804,15 @@ METHODS = {
     "quest": (quest_configs(), check_quest),
     "zero_tuning": (zero_tuning_configs(), check_zero_tuning),
     "hip": (hip_configs(), check_hip),
+    "biformer": (biformer_configs(), check_biformer),
+    "xattention": (xattention_configs(), check_xattention),
     "frugal_prompt": (frugal_prompt_configs(), check_frugal_prompt),
     "pyramid_kv": (pyramid_kv_configs(), check_pyramid_kv),
     "ada_kv": (ada_kv_configs(), check_ada_kv),
     "fast_v": (fast_v_configs(), None),
     "recycled_attention": (recycled_attention_configs(), check_recycled_attention),
     "landmark": (landmark_configs(), check_landmark),
+    "spatten": (spatten_configs(), check_spatten),
     "fasa": (fasa_configs(), check_tidal_decode),  # the same rule: budget keys, the current token among them
     "razor_attention": (razor_attention_configs(), check_razor_attention),  # no selections: tests/test_rows.py checks its rows against a reference  # a prompt step: run_prompt_scenario
 }

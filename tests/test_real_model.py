@@ -27,6 +27,8 @@ CONFIGS = {
     "tova": {"budget": 0.5},
     "zero_tuning": {"gamma": 1.5},
     "hip": {},
+    "biformer": {},
+    "xattention": {},
     "quest": {"budget": 0.25},
     "h2o": {"budget": 0.5},
     "pyramid_kv": {"budget": 0.5},
@@ -38,6 +40,7 @@ CONFIGS = {
     "razor_attention": {},
     "recycled_attention": {"budget": 0.25, "stride": 16},
     "landmark": {"budget": 0.25},
+    "spatten": {},
     "fasa": {"budget": 0.25},
 }
 

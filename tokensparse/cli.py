@@ -347,17 +347,29 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="speed benchmarks (prefill, decode, attention-only, executors on random tensors)")
-    s.add_argument("what", choices=("prefill", "decode", "attention", "executors"))
+    s.add_argument("what", choices=("prefill", "decode", "attention", "executors", "context-parallel"))
     s.add_argument("--lengths", help="comma-separated context lengths (default 8192; executors: 2048,4096,8192)")
     s.add_argument("--repeats", type=int, help="interleaved timing rounds (default 3; executors: 5)")
-    s.add_argument("--densities", help="executors only: comma-separated kept shares in (0, 1] (default 0.1,0.25,0.5)")
-    s.add_argument("--device", default="cpu", help="executors only: torch device of the random tensors")
+    s.add_argument("--densities", help="executors and context-parallel: comma-separated kept shares in (0, 1] "
+                                         "(default 0.1,0.25,0.5; context-parallel: 1,0.25,0.1)")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N; an unavailable device is an error")
+    s.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="weights and activations (executors: the random tensors); default fp32")
+    s.add_argument("--model-config", metavar="NAME",
+                   help="benchmark a named model shape with random weights instead of the bundled model "
+                        "(llama-3.1-8b, llama-3.2-1b, qwen3-8b, smollm2-135m; prompts are random token ids); "
+                        "executors: take the attention shape (heads, head size) from it")
+    s.add_argument("--layers", type=int, help="with --model-config: keep only the first N decoder layers")
+    s.add_argument("--seed", type=int, default=0, help="seed of random weights, random prompts and random tensors")
     s.add_argument("--steps", type=int, default=16, help="decode steps timed per run")
     s.add_argument("--methods", help="prefill/attention only: comma-separated method names whose configurations run "
                                      "(default: all of tokensparse.bench.prefill.CONFIGS)")
     s.add_argument("--variants", help="decode only: a JSON file listing {label, method, config} objects to time "
                                       "instead of the default configurations")
     s.add_argument("--no-dynamic", action="store_true", help="decode with --variants: leave out dense DynamicCache")
+    s.add_argument("--ranks", type=int, default=2, help="context-parallel only: gloo ranks on this machine, one "
+                                                         "thread each (default 2)")
+    s.add_argument("--block", type=int, default=64, help="context-parallel only: block size of the sparse variants")
     s.add_argument("--json", help="write results as JSON")
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_bench)

@@ -1,6 +1,7 @@
 """Decode benchmark: ms/token at long contexts for dense (stock ``DynamicCache`` and the engine's
-preallocated ``KVCache``) and the decode-time methods (TokenSelect, TidalDecode) over the
-preallocated cache.
+preallocated ``KVCache``) and the decode-time methods (TokenSelect, TidalDecode, Quest) over the
+preallocated cache; eviction methods (SnapKV, ...) given with ``--variants`` decode over the cache
+their own prefill compressed (that prefill is untimed; ``kv_bytes_at_start`` shows what it kept).
 
 For each length a pass key prompt is prefilled densely once (untimed); every variant then decodes
 ``steps`` greedy tokens from its own copy of that cache, one timed step at a time. Variants are
@@ -12,20 +13,29 @@ every method the share of the step time spent selecting (scoring and top-k, time
 around each selection: ``Session.time_selection``). ``variants`` (``--variants FILE``) replaces the
 default method configurations; means are reported next to medians (a method with a periodic full
 step is judged on the mean).
+
+Any device and dtype (``--device``, ``--dtype``), on the bundled model or a named shape with random
+weights (``--model-config``, ``--layers``: random prompt ids, no RoPE change). Each step is timed
+between two device synchronisations (the next step needs this step's token anyway, so that is the
+latency a user sees). On CUDA the session's selection timer would read the host clock around
+asynchronous launches, so the selection share is measured instead in one extra, untimed round per
+method with the device synchronised around every selection (which serialises it: that round's step
+times are not reported, only the share). Each variant's peak device memory over its timed runs is
+recorded (CUDA only); it includes the weights, the shared prefilled cache and the variant's copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
 import torch
 
 import tokensparse as ts
-from tokensparse.demo import environment
 
-from . import spread
-from .prefill import _prompt
+from . import (MEMORY_NOTE, bench_prompt, check_fits, environment, load_bench_model, max_or_none, peak_memory_bytes,
+               reset_peak_memory, spread, sync, timed)
 
 TRAINED_CONTEXT = 8192
 
@@ -50,14 +60,36 @@ def _dynamic_copy(model, kv: ts.KVCache):
     return cache
 
 
-def _decode(model, cache, first_token: torch.Tensor, steps: int) -> list[float]:
+def _decode(model, cache, first_token: torch.Tensor, steps: int, device=None) -> list[float]:
+    """Seconds of each of ``steps`` greedy steps, each between two synchronisations of ``device``."""
     tok, times = first_token, []
     for _ in range(steps):
+        sync(device)
         t0 = time.perf_counter()
         logits = model(input_ids=tok, cache=cache, use_cache=True).logits
         tok = logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _synchronised_selection(session, device) -> None:
+    """Make ``session.selecting()`` (the block methods run their scoring and top-k in) synchronise
+    ``device`` before and after the block and add the time to ``stats["selection_s"]``: on CUDA the
+    session's own timer (host clock only) would measure kernel launches. Set on this session
+    instance only; the engine is unchanged."""
+
+    @contextlib.contextmanager
+    def selecting():
+        sync(device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(device)
+            session.stats["selection_s"] += time.perf_counter() - t0
+
+    session.selecting = selecting
 
 
 def load_variants(path: str) -> list[tuple[str, str, dict]]:
@@ -84,48 +116,85 @@ def load_variants(path: str) -> list[tuple[str, str, dict]]:
 
 @torch.no_grad()
 def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = None,
-        variants: list[tuple[str, str, dict]] | None = None, dynamic: bool = True) -> dict:
+        variants: list[tuple[str, str, dict]] | None = None, dynamic: bool = True, *,
+        device="cpu", dtype: torch.dtype = torch.float32, model_config: str | None = None,
+        layers: int | None = None, seed: int = 0) -> dict:
+    """Decode ms/token per variant and length (see the module docstring). ``model_config`` (with
+    ``layers``) benchmarks that shape with random weights instead of the bundled model."""
     from tqdm.auto import tqdm
 
-    out = {"env": environment(), "kind": "decode", "steps": steps, "results": []}
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    out = {"env": environment(device, dtype), "kind": "decode", "steps": steps, "model": None,
+           "memory_note": MEMORY_NOTE + "; decode: the shared prefilled cache and the variant's copy of it both count",
+           "selection_timing": ("separate untimed round, device synchronised around each selection" if cuda
+                                else "session timer during the timed rounds"),
+           "results": []}
     threads = torch.get_num_threads()
     fill_threads = fill_threads or os_cpus()
+    model = None
     for length in lengths:
         rope = None
-        if length > TRAINED_CONTEXT:
+        if model_config is None and length > TRAINED_CONTEXT:
             rope = {"rope_type": "yarn", "factor": float(2 ** (length // TRAINED_CONTEXT - 1).bit_length())}
-        model, tok = ts.load_model(rope_scaling=rope)
-        ids = _prompt(tok, length)
-        kv = ts.KVCache(model, capacity=ids.shape[1] + steps * repeats + 8)
-        torch.set_num_threads(fill_threads)
-        t0 = time.perf_counter()
-        logits = model(input_ids=ids, cache=kv, logits_to_keep=1).logits
-        fill_s = time.perf_counter() - t0
-        torch.set_num_threads(threads)
-        first = logits[:, -1].argmax(-1, keepdim=True)
+        if model is None or model_config is None:  # the bundled model's RoPE scaling depends on the length
+            model, tok, info = load_bench_model(device=device, dtype=dtype, model_config=model_config,
+                                                layers=layers, seed=seed, rope_scaling=rope)
+            out["model"] = out["model"] or info
         runs = ([("dense DynamicCache", None)] if dynamic else []) + [("dense KVCache (prealloc)", None)] + [
             (label, ts.methods.get(name)(**kw)) for label, name, kw in (variants or SELECT_CONFIGS)
         ]
+        check_fits(model, runs)
+        ids = bench_prompt(model, tok, length, seed=seed)
+        kv = ts.KVCache(model, capacity=ids.shape[1] + steps * repeats + 8)
+        torch.set_num_threads(fill_threads)
+        holder = {}
+        fill_s = timed(lambda: holder.update(logits=model(input_ids=ids, cache=kv, logits_to_keep=1).logits), device)
+        torch.set_num_threads(threads)
+        first = holder.pop("logits")[:, -1].argmax(-1, keepdim=True)
+        start = {label: (kv, first) for label, _ in runs}
+        for label, method in runs:  # eviction methods compress the prompt in their own prefill (untimed)
+            if method is not None and method.needs_evicting_cache:
+                with ts.sparsify(model, method) as s:
+                    own = s.new_cache(capacity=ids.shape[1] + steps * repeats + 8)
+                    logits = model(input_ids=ids, cache=own, logits_to_keep=1).logits
+                start[label] = (own, logits[:, -1].argmax(-1, keepdim=True))
+                del logits
         times = {label: [] for label, _ in runs}
         hits = {label: [0, 0] for label, _ in runs}
         selection_s = {label: 0.0 for label, _ in runs}
+        peaks = {label: None for label, _ in runs}
         for r in tqdm(range(repeats + 1), desc=f"decode @{ids.shape[1]}"):
             warm = r == 0  # a first untimed round of 2 steps per variant
             for label, method in runs:
                 n = 2 if warm else steps
+                reset_peak_memory(device)
                 if method is None:
                     cache = _dynamic_copy(model, kv) if "Dynamic" in label else kv.clone()
-                    t = _decode(model, cache, first, n)
+                    t = _decode(model, cache, first, n, device)
+                    del cache
                 else:
+                    cache0, tok0 = start[label]
                     with ts.sparsify(model, method) as s:
-                        s.time_selection = True
-                        t = _decode(model, kv.clone(), first, n)
+                        s.time_selection = not cuda
+                        t = _decode(model, cache0.clone(), tok0, n, device)
                     if not warm:
                         selection_s[label] += s.stats.get("selection_s", 0.0)
                         hits[label][0] += s.stats.get("reuse", 0)
                         hits[label][1] += s.stats.get("reuse", 0) + s.stats.get("select", 0)
                 if not warm:
                     times[label] += t
+                    peaks[label] = max_or_none(peaks[label], peak_memory_bytes(device))
+        step_s = {label: sum(times[label]) for label, _ in runs}
+        if cuda:  # the selection share from its own synchronised round (see the module docstring)
+            for label, method in runs:
+                if method is not None:
+                    cache0, tok0 = start[label]
+                    with ts.sparsify(model, method) as s:
+                        s.time_selection = True
+                        _synchronised_selection(s, device)
+                        step_s[label] = sum(_decode(model, cache0.clone(), tok0, steps, device))
+                    selection_s[label] = s.stats.get("selection_s", 0.0)
         base = statistics.median(times["dense KVCache (prealloc)"])
         base_mean = statistics.fmean(times["dense KVCache (prealloc)"])
         for label, method in runs:
@@ -137,8 +206,11 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
                 "speedup_vs_dense_prealloc": base / statistics.median(times[label]),
                 # periodic methods (a full step every S steps) are judged on the mean: the median hides the full steps
                 "mean_speedup_vs_dense_prealloc": base_mean / statistics.fmean(times[label]),
-                "selection_share": selection_s[label] / sum(times[label]) if method is not None else None,
+                "selection_share": selection_s[label] / step_s[label] if method is not None else None,
                 "fill_prefill_s": fill_s, "fill_threads": fill_threads,
+                "peak_device_bytes": peaks[label],
+                # K/V bytes a step starts from: the whole prompt's, or what an eviction method kept of it
+                "kv_bytes_at_start": int(start[label][0].bytes_held()),
             }
             if method is not None:
                 row["config"] = method.config_dict()
@@ -148,11 +220,16 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
             extra = f"  hit rate {row['selection_cache_hit_rate']:.2f}" if "selection_cache_hit_rate" in row else ""
             if row["selection_share"] is not None:
                 extra += f"  selection {100 * row['selection_share']:.1f}% of step time"
+            if peaks[label] is not None:
+                extra += f"  peak {peaks[label] / 2**30:.1f} GiB"
             print(f"{ids.shape[1]:>6} {label:<46} {statistics.median(ms):7.1f} ms/token "
                   f"({min(ms):.1f}-{max(ms):.1f}; mean {row['mean_ms_per_token']:.1f})  "
                   f"x{row['speedup_vs_dense_prealloc']:.2f} (mean x{row['mean_speedup_vs_dense_prealloc']:.2f}) "
                   f"vs dense prealloc{extra}")
-        del model, kv
+        del kv, start
+        if model_config is None:
+            del model
+            model = None
     return out
 
 

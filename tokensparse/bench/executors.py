@@ -23,22 +23,34 @@ What is not timed: building the tensors and the buffer, drawing ``idx`` (in a me
 and top-k; ``tokensparse bench attention`` times Token Sparse's on real tensors), and the
 correctness check.
 
-Per case: every output, dense included, is first checked against the fp32 oracle (prefill: the
-executor's own ``impl="reference"`` and :func:`reference_attention`, one query head at a time to
-bound memory; decode: :func:`reference_attention` with the equivalent key mask), and the max abs
-error is recorded (a run aborts past ``1e-3`` in fp32);
-then every variant is warmed up and the variants are timed interleaved, ``repeats`` times. A
+Per case: every output, dense included, is first checked against an fp32 oracle computed from the
+definition with :func:`reference_attention`, and the max abs error is recorded (a run aborts past
+``1e-3`` in fp32/fp64, ``3e-2`` in bf16/fp16). Decode: the whole output (one query row) against
+the reference with the equivalent key mask. Prefill: a full ``L × L`` reference is 17 GB per head
+in fp32 at 64K and 69 GB at 128K, so the gate checks a seeded sample of ``check_rows`` query rows
+per head (every row when ``L <= check_rows``): always the last row, up to half of the rest drawn
+from the head's selected positions (the rows a token-sparse output is not zero by construction)
+and the rest uniformly; the reference of those rows alone costs ``check_rows × L`` per head.
+Unselected rows of a sparse output in the sample are checked to be exactly what the definition
+says (zero). A sample can miss an error confined to rows it did not draw; the seed and the row
+count are recorded with the results.
+
+Then every variant is warmed up and the variants are timed interleaved, ``repeats`` times. A
 decode sample is a loop of ``decode_calls`` calls divided by ``decode_calls`` (one call is ~0.1
-ms). On CUDA the device is synchronised before and at the end of each timed region. Reported:
-median ms with min–max, and ``speedup_vs_dense`` = dense median / executor median, both measured
-in the same process in the same interleaved rounds.
+ms). On CUDA the device is synchronised before and at the end of each timed region
+(:func:`tokensparse.bench.timed`). Reported: median ms with min–max, ``speedup_vs_dense`` = dense
+median / executor median, both measured in the same process in the same interleaved rounds, and
+on CUDA the peak device memory of one call of each variant, measured in an extra untimed call
+(``peak_device_bytes``: the case's inputs, which stay allocated, included; ``None`` on CPU).
+
+``model_config`` takes the attention shape (query heads, KV heads, head size) of a named model
+(:mod:`tokensparse.bench.model_configs`), e.g. ``llama-3.1-8b``: 32/8/128.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tokensparse.demo import environment
 from tokensparse.engine.executors import (
     compress_attend_scatter,
     dense_attention,
@@ -48,7 +60,7 @@ from tokensparse.engine.executors import (
     segments_attend,
 )
 
-from . import spread, timed
+from . import environment, peak_memory_bytes, reset_peak_memory, spread, sync, timed
 
 DEFAULT_LENGTHS = (2048, 4096, 8192)
 DEFAULT_DENSITIES = (0.1, 0.25, 0.5)
@@ -58,6 +70,9 @@ TOLERANCE, HALF_TOLERANCE = 1e-3, 3e-2
 
 N_SINK = 4
 N_LOCAL = 64
+
+#: query rows per head the prefill correctness gate checks (see the module docstring)
+CHECK_ROWS = 64
 
 
 def validate(lengths, densities, repeats: int) -> None:
@@ -87,19 +102,12 @@ def _key_mask(idx: torch.Tensor, length: int) -> torch.Tensor:
     return mask.scatter_(2, idx, True)[:, :, None]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _ms_per_call(fn, calls: int, device: torch.device) -> float:
     def loop():
         for _ in range(calls):
             fn()
-        _sync(device)
 
-    _sync(device)
-    return 1000 * timed(loop) / calls
+    return 1000 * timed(loop, device) / calls
 
 
 def _interleaved(fns: dict, repeats: int, calls: int, warmup: int, device: torch.device) -> dict:
@@ -107,12 +115,27 @@ def _interleaved(fns: dict, repeats: int, calls: int, warmup: int, device: torch
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    _sync(device)
+    sync(device)
     samples = {label: [] for label in fns}
     for _ in range(repeats):
         for label, fn in fns.items():
             samples[label].append(_ms_per_call(fn, calls, device))
     return samples
+
+
+def _peaks(fns: dict, device: torch.device) -> dict:
+    """Peak device bytes of one extra call of each function (CUDA); ``None`` each elsewhere, without
+    calling anything. The inputs already allocated count: it is what the call needs on the device."""
+    if device.type != "cuda":
+        return {label: None for label in fns}
+    out = {}
+    for label, fn in fns.items():
+        sync(device)
+        reset_peak_memory(device)
+        fn()
+        sync(device)
+        out[label] = peak_memory_bytes(device)
+    return out
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -124,22 +147,62 @@ def _check(err: float, tol: float, what: str) -> None:
         raise RuntimeError(f"{what}: max abs error {err:.3g} against the reference exceeds {tol:g}")
 
 
-def _prefill_errors(q, k, v, out_dense, sparse, scale) -> dict:
-    """Max abs error of each output against the reference, one query head at a time (the
-    reference materialises ``L × L`` logits and masks; per head that is ~1 GB at 8K in fp32)."""
-    hq, hkv = q.shape[1], k.shape[1]
-    g = hq // hkv
+def rows_to_check(length: int, count: int, generator: torch.Generator, selected: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted distinct query rows (CPU ``int64``) the prefill gate checks: all ``length`` rows if
+    ``count >= length``; else the last row, up to half of ``count`` drawn from ``selected`` (1-D
+    positions, e.g. a head's selection) and the rest uniformly from ``[0, length)``."""
+    if count >= length:
+        return torch.arange(length)
+    rows = {length - 1}
+    if selected is not None:
+        pool = selected[selected != length - 1].cpu()
+        take = min(pool.numel(), (count - 1) // 2)
+        rows.update(pool[torch.randperm(pool.numel(), generator=generator)[:take]].tolist())
+    for r in torch.randperm(length, generator=generator).tolist():
+        if len(rows) >= count:
+            break
+        rows.add(r)
+    return torch.tensor(sorted(rows))
+
+
+def sampled_reference(q, k, v, rows: torch.Tensor, scale: float, selected: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 causal attention of query rows ``rows`` only: ``(B, 1, r, Dv)`` for one query head.
+
+    ``q (B, 1, L, D)``, ``k``/``v (B, 1, L, D)`` (the head's KV head). ``selected (B, L)`` bool makes it
+    token-sparse attention by definition: a selected query row attends to the selected keys at or
+    before it; an unselected row is zero. Costs ``r × L`` (never ``L × L``)."""
+    b, length = q.shape[0], k.shape[2]
+    dev = q.device
+    r = rows.to(dev)
+    keys = torch.arange(length, device=dev)
+    allowed = (keys[None, :] <= r[:, None])[None, None].expand(b, 1, r.numel(), length)  # (B, 1, r, L)
+    if selected is not None:
+        allowed = allowed & selected[:, None, None, :]
+        allowed = allowed | (keys[None, :] == r[:, None])[None, None]  # unselected rows stay finite; zeroed below
+    out = reference_attention(q[:, :, r].float(), k.float(), v.float(), allowed, scale)
+    if selected is not None:
+        out = out * selected[:, r][:, None, :, None].to(out.dtype)
+    return out
+
+
+def _prefill_errors(q, k, v, out_dense, sparse, scale, check_rows: int, generator: torch.Generator) -> dict:
+    """Max abs error of each prefill output against :func:`sampled_reference` over a sample of
+    ``check_rows`` query rows per head (:func:`rows_to_check`), one query head at a time."""
+    b, hq, length = q.shape[0], q.shape[1], q.shape[2]
+    g = hq // k.shape[1]
     errs = {"dense": 0.0, **{label: 0.0 for label in sparse}}
     for h in range(hq):
         j = h // g
         qh, kh, vh = q[:, h : h + 1], k[:, j : j + 1], v[:, j : j + 1]
-        ref = reference_attention(qh, kh, vh, None, scale)
-        errs["dense"] = max(errs["dense"], _max_err(out_dense[:, h : h + 1], ref))
-        del ref
+        rows = rows_to_check(length, check_rows, generator)
+        ref = sampled_reference(qh, kh, vh, rows, scale)
+        errs["dense"] = max(errs["dense"], _max_err(out_dense[:, h : h + 1, rows.to(q.device)], ref))
         for label, (idx, out) in sparse.items():
-            ih = idx[:, h : h + 1] if idx.shape[1] == hq else idx[:, j : j + 1]
-            ref = compress_attend_scatter(qh, kh, vh, ih, scale, impl="reference")
-            errs[label] = max(errs[label], _max_err(out[:, h : h + 1], ref))
+            ih = idx[:, h] if idx.shape[1] == hq else idx[:, j]  # (B, n)
+            sel = torch.zeros(b, length, dtype=torch.bool, device=q.device).scatter_(1, ih, True)
+            rows = rows_to_check(length, check_rows, generator, selected=ih[0])
+            ref = sampled_reference(qh, kh, vh, rows, scale, sel)
+            errs[label] = max(errs[label], _max_err(out[:, h : h + 1, rows.to(q.device)], ref))
     return errs
 
 
@@ -168,6 +231,8 @@ def run(
     decode_calls: int = 50,
     warmup: int = 2,
     seed: int = 0,
+    check_rows: int = CHECK_ROWS,
+    model_config: str | None = None,
     progress: bool = False,
 ) -> dict:
     """Time every executor against dense SDPA; returns ``{"env", "kind", "config", "results"}``.
@@ -191,6 +256,13 @@ def run(
         Calls per decode sample (one call is too short to time alone).
     warmup:
         Untimed calls of each variant before the rounds.
+    seed:
+        Seeds the tensors, the selections and the rows the prefill gate checks.
+    check_rows:
+        Query rows per head the prefill correctness gate checks (all of them when ``L <= check_rows``).
+    model_config:
+        Only recorded: the name of the model whose attention shape ``q_heads``/``kv_heads``/``head_dim``
+        were taken from (the CLI passes both).
     """
     from tqdm.auto import tqdm
 
@@ -201,22 +273,24 @@ def run(
         raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
     if decode_calls < 1 or warmup < 0:
         raise ValueError(f"decode_calls must be >= 1 and warmup >= 0, got {decode_calls} and {warmup}")
+    if check_rows < 1:
+        raise ValueError(f"check_rows must be >= 1, got {check_rows}")
     device = torch.device(device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     tol = TOLERANCE if dtype in (torch.float32, torch.float64) else HALF_TOLERANCE
     scale = head_dim**-0.5
     gen = torch.Generator().manual_seed(seed)
+    check_gen = torch.Generator().manual_seed(seed + 1)  # the gate's rows: drawn apart from the tensors
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    env = environment()
-    env.update(dtype=str(dtype).removeprefix("torch."), device=str(device))
     out = {
-        "env": env, "kind": "attention executors",
+        "env": environment(device, dtype), "kind": "attention executors",
         "config": {"batch": batch, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim,
-                   "headroom": headroom, "keep_last": keep_last, "repeats": repeats,
-                   "decode_calls": decode_calls, "warmup": warmup, "seed": seed, "tolerance": tol},
+                   "model_config": model_config, "headroom": headroom, "keep_last": keep_last, "repeats": repeats,
+                   "decode_calls": decode_calls, "warmup": warmup, "seed": seed, "tolerance": tol,
+                   "check_rows": check_rows},
         "results": [],
     }
     cases = [(length, rho) for length in lengths for rho in densities]
@@ -237,19 +311,21 @@ def run(
             "kv": lambda: compress_attend_scatter(q, k, v, idx_kv, scale),
         }
         sparse_out = {"query": (idx_q, fns["query"]()), "kv": (idx_kv, fns["kv"]())}
-        errs = _prefill_errors(q, k, v, fns["dense"](), sparse_out, scale)
+        errs = _prefill_errors(q, k, v, fns["dense"](), sparse_out, scale, check_rows, check_gen)
         del sparse_out
         for label, err in errs.items():
             _check(err, tol, f"prefill {label} {where}")
         ms = _interleaved(fns, repeats, 1, warmup, device)
+        peak = _peaks(fns, device)
         dense_ms = spread(ms["dense"])["median"]
         ideal = (length / n) ** 2
         out["results"] += [
-            _row("prefill", length, rho, length, "dense_attention", "dense SDPA (causal)", ms["dense"], dense_ms, 1.0, errs["dense"]),
+            _row("prefill", length, rho, length, "dense_attention", "dense SDPA (causal)", ms["dense"], dense_ms, 1.0,
+                 errs["dense"], peak_device_bytes=peak["dense"]),
             _row("prefill", length, rho, n, "compress_attend_scatter", "compress_attend_scatter, idx per query head",
-                 ms["query"], dense_ms, ideal, errs["query"], idx_heads="query"),
+                 ms["query"], dense_ms, ideal, errs["query"], idx_heads="query", peak_device_bytes=peak["query"]),
             _row("prefill", length, rho, n, "compress_attend_scatter", "compress_attend_scatter, idx per KV head",
-                 ms["kv"], dense_ms, ideal, errs["kv"], idx_heads="kv"),
+                 ms["kv"], dense_ms, ideal, errs["kv"], idx_heads="kv", peak_device_bytes=peak["kv"]),
         ]
         del q, fns
 
@@ -280,17 +356,18 @@ def run(
         for label, err in errs.items():
             _check(err, tol, f"decode {label} {where}")
         ms = _interleaved(fns, repeats, decode_calls, warmup, device)
+        peak = _peaks(fns, device)
         dense_ms = spread(ms["dense"])["median"]
         ideal = length / n
         out["results"] += [
             _row("decode", length, rho, length, "dense_attention", "dense SDPA", ms["dense"], dense_ms, 1.0,
-                 errs["dense"], calls_per_sample=decode_calls),
+                 errs["dense"], calls_per_sample=decode_calls, peak_device_bytes=peak["dense"]),
             _row("decode", length, rho, n, "gather_attend", "gather_attend, idx per KV head", ms["gather"], dense_ms,
-                 ideal, errs["gather"], idx_heads="kv", calls_per_sample=decode_calls),
+                 ideal, errs["gather"], idx_heads="kv", calls_per_sample=decode_calls, peak_device_bytes=peak["gather"]),
             _row("decode", length, rho, n, "segments_attend",
                  f"segments_attend, {N_SINK} sink + {n_mid} gathered + {n_local} local",
                  ms["segments"], dense_ms, ideal, errs["segments"], idx_heads="kv", calls_per_sample=decode_calls,
-                 segments={"sink": N_SINK, "gathered": n_mid, "local": n_local}),
+                 segments={"sink": N_SINK, "gathered": n_mid, "local": n_local}, peak_device_bytes=peak["segments"]),
         ]
     return out
 
@@ -326,8 +403,10 @@ def format_table(result: dict) -> str:
     rule = "  ".join("-" * w for w in widths)
     env = result.get("env", {})
     cfg = result.get("config", {})
-    foot = (f"({env.get('device', '?')}, {env.get('dtype', '?')}, threads={env.get('threads', '?')}, torch {env.get('torch', '?')}; "
-            f"B={cfg.get('batch')} Hq={cfg.get('q_heads')} Hkv={cfg.get('kv_heads')} D={cfg.get('head_dim')}; "
+    gpu = f" {env['gpu']['name']}" if env.get("gpu") else ""
+    foot = (f"({env.get('device', '?')}{gpu}, {env.get('dtype', '?')}, threads={env.get('threads', '?')}, torch {env.get('torch', '?')}; "
+            f"B={cfg.get('batch')} Hq={cfg.get('q_heads')} Hkv={cfg.get('kv_heads')} D={cfg.get('head_dim')}"
+            + (f" ({cfg['model_config']})" if cfg.get("model_config") else "") + "; "
             f"median of {cfg.get('repeats')} interleaved rounds, decode per call over {cfg.get('decode_calls')} calls; "
             "ideal = 1/ρ² prefill, 1/ρ decode)")
     return "\n".join([fmt(header), rule, *map(fmt, lines), "", foot])

@@ -10,6 +10,11 @@ separately on those real tensors (one warm-up call, then
 ``repeats`` timed calls), and summed over layers per repetition (dense in the layers a
 configuration leaves dense): medians over repetitions with min–max. The warm-up call of the first
 sparse layer is timed on its own (``first_call_s``: FlexAttention compiles there).
+
+Both run on any device and dtype (``--device``, ``--dtype``) and on the bundled model or a named
+shape with random weights (``--model-config``, ``--layers``; the prompt is then random ids of the
+requested length). Every timed region is synchronised on CUDA (:func:`tokensparse.bench.timed`);
+end to end, each variant's peak device memory over its timed runs is recorded (CUDA only).
 """
 
 from __future__ import annotations
@@ -19,13 +24,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 import tokensparse as ts
-from tokensparse.demo import environment
 from tokensparse.engine import Method, execute
 from tokensparse.engine.executors import dense_attention
-from tokensparse.eval import tasks
-from tokensparse.eval.harness import encode_sample
 
-from . import spread, timed
+from . import (MEMORY_NOTE, bench_prompt, check_fits, environment, load_bench_model, max_or_none, peak_memory_bytes,
+               reset_peak_memory, spread, timed)
 
 #: Configurations benchmarked (label, method, settings). Token Sparse first with the paper's
 #: defaults (τ = 0.005, W = 128, min 1024 tokens, layers from the drift profile at δ = 0.5); HiP at
@@ -42,6 +45,11 @@ CONFIGS = [
     ("hip (paper: per query head, no dense tail)", "hip", {"select_per": "query_head", "dense_tail": 0}),
     ("hip (dense tail 256: the first defaults)", "hip", {"dense_tail": 256}),
     ("hip (no dense layers, dense tail 256)", "hip", {"dense_tail": 256, "dense_layers": 0}),
+    ("biformer (defaults: 1/8 of the causal blocks)", "biformer", {}),
+    ("biformer 1/16", "biformer", {"budget": 0.0625}),
+    ("biformer 1/16, no dense layers", "biformer", {"budget": 0.0625, "dense_layers": 0}),
+    ("xattention (defaults: τ=0.9, stride 8)", "xattention", {}),
+    ("xattention τ=0.8, stride 16", "xattention", {"threshold": 0.8, "stride": 16}),
 ]
 
 
@@ -56,43 +64,57 @@ class _Capture(Method):
         return call.dense()
 
 
-def _prompt(tokenizer, length: int) -> torch.Tensor:
-    sample = tasks.passkey(tokenizer, length, depth=0.5)
-    ctx, q = encode_sample(tokenizer, sample)
-    return torch.cat([ctx, q], dim=1)
+def _setup(model, tokenizer, device, dtype, model_config, layers, seed):
+    """The model to benchmark (loaded unless passed in) and the ``"model"`` record of the result."""
+    if model is None:
+        return load_bench_model(device=device, dtype=dtype, model_config=model_config, layers=layers, seed=seed)
+    info = {"source": "passed in", "model_config": model_config, "layers": model.config.num_hidden_layers,
+            "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device)}
+    return model, tokenizer, info
 
 
 @torch.no_grad()
-def run(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, tokenizer=None) -> dict:
+def run(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, tokenizer=None, *,
+        device="cpu", dtype: torch.dtype = torch.float32, model_config: str | None = None,
+        layers: int | None = None, seed: int = 0) -> dict:
+    """End-to-end prefill time of dense SDPA and of each configuration (see the module docstring).
+
+    ``model``/``tokenizer`` may be passed in (tests); otherwise the bundled model is loaded, or the
+    ``model_config`` shape with random weights (cut to ``layers``) on ``device`` in ``dtype``."""
     from tqdm.auto import tqdm
 
-    if model is None:
-        model, tokenizer = ts.load_model()
-    out = {"env": environment(), "kind": "prefill end-to-end", "results": []}
+    model, tokenizer, info = _setup(model, tokenizer, device, dtype, model_config, layers, seed)
+    device = model.device
+    out = {"env": environment(device, model.dtype), "kind": "prefill end-to-end", "model": info,
+           "memory_note": MEMORY_NOTE, "results": []}
     for length in lengths:
-        ids = _prompt(tokenizer, length)
+        ids = bench_prompt(model, tokenizer, length, seed=seed)
         variants = [("dense (sdpa)", None)] + [(label, ts.methods.get(name)(**kw)) for label, name, kw in configs]
+        check_fits(model, variants)
 
         def once(method):
             """Seconds of one prefill, and the session's stats/info (empty for dense)."""
             if method is None:
-                return timed(lambda: model(input_ids=ids, cache=ts.KVCache(model), logits_to_keep=1)), {}, {}
+                return timed(lambda: model(input_ids=ids, cache=ts.KVCache(model), logits_to_keep=1), device), {}, {}
             with ts.sparsify(model, method) as s:
-                t = timed(lambda: model(input_ids=ids, cache=s.new_cache(), logits_to_keep=1))
+                t = timed(lambda: model(input_ids=ids, cache=s.new_cache(), logits_to_keep=1), device)
             return t, dict(s.stats), dict(s.info)
 
         model(input_ids=ids[:, :512], logits_to_keep=1)  # warm-up
         for _, method in variants[1:]:  # compile what compiles (FlexAttention) before timing
             once(method)
         times = {label: [] for label, _ in variants}
+        peaks = {label: None for label, _ in variants}
         meta = {}
         for _ in tqdm(range(repeats), desc=f"prefill {ids.shape[1]}"):
             for label, method in variants:
-                t, st, info = once(method)
+                reset_peak_memory(device)
+                t, st, info_ = once(method)
+                peaks[label] = max_or_none(peaks[label], peak_memory_bytes(device))
                 times[label].append(t)
                 if method is not None:
                     meta[label] = {
-                        "layers": info.get("token_sparse_layers"),
+                        "layers": info_.get("token_sparse_layers"),
                         "kept_share": st.get("kept_keys", 0) / max(st.get("total_keys", 1), 1),
                         "sparse_layers": st.get("sparse_calls", 0),
                         "config": method.config_dict(),
@@ -101,37 +123,44 @@ def run(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, 
         for label, _ in variants:
             s = spread(times[label])
             row = {"length": int(ids.shape[1]), "variant": label, "seconds": s,
-                   "speedup_vs_dense": dense["median"] / s["median"], **meta.get(label, {})}
+                   "speedup_vs_dense": dense["median"] / s["median"], "peak_device_bytes": peaks[label],
+                   **meta.get(label, {})}
             out["results"].append(row)
             print(f"{ids.shape[1]:>6} {label:<40} {s['median']:7.2f} s  ({s['min']:.2f}-{s['max']:.2f})  "
-                  f"x{row['speedup_vs_dense']:.2f}" + (f"  kept {row['kept_share']:.2f}" if "kept_share" in row else ""))
+                  f"x{row['speedup_vs_dense']:.2f}" + (f"  kept {row['kept_share']:.2f}" if "kept_share" in row else "")
+                  + (f"  peak {peaks[label] / 2**30:.1f} GiB" if peaks[label] is not None else ""))
     return out
 
 
-def _timed_repeats(fn, repeats: int) -> list[float]:
+def _timed_repeats(fn, repeats: int, device=None) -> list[float]:
     """One untimed warm-up call, then ``repeats`` timed calls."""
     fn()
-    return [timed(fn) for _ in range(repeats)]
+    return [timed(fn, device) for _ in range(repeats)]
 
 
 @torch.no_grad()
-def run_attention_only(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, tokenizer=None) -> dict:
+def run_attention_only(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, tokenizer=None, *,
+                       device="cpu", dtype: torch.dtype = torch.float32, model_config: str | None = None,
+                       layers: int | None = None, seed: int = 0) -> dict:
     """Per-layer attention time on captured real Q/K/V: dense vs selection + executor.
 
     Every timed call is warmed up once and repeated ``repeats`` times; a total is the sum over
     layers of the calls of one repetition, reported as the median over repetitions with its spread
     (min–max). A layer a configuration leaves dense counts with dense's time of that repetition.
+    The model options are :func:`run`'s.
     """
-    if model is None:
-        model, tokenizer = ts.load_model()
-    out = {"env": environment(), "kind": "prefill attention-only", "repeats": repeats, "results": []}
+    model, tokenizer, info = _setup(model, tokenizer, device, dtype, model_config, layers, seed)
+    device = model.device
+    check_fits(model, [(label, ts.methods.get(name)(**kw)) for label, name, kw in configs])
+    out = {"env": environment(device, model.dtype), "kind": "prefill attention-only", "model": info,
+           "repeats": repeats, "results": []}
     for length in lengths:
-        ids = _prompt(tokenizer, length)
+        ids = bench_prompt(model, tokenizer, length, seed=seed)
         cap = _Capture()
         with ts.sparsify(model, cap):
             model(input_ids=ids, cache=ts.KVCache(model), logits_to_keep=1)
         calls = [cap.calls[i] for i in sorted(cap.calls)]
-        dense_t = [_timed_repeats(lambda: dense_attention(call.query, call.key, call.value, None, call.scale), repeats)
+        dense_t = [_timed_repeats(lambda: dense_attention(call.query, call.key, call.value, None, call.scale), repeats, device)
                    for call in calls]
         dense_tot = spread([sum(t[r] for t in dense_t) for r in range(repeats)])
         out["results"].append({"length": int(ids.shape[1]), "variant": "dense (sdpa)",
@@ -149,9 +178,9 @@ def run_attention_only(lengths, repeats: int = 3, steps: int = 0, configs=CONFIG
                         exe_r = [a + b for a, b in zip(exe_r, td)]
                         continue
                     if first is None:
-                        first = timed(lambda: execute(call, sel))
-                    sel_r = [a + b for a, b in zip(sel_r, _timed_repeats(lambda: method.select(call), repeats))]
-                    exe = _timed_repeats(lambda: execute(call, sel), repeats)
+                        first = timed(lambda: execute(call, sel), device)
+                    sel_r = [a + b for a, b in zip(sel_r, _timed_repeats(lambda: method.select(call), repeats, device))]
+                    exe = _timed_repeats(lambda: execute(call, sel), repeats, device)
                     exe_r = [a + b for a, b in zip(exe_r, exe)]
                     kept.append(sel.kept() / call.k_len)
             sel, exe = spread(sel_r), spread(exe_r)

@@ -103,16 +103,17 @@ def width_groups(sets: torch.Tensor, keep_empty: bool = False) -> list[tuple[int
 
 
 def token_mask(sel: Selection, lq: int, lk: int, key_valid: torch.Tensor | None = None,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
+               rows: torch.Tensor | None = None, query_start: int | None = None) -> torch.Tensor:
     """``(B, H, len(rows), Lk)`` bool: the (query row, key) pairs ``sel`` allows, causality and
-    padding included (``rows``: call query rows to build, default all)."""
+    padding included (``rows``: call query rows to build, default all; ``query_start``: the key
+    position of the first query, default ``lk - lq``, see :func:`block_attend`)."""
     idx, valid = sel.idx, sel.valid
     b, h, nqb, _ = idx.shape
     dev = idx.device
     bq, bk = sel.block_q, sel.block_k
     nkb = n_blocks(lk, bk)
     rows = torch.arange(lq, device=dev) if rows is None else rows
-    off = lk - lq
+    off = lk - lq if query_start is None else query_start
     starts = torch.tensor(row_starts(key_valid, b), device=dev)  # (B,)
     blockset = _blockset(idx, valid, nkb)
     q_first = (starts - off).clamp_min(0)  # first real query row of each row
@@ -158,10 +159,17 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
 
 
 def block_attend(q, k, v, sel: Selection, scale: float, *, key_valid: torch.Tensor | None = None,
-                 impl: str = "auto", bias: KeyBias | None = None, return_lse: bool = False):
+                 impl: str = "auto", bias: KeyBias | None = None, return_lse: bool = False,
+                 query_start: int | None = None):
     """Attention output ``(B, Hq, Lq, D)`` of ``q`` over ``k, v`` under the ``"blocks"`` selection
     ``sel`` (see the module doc); with ``return_lse`` also the log-sum-exp ``(B, Hq, Lq)`` fp32
-    of each row's logits over the keys it read (``-inf`` for rows that read none)."""
+    of each row's logits over the keys it read (``-inf`` for rows that read none).
+
+    ``query_start``: the key position of the first query row (query ``i`` sees keys ``<=
+    query_start + i``). Default ``Lk - Lq``: the queries are the last ``Lq`` keys (prefill, or a
+    chunk on a cache). Context-parallel prefill passes ``Lk`` for keys that all precede the
+    queries (another rank's earlier chunk). Only the ``"gather"`` and ``"reference"`` executors
+    take it (``"auto"`` picks ``"gather"``), on unpadded calls."""
     if sel.kind != "blocks":
         raise ValueError(f"block_attend needs a 'blocks' selection, got {sel.kind!r}")
     b, hq, lq, _ = q.shape
@@ -177,8 +185,14 @@ def block_attend(q, k, v, sel: Selection, scale: float, *, key_valid: torch.Tens
         raise ValueError(f"block executor must be one of {', '.join(IMPLS)}, got {impl!r}")
     if active_softcap() is not None:  # a soft-capped call: only the reference applies the cap
         impl = "reference"
+    if query_start is not None:
+        if key_valid is not None:
+            raise ValueError("block_attend: query_start is for unpadded calls (key_valid must be None)")
+        if impl not in ("auto", "gather", "reference"):
+            raise ValueError(f"block_attend: only the 'gather' and 'reference' executors take query_start, got {impl!r}")
+        impl = "gather" if impl == "auto" else impl
     if impl == "reference":
-        return _reference(q, k, v, sel, scale, key_valid, bias, return_lse)
+        return _reference(q, k, v, sel, scale, key_valid, bias, return_lse, query_start)
     if impl == "auto":
         aligned = sel.block_q == sel.block_k and lq == k.shape[2]
         if bias is not None:
@@ -197,6 +211,8 @@ def block_attend(q, k, v, sel: Selection, scale: float, *, key_valid: torch.Tens
         raise RuntimeError("compiled FlexAttention is not available here (no C++ compiler on CPU?); use impl='gather'")
     if impl == "sdpa" and not sdpa_blocks_available(q.device):
         raise RuntimeError("the sdpa block executor uses the CPU flash kernel; on other devices use impl='flex' or 'auto'")
+    if query_start is not None:
+        return _gather(q, k, v, sel.idx, sel.valid, sel.block_q, sel.block_k, scale, bias, return_lse, query_start)
     run = {"flex": _flex, "gather": _gather, "sdpa": _sdpa}[impl]
     if key_valid is None:
         return run(q, k, v, sel.idx, sel.valid, sel.block_q, sel.block_k, scale, bias, return_lse)
@@ -224,10 +240,10 @@ def block_attend(q, k, v, sel: Selection, scale: float, *, key_valid: torch.Tens
     return (out, lse) if return_lse else out
 
 
-def _reference(q, k, v, sel, scale, key_valid, bias, return_lse):
+def _reference(q, k, v, sel, scale, key_valid, bias, return_lse, query_start=None):
     b, hq, lq, _ = q.shape
     lk = k.shape[2]
-    allowed = token_mask(sel, lq, lk, key_valid)  # (B, H, Lq, Lk)
+    allowed = token_mask(sel, lq, lk, key_valid, query_start=query_start)  # (B, H, Lq, Lk)
     h = allowed.shape[1]
     if h not in (1, k.shape[1], hq):  # a selection head count between Hkv and Hq: spell it out per query head
         allowed = allowed.repeat_interleave(hq // h, dim=1)
@@ -249,7 +265,7 @@ def _key_rows(idx, valid, bk, lk):
     return tok.clamp_max(lk - 1), ok
 
 
-def _gather(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
+def _gather(q, k, v, idx, valid, bq, bk, scale, bias, return_lse, query_start=None):
     """Exact block-sparse attention by gathering the selected key blocks (unpadded rows)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -261,7 +277,7 @@ def _gather(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     g = hq // h  # query heads per selection head
     heads = torch.arange(h, device=q.device) * hkv // h  # the KV head each selection head reads
     nqb = idx.shape[2]
-    off = lk - lq
+    off = lk - lq if query_start is None else query_start
     pad = nqb * bq - lq
     if pad < 0:
         raise ValueError(f"blocks selection has {nqb} query blocks of {bq}; the call has {lq} query rows")
@@ -461,6 +477,53 @@ def _counts_and_indices(sel: torch.Tensor):
     num = sel.sum(-1, dtype=torch.int32)
     order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)  # selected blocks first, ascending
     return num, order.to(torch.int32)
+
+
+def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``(B, H, n_blocks, D)`` float64: the mean row of each ``block``-row block of ``x (B, H, L, D)``
+    (the last block may be partial). float64 because pooled rows feed block rankings that two code
+    paths (one process, context-parallel ranks) must reproduce exactly: near-ties of fp32 dot
+    products can flip with the summation order, those of float64 sums of fp32 values practically
+    cannot."""
+    b, h, length, d = x.shape
+    nb = n_blocks(length, block)
+    pad = nb * block - length
+    xp = torch.nn.functional.pad(x.double(), (0, 0, 0, pad)) if pad else x.double()
+    counts = torch.full((nb,), float(block), dtype=torch.float64, device=x.device)
+    counts[-1] = block - pad
+    return xp.view(b, h, nb, block, d).sum(3) / counts[:, None]
+
+
+def route_blocks(q_pooled: torch.Tensor, k_pooled: torch.Tensor, first_block: int, *, keep: torch.Tensor,
+                 sink_blocks: int, local_blocks: int, dense_from: int | None = None) -> torch.Tensor:
+    """Region-to-region routing on a causal block grid: ``(B, Hkv, nQB, nKB)`` bool, the key blocks
+    each query block reads.
+
+    ``q_pooled (B, Hq, nQB, D)``: the mean query of each query block, the first being global block
+    ``first_block``; ``k_pooled (B, Hkv, nKB, D)``: the mean key of every global key block up to
+    the last query block. Query block ``i`` reads its ``sink_blocks`` first blocks, its
+    ``local_blocks`` most recent ones (itself included) and the other earlier blocks with the
+    highest routing score — ``keep[i]`` blocks in all (``keep (nQB,)`` long; at least the forced
+    ones). The score of key block ``j`` is ``q̄_i · k̄_j`` maximised over the query heads of each
+    KV head (one choice per KV head: its key blocks are gathered once for all its query heads).
+    Query blocks from global block ``dense_from`` on read every earlier block. Ties go to the
+    earlier block."""
+    b, hq, nqb, d = q_pooled.shape
+    hkv, nkb = k_pooled.shape[1], k_pooled.shape[2]
+    g = hq // hkv
+    dev = q_pooled.device
+    qi = torch.arange(first_block, first_block + nqb, device=dev)[:, None]  # global query block
+    kj = torch.arange(nkb, device=dev)[None, :]
+    causal = kj <= qi
+    scores = (q_pooled.double().view(b, hkv, g, nqb, d) @ k_pooled.double()[:, :, None].transpose(-1, -2)).amax(2)
+    forced = (kj < sink_blocks) | (kj > qi - local_blocks)
+    if dense_from is not None:
+        forced = forced | (qi >= dense_from)
+    scores = scores.masked_fill(forced, math.inf).masked_fill(~causal, -math.inf)
+    keep = torch.maximum(keep.to(dev)[:, None], (forced & causal).sum(-1, keepdim=True))
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nkb, device=dev).expand_as(order))
+    return (rank < keep) & causal
 
 
 def everything_blocks(b: int, h: int, lq: int, lk: int, block_q: int, block_k: int, device=None) -> Selection:

@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .executors import gather_rows
+from .hostsync import device_check
 
 _last_update = threading.local()
 
@@ -94,6 +95,13 @@ def _append_synthetic(keys, values, slots, synthetic: "SyntheticRows | None"):
     synthetic.check(b, h, dk, values.shape[-1])
     return (torch.cat([keys, synthetic.keys.to(keys.dtype)], 2), torch.cat([values, synthetic.values.to(values.dtype)], 2),
             torch.cat([slots, synthetic_slot(synthetic.counts.to(slots.device))], 2))
+
+
+def _check_rows(idx: torch.Tensor, n: int) -> None:
+    """Refuse row indices outside ``[0, n)`` (a wrong index would read another head's rows): read on
+    the host where that is free (CPU), a device-side assertion on CUDA (no synchronisation)."""
+    if idx.numel():
+        device_check((idx.min() >= 0) & (idx.max() < n), f"keep indices must lie in [0, {n})", IndexError)
 
 
 class CacheState:
@@ -333,6 +341,15 @@ class PreallocLayer(CacheLayerMixin):
         self._kbuf: torch.Tensor | None = None
         self._vbuf: torch.Tensor | None = None
         self.states: dict[str, CacheState] = {}
+        #: host record of each sequence's left padding (the first ``left_pad[b]`` rows of sequence
+        #: ``b`` are padding, all later ones real), or ``None`` when unknown: zeros when a sequence
+        #: starts, set by the engine from the prompt's mask (``integration._mark_padding``), kept
+        #: through the batch operations it can follow on the host. It lets a decode step know each
+        #: row's real tokens without reading the mask (``AttentionCall.host_real``).
+        self.left_pad: tuple[int, ...] | None = None
+        #: bumped whenever rows move inside the buffers (an in-place eviction): what was gathered
+        #: from them before is stale (``pipeline._gathered`` keys on it with the buffer address)
+        self.generation = 0
 
     def state(self, name: str, factory=RowState) -> CacheState:
         """The named :class:`CacheState` kept with this layer, created by ``factory()`` on first use
@@ -387,6 +404,8 @@ class PreallocLayer(CacheLayerMixin):
                 f"cache holds batch×heads {tuple(self._kbuf.shape[:2])}, got new states {tuple(key_states.shape[:2])}"
             )
         t = key_states.shape[-2]
+        if self.n == 0:  # a new sequence: no padding until the engine reads the prompt's mask
+            self.left_pad = (0,) * key_states.shape[0]
         self._ensure_capacity(self.n + t)
         self._kbuf[:, :, self.n : self.n + t].copy_(key_states)
         self._vbuf[:, :, self.n : self.n + t].copy_(value_states)
@@ -413,6 +432,8 @@ class PreallocLayer(CacheLayerMixin):
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
         self.n = max(0, self.n + tokens_to_remove)
+        if self.left_pad is not None and any(p > self.n for p in self.left_pad):
+            self.left_pad = None
         if self.is_initialized:
             self._refresh_views()
         for st in self.states.values():
@@ -421,6 +442,7 @@ class PreallocLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.n = 0
         self.states = {}
+        self.left_pad = None
         if self.is_initialized:
             self._refresh_views()
 
@@ -431,6 +453,7 @@ class PreallocLayer(CacheLayerMixin):
             self._vbuf = self._vbuf.index_select(0, beam_idx)
             self._refresh_views()
             self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self.left_pad = self._uniform_pad(len(beam_idx))  # rows move by a device index: kept only if equal
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -438,6 +461,8 @@ class PreallocLayer(CacheLayerMixin):
             self._vbuf = self._vbuf.repeat_interleave(repeats, dim=0)
             self._refresh_views()
             self._map_states(lambda t: t.repeat_interleave(repeats, dim=0))
+        if self.left_pad is not None:
+            self.left_pad = tuple(p for p in self.left_pad for _ in range(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
@@ -445,6 +470,14 @@ class PreallocLayer(CacheLayerMixin):
             self._vbuf = self._vbuf[indices]
             self._refresh_views()
             self._map_states(lambda t: t[indices.to(t.device)])
+        self.left_pad = self._uniform_pad(self._kbuf.shape[0]) if self.is_initialized else None
+
+    def _uniform_pad(self, b: int) -> tuple[int, ...] | None:
+        """The padding record after rows were moved by a device index: unchanged when every row
+        has the same padding, else unknown (reading the index would be a host synchronisation)."""
+        if self.left_pad is None or len(set(self.left_pad)) > 1:
+            return None
+        return (self.left_pad[0] if self.left_pad else 0,) * b
 
     def offload(self):
         pass
@@ -491,6 +524,14 @@ class EvictingLayer(PreallocLayer):
     * ``seq_state``: per-sequence tensors a policy keeps with the cache (leading dimension B, e.g.
       StreamingLLM's per-row budget fixed at the first prefill); they follow beam reordering,
       batch expansion and selection, are copied by :meth:`clone` and cleared by :meth:`reset`.
+    * ``seq_host``: host copies of some of them (a tuple of ints per sequence, e.g. that budget),
+      so that a decode step can size its choice without reading the device; kept through batch
+      operations while every sequence holds the same value (or the operation is a repeat), dropped
+      otherwise (a policy then reads the tensor).
+    * ``host_valid``: the rows holding a token (or a synthetic row) per sequence, as a tuple of ints,
+      when every KV head of a sequence holds the same number and the host knows it (writes add to
+      it, the prompt's padding and a :meth:`keep` told its counts set it); ``None`` when unknown.
+      With it a policy sizes a decode-time eviction without reading the slots.
     """
 
     is_croppable = False
@@ -502,6 +543,8 @@ class EvictingLayer(PreallocLayer):
         self.has_empty_rows = False
         self._slots: torch.Tensor | None = None
         self.seq_state: dict[str, torch.Tensor] = {}
+        self.seq_host: dict[str, tuple[int, ...]] = {}
+        self.host_valid: tuple[int, ...] | None = None
         self._expected: tuple[torch.Tensor, int] | None = None  # see expect_positions
 
     def _allocate(self, b: int, h: int, cap: int, dk: int, dv: int) -> None:
@@ -517,11 +560,14 @@ class EvictingLayer(PreallocLayer):
         if expected is not None and expected[0].shape != (key_states.shape[0], t):
             raise ValueError(f"expected {tuple(expected[0].shape)} rows (batch, tokens) from expect_positions, got "
                              f"{(key_states.shape[0], t)}")
+        before = (0,) * key_states.shape[0] if self.n == 0 else self.host_valid
         self._write(key_states, value_states)
         if expected is None:
             self._slots[:, :, self.n - t : self.n] = torch.arange(self.seen, self.seen + t, device=self.device)
             self.seen += t
+            self.host_valid = None if before is None else tuple(v + t for v in before)
         else:  # rows of a pass whose hidden rows were pruned (engine.rows): positions given
+            self.host_valid = None
             pos, seen_after = expected
             self._slots[:, :, self.n - t : self.n] = pos[:, None, :].to(self.device)
             self.seen = seen_after
@@ -556,6 +602,14 @@ class EvictingLayer(PreallocLayer):
         if bool(empty.any()):
             self._slots[:, :, : self.n].masked_fill_(empty, -1)
             self.has_empty_rows = True
+            self.host_valid = self._count_valid()
+
+    def _count_valid(self) -> tuple[int, ...] | None:
+        """``host_valid`` read from the slots (a host synchronisation: padding is marked at a prompt)."""
+        counts = self.valid_rows().sum(-1)  # (B, Hkv)
+        if not bool((counts == counts[:, :1]).all()):
+            return None
+        return tuple(counts[:, 0].tolist())
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -563,20 +617,23 @@ class EvictingLayer(PreallocLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.n + query_length, self.seen - self.n
 
-    def keep(self, idx: torch.Tensor, valid: torch.Tensor | None = None, synthetic: SyntheticRows | None = None) -> None:
+    def keep(self, idx: torch.Tensor, valid: torch.Tensor | None = None, synthetic: SyntheticRows | None = None,
+             kept_rows: tuple[int, ...] | None = None) -> None:
         """Keep only the physical rows ``idx`` ``(B, Hkv, k)`` (sorted ascending), drop the rest.
 
         ``valid`` ``(B, Hkv, k)`` marks padding entries of ``idx`` (False = this KV head keeps fewer
         rows); those rows become empty. ``synthetic``: rows appended after the kept ones
-        (:class:`SyntheticRows`). The buffers are reallocated to ``k + headroom`` rows, so the
-        memory is actually released.
+        (:class:`SyntheticRows`). ``kept_rows``: the rows holding a token each sequence keeps (the
+        same in every KV head), when the caller knows it on the host: the layer then knows its
+        empty rows without reading them. The buffers get ``k + headroom`` rows, so the memory is
+        actually released: reallocated, or reused in place when they already have that size (a
+        decode-time eviction at a fixed budget).
         """
         if synthetic is not None and self.states:
             raise NotImplementedError("synthetic rows and cache-carried state cannot be combined")
         if idx.dim() != 3 or idx.shape[:2] != self._kbuf.shape[:2]:
             raise ValueError(f"keep expects idx of shape (B, Hkv, k) = {tuple(self._kbuf.shape[:2])} + (k,), got {tuple(idx.shape)}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
-            raise IndexError(f"keep indices must lie in [0, {self.n})")
+        _check_rows(idx, self.n)
         b, h, k = idx.shape
         dk, dv = self._kbuf.shape[-1], self._vbuf.shape[-1]
         keys = gather_rows(self.keys, idx)  # (B, Hkv, k, D), read in place from the buffer
@@ -586,16 +643,31 @@ class EvictingLayer(PreallocLayer):
             slots = slots.masked_fill(~valid, -1)
         keys, values, slots = _append_synthetic(keys, values, slots, synthetic)
         k = slots.shape[-1]
-        self._slots = None
-        self.n = 0
-        super()._allocate(b, h, k + self.headroom, dk, dv)
-        self._slots = torch.full((b, h, k + self.headroom), -1, dtype=torch.long, device=self.device)
+        # which rows end up empty, on the host where that is known: rows kept from a layer without
+        # empty rows, no fillers, nothing synthetic (none is); counts the caller gives; otherwise
+        # read the slots (a host synchronisation)
+        if synthetic is None and kept_rows is not None:
+            host_valid, empty = tuple(kept_rows), any(c < k for c in kept_rows)
+        elif valid is None and synthetic is None and not self.has_empty_rows:
+            host_valid, empty = (k,) * b, False
+        else:
+            host_valid, empty = None, bool((slots == EMPTY).any())
+        cap = k + self.headroom
+        if self._kbuf.shape[2] != cap:  # release what the eviction freed
+            self._slots = None
+            self.n = 0
+            super()._allocate(b, h, cap, dk, dv)
+            self._slots = torch.full((b, h, cap), -1, dtype=torch.long, device=self.device)
+        else:  # the size a new buffer would get (a decode-time eviction at a fixed budget): reuse it
+            self._slots[:, :, k:].fill_(EMPTY)
         self._kbuf[:, :, :k].copy_(keys)
         self._vbuf[:, :, :k].copy_(values)
         self._slots[:, :, :k].copy_(slots)
         self.n = k
+        self.generation += 1
         self.evicted = True
-        self.has_empty_rows = bool((slots == EMPTY).any())
+        self.has_empty_rows = empty
+        self.host_valid = host_valid
         self._refresh_views()
         for st in self.states.values():
             st.on_keep(self, idx, valid)
@@ -606,6 +678,8 @@ class EvictingLayer(PreallocLayer):
         self.evicted = False
         self.has_empty_rows = False
         self.seq_state = {}
+        self.seq_host = {}
+        self.host_valid = None
         self._expected = None
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -622,25 +696,38 @@ class EvictingLayer(PreallocLayer):
         if self.is_initialized:
             new._slots = self._slots.clone()
         new.seq_state = {k: v.clone() for k, v in self.seq_state.items()}
+        new.seq_host = dict(self.seq_host)
         return new
+
+    def _move_host(self, b: int | None) -> None:
+        """``seq_host`` after sequences moved by a device index (``b`` of them now): values shared by
+        every sequence stay, the others are dropped (reading the index would synchronise)."""
+        self.seq_host = {k: (v[0],) * b for k, v in self.seq_host.items() if b is not None and v and len(set(v)) == 1}
+        hv = self.host_valid
+        self.host_valid = (hv[0],) * b if b is not None and hv and len(set(hv)) == 1 else None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.is_initialized:
             self._slots = self._slots.index_select(0, beam_idx.to(self.device))
         self.seq_state = {k: v.index_select(0, beam_idx.to(v.device)) for k, v in self.seq_state.items()}
+        self._move_host(len(beam_idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.is_initialized:
             self._slots = self._slots.repeat_interleave(repeats, dim=0)
         self.seq_state = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.seq_state.items()}
+        self.seq_host = {k: tuple(x for x in v for _ in range(repeats)) for k, v in self.seq_host.items()}
+        if self.host_valid is not None:
+            self.host_valid = tuple(x for x in self.host_valid for _ in range(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.is_initialized:
             self._slots = self._slots[indices]
         self.seq_state = {k: v[indices] for k, v in self.seq_state.items()}
+        self._move_host(self._kbuf.shape[0] if self.is_initialized else None)
 
 
 class KVCache(Cache):
@@ -799,7 +886,10 @@ class RaggedLayer(EvictingLayer):
         self._off, self._len, self._cap = offs, lens, caps
         self._kbuf = self._vbuf = self._slots = None
         self.ragged = True
+        self.host_valid = None  # (segments: kept per head, read from the device when needed)
         self.n = int(lens.max()) if lens.numel() else 0
+        # rows every segment can still take before a repack: decode writes count it down on the host
+        self._room_left = int((caps - lens).min()) if lens.numel() else 0
         self.has_empty_rows = bool((lens != self.n).any())
 
     # ---- writes, eviction ------------------------------------------------------------------------
@@ -809,7 +899,7 @@ class RaggedLayer(EvictingLayer):
         b, h, t, _ = key_states.shape
         if (b, h) != tuple(self._len.shape):
             raise ValueError(f"cache holds batch×heads {tuple(self._len.shape)}, got new states {(b, h)}")
-        if bool((self._len + t > self._cap).any()):
+        if t > self._room_left:  # some segment is full (known on the host since the last pack)
             k, v, s = self._padded()
             self._pack(k, v, s, extra=t)
         pos = (self._off + self._len)[..., None] + torch.arange(t, device=self._len.device)  # (B, Hkv, t)
@@ -818,23 +908,25 @@ class RaggedLayer(EvictingLayer):
         self._vflat[f] = value_states.reshape(-1, value_states.shape[-1]).to(self._vflat.dtype)
         self._sflat[f] = torch.arange(self.seen, self.seen + t, device=f.device).repeat(b * h)
         self._len = self._len + t
-        self.n = int(self._len.max())
+        self.n += t  # every segment grew by t: so did the longest
+        self._room_left -= t
         self.seen += t
         keys, values, _ = self._padded()
         _last_update.rec = (self, keys)
         return keys, values
 
-    def keep(self, idx: torch.Tensor, valid: torch.Tensor | None = None, synthetic: SyntheticRows | None = None) -> None:
+    def keep(self, idx: torch.Tensor, valid: torch.Tensor | None = None, synthetic: SyntheticRows | None = None,
+             kept_rows: tuple[int, ...] | None = None) -> None:
         """Keep the rows ``idx (B, Hkv, k)`` of the current (padded) view, ``valid`` False for a KV
         head's filler entries, append ``synthetic`` rows, and pack them into segments: each KV head
-        then holds only its rows."""
+        then holds only its rows. ``kept_rows`` is accepted for the common signature and not needed:
+        packing reads the segment lengths from the device anyway."""
         if self.states:
             raise NotImplementedError("cache-carried state is not supported on a ragged cache layer")
         k_all, v_all = self.keys, self.values
         if idx.dim() != 3 or idx.shape[:2] != k_all.shape[:2]:
             raise ValueError(f"keep expects idx of shape (B, Hkv, k) = {tuple(k_all.shape[:2])} + (k,), got {tuple(idx.shape)}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
-            raise IndexError(f"keep indices must lie in [0, {self.n})")
+        _check_rows(idx, self.n)
         slots = self.slots.gather(2, idx)
         if valid is not None:
             slots = slots.masked_fill(~valid, -1)
@@ -860,6 +952,7 @@ class RaggedLayer(EvictingLayer):
         k, v, s = self._padded()
         self._pack(fn(k), fn(v), fn(s))
         self.seq_state = {name: fn(t) for name, t in self.seq_state.items()}
+        self._move_host(self._len.shape[0])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if not self.ragged:
@@ -884,6 +977,7 @@ class RaggedLayer(EvictingLayer):
         new._kflat, new._vflat, new._sflat = self._kflat.clone(), self._vflat.clone(), self._sflat.clone()
         new._off, new._len, new._cap = self._off.clone(), self._len.clone(), self._cap.clone()
         new.seq_state = {k: v.clone() for k, v in self.seq_state.items()}
+        new.seq_host = dict(self.seq_host)
         new.states = {}
         return new
 

@@ -168,6 +168,28 @@ class AttentionCall:
         return v.long().sum(-1, keepdim=True)
 
     @cached_property
+    def host_real(self) -> list[int] | None:
+        """Real keys per row as Python ints, known without reading a tensor, or ``None``.
+
+        ``[Lk] * B`` for a call without padding (no mask); ``Lk`` minus each row's left padding on
+        a full (non-evicting) tokensparse cache layer, which records the padding of a sequence when
+        its prompt is written (:attr:`~tokensparse.engine.cache.PreallocLayer.left_pad`; later tokens
+        are real: left padding only). ``None`` elsewhere (an evicting cache, a stock cache with a
+        mask, a padding layout the layer could not record): callers then read :attr:`n_real` from
+        the device. Methods take shapes and branches from it so that a decode step never waits for
+        the device (docs/ARCHITECTURE.md, "Host synchronisation").
+        """
+        if self.key_valid is None:
+            return [self.k_len] * self.batch
+        layer = self.cache_layer
+        if layer is None or isinstance(layer, EvictingLayer):
+            return None
+        pads = layer.left_pad
+        if pads is None or len(pads) != self.batch or layer.n != self.k_len:
+            return None
+        return [self.k_len - p for p in pads]
+
+    @cached_property
     def key_rank(self) -> torch.Tensor:
         """``(B, Lk)`` long: 1-based rank of each real key among its row's real keys (0 on padding).
 

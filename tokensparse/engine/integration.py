@@ -26,9 +26,10 @@ from transformers.masking_utils import sdpa_mask
 
 from ..models import check_supported
 from .attach import attached, attention_modules
-from .cache import consume_last_update
+from .cache import EvictingLayer, consume_last_update
 from .call import AttentionCall
 from .executors import logit_softcap
+from .hostsync import device_check
 from .method import Method
 from .rows import RowPruner
 from .session import Session
@@ -80,27 +81,42 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return out.transpose(1, 2).contiguous(), None
 
 
+_RIGHT_PADDING = ("tokensparse supports left padding only: the last token of a row is padding (right padding). "
+                  "Set tokenizer.padding_side = 'left'.")
+
+
 def _mark_padding(call: AttentionCall, attention_mask: torch.Tensor) -> None:
-    """Check the padding side and record this call's padding rows in an evicting cache.
+    """Check the padding side and record this call's padding rows in the cache.
 
     A new token is padding exactly when it cannot see itself: transformers' mask functions
     (causal, sliding window, chunked) all keep the diagonal, and its padding mask removes a padded
     key from every query, its own included. So the diagonal of the call's mask is exact on any
     layer type (the last mask row is not: on a sliding layer it misses everything outside the
     window). Recording padding *before* the method runs lets eviction policies count sinks,
-    windows and budgets over real tokens only.
+    windows and budgets over real tokens only; a full cache records the prompt's left padding on
+    the host (``PreallocLayer.left_pad``), so that its decode steps know each row's real tokens
+    without reading the mask.
+
+    A decode step's one token is padding only in a right-padded batch, an error: checked by
+    :func:`~tokensparse.engine.hostsync.device_check`, which reads the mask on a CPU (free there)
+    and is a device-side assertion on CUDA, so the step never waits for the device (a right-padded
+    decode step then fails asynchronously, as a device-side assert does).
     """
     lq = call.q_len
     i = torch.arange(lq, device=attention_mask.device)
     # the call's own tokens are the mask's last Lq columns, whatever layer transformers sized it from
     real = attention_mask[:, :, i, attention_mask.shape[-1] - lq + i].any(1, keepdim=True)  # (B, 1, Lq)
-    if bool(real.all()):  # the common case (e.g. decode steps of a padded batch): one host sync
+    if lq == 1 and call.past_len > 0:  # a decode step (padding recorded at the prompt)
+        device_check(real.all(), _RIGHT_PADDING)
+        return
+    if bool(real.all()):  # the common case (a prompt without padding): one host sync
         return
     if not bool(real[:, :, -1].all()):
-        raise ValueError(
-            "tokensparse supports left padding only: the last token of a row is padding (right padding). "
-            "Set tokenizer.padding_side = 'left'."
-        )
+        raise ValueError(_RIGHT_PADDING)
+    layer = call.cache_layer
+    if layer is not None and layer.n == call.k_len and not isinstance(layer, EvictingLayer):
+        left = bool((real[..., 1:] >= real[..., :-1]).all())  # padding first, then real tokens
+        layer.left_pad = tuple((~real).long().sum((1, 2)).tolist()) if left and call.past_len == 0 else None
     ev = call.evicting
     if ev is not None:
         empty = torch.zeros(call.batch, 1, ev.n, dtype=torch.bool, device=real.device)

@@ -37,7 +37,9 @@ def _select_pages(call, page: int, n_pages: Callable[[int], int], choose) -> Sel
         chosen = choose(call.query, 0, slice(None), n_sel - 1)
         idx = (chosen[..., None] * p + torch.arange(p, device=chosen.device)).flatten(-2)
         return Selection.keys(idx, suffix=n - (n_all - 1) * p, page=p)
-    real = call.n_real[:, 0].tolist()
+    real = call.host_real  # each row's real tokens, on the host where the cache recorded its padding
+    if real is None:
+        real = call.n_real[:, 0].tolist()  # (a host synchronisation: not on a recorded full cache)
     if all(n_pages(r) >= -(-r // p) for r in real):
         return everything(call, "keys")
     rows = []
@@ -46,10 +48,12 @@ def _select_pages(call, page: int, n_pages: Callable[[int], int], choose) -> Sel
         n_all, n_sel = -(-n_real // p), n_pages(n_real)
         if n_all <= n_sel:
             pages = torch.arange(n_all, device=call.key.device).expand(1, call.n_kv_heads, n_all)
+            width = n_real
         else:
             chosen = choose(call.query[r : r + 1], start, slice(r, r + 1), n_sel - 1)
             pages = torch.cat([chosen, torch.full_like(chosen[..., :1], n_all - 1)], -1)
-        rows.append((pages, start, n_real))
+            width = (n_sel - 1) * p + n_real - (n_all - 1) * p  # full chosen pages + the partial last one
+        rows.append((pages, start, width))
     return _row_pages(call, rows, p)
 
 
@@ -61,13 +65,13 @@ def page_select(call, page: int, n_pages: Callable[[int], int], kind: str, top: 
     included (at least 2). ``layer``: the call's tokensparse cache layer (its page summaries).
     Counts ``<stats_prefix>_summary_rows`` (summary rows read) and ``<stats_prefix>_cache_rows``.
     """
-    stats = call.session.stats
+    session = call.session
 
     def choose(query, start, rows, k):
         if start == 0 and rows == slice(None):  # unpadded: the cache's page summaries
             parts = layer.state(f"pages.{kind}.{page}", lambda: PageSummary(page, kind)).summaries
-            stats[f"{stats_prefix}_summary_rows"] += len(parts) * parts[0].shape[2]
-            stats[f"{stats_prefix}_cache_rows"] += call.k_len
+            session.count(f"{stats_prefix}_summary_rows", len(parts) * parts[0].shape[2])
+            session.count(f"{stats_prefix}_cache_rows", call.k_len)
         else:  # one row of a padded batch: its pages from its real keys
             parts = PAGE_SUMMARIES[kind](call.key[rows, :, start:], page)
         return top(query, tuple(x[:, :, :-1] for x in parts), k)
@@ -88,7 +92,8 @@ def page_token_scores(call, page: int, kind: str, score: PageScores, layer=None)
         st = layer.state(f"pages.{kind}.{page}", lambda: PageSummary(page, kind))
         return score(call.query, st.summaries).float().repeat_interleave(page, -1)[..., :n]
     out = torch.full((call.batch, call.n_kv_heads, n), float("-inf"), device=call.query.device)
-    for r, n_real in enumerate(call.n_real[:, 0].tolist()):
+    real = call.host_real
+    for r, n_real in enumerate(real if real is not None else call.n_real[:, 0].tolist()):
         start = n - n_real
         parts = PAGE_SUMMARIES[kind](call.key[r : r + 1, :, start:], page)
         out[r, :, start:] = score(call.query[r : r + 1], parts).float().repeat_interleave(page, -1)[0, :, :n_real]
@@ -114,7 +119,7 @@ def page_select_by_max(call, page: int, n_pages: Callable[[int], int], token_sco
 
     def choose(query, start, rows, k):
         scores = token_scores(query, start, rows)
-        call.session.stats[f"{stats_prefix}_scored_rows"] += scores.shape[-1]
+        call.session.count(f"{stats_prefix}_scored_rows", scores.shape[-1])
         return select_topk(page_maxima(scores, page)[..., :-1], k)[0]
 
     return _select_pages(call, page, n_pages, choose)
@@ -122,16 +127,14 @@ def page_select_by_max(call, page: int, n_pages: Callable[[int], int], token_sco
 
 def _row_pages(call, rows: list, page: int) -> Selection:
     """The selection of a padded batch from each row's chosen pages ``(pages (1, Hkv, k), start,
-    n_real)`` (pages on the row's own grid from its first real token; the last may be partial)."""
+    width)`` (pages on the row's own grid from its first real token; the last may be partial, so
+    only the first ``width`` of their tokens exist, a count the caller knows on the host)."""
     n = call.k_len
-    toks = []
-    for pages, start, n_real in rows:
-        tok = (pages[..., None] * page + torch.arange(page, device=pages.device)).flatten(-2)
-        toks.append(tok[..., : int((tok < n_real).sum(-1).max())] + start)  # the last page may be partial
-    width = max(t.shape[-1] for t in toks)
-    idx = torch.full((call.batch, call.n_kv_heads, width), n - 1, dtype=torch.long, device=call.query.device)
+    widest = max(w for _, _, w in rows)
+    idx = torch.full((call.batch, call.n_kv_heads, widest), n - 1, dtype=torch.long, device=call.query.device)
     valid = torch.zeros_like(idx, dtype=torch.bool)
-    for r, tok in enumerate(toks):
-        idx[r, :, : tok.shape[-1]] = tok.clamp_max(n - 1)
-        valid[r, :, : tok.shape[-1]] = tok < n
-    return Selection.keys(idx, None if bool(valid.all()) else valid)
+    for r, (pages, start, width) in enumerate(rows):
+        tok = (pages[..., None] * page + torch.arange(page, device=pages.device)).flatten(-2)[..., :width] + start
+        idx[r, :, :width] = tok
+        valid[r, :, :width] = True
+    return Selection.keys(idx, None if all(w == widest for _, _, w in rows) else valid)

@@ -31,7 +31,8 @@ import torch
 
 from .blocks import block_attend
 from .executors import compress_attend_scatter, gather_attend, gather_pages, gather_rows, segments_attend
-from .selection import Selection, indices_from_mask, mask_from_indices, resolve_budget_rows, select_topk
+from .selection import (Selection, indices_from_mask, mask_from_indices, resolve_budget, resolve_budget_rows,
+                        select_topk)
 
 _force_sparse = threading.local()
 
@@ -70,6 +71,15 @@ class KeyPlan:
     ``lo = min(n_sink, hi)`` for an unpadded call (sinks are the first rows), ``0`` for a padded
     one (each row's sinks sit after its padding; :attr:`cand_mask` says which rows compete). A
     method scores ``[lo, hi)`` and passes the scores to :meth:`select`.
+
+    Counts exist twice: as device tensors (:attr:`n_cand`, :meth:`counts`), which give the values,
+    and, where the call knows each row's real tokens on the host (:attr:`AttentionCall.host_real`:
+    an unpadded call, or a left-padded one on a cache that recorded its padding), as Python ints
+    (:attr:`host_cand`, :meth:`host_counts`), which give shapes and branches without reading a
+    tensor (see docs/ARCHITECTURE.md, "Host synchronisation"). A budget given as an ``int`` (or,
+    to :meth:`covers` and :meth:`host_counts`, a per-row list of ints; to :meth:`top` as ``host``
+    next to its device twin) takes the host path; a tensor alone reads the device (one sync per
+    decision), as before.
     """
 
     def __init__(self, call, n_sink: int = 0, window: int = 0):
@@ -80,67 +90,120 @@ class KeyPlan:
         self.hi = length - min(self.window, length)
         valid = call.key_valid
         self.padded = valid is not None
+        real = call.host_real
+        #: candidates per row on the host (``None``: unknown without reading the device)
+        self.host_cand: list[int] | None = None
         if not self.padded:
             self.lo = min(self.n_sink, self.hi)
             self.cand_mask = None
             self.n_cand = torch.full((call.batch, 1), self.hi - self.lo, dtype=torch.long, device=call.query.device)
+            self.host_cand = [self.hi - self.lo] * call.batch
             return
         self.lo = 0
-        rank, real = call.key_rank, call.n_real  # (B, L), (B, 1)
-        always = valid & ((rank <= self.n_sink) | (rank > real - self.window))
+        rank, real_t = call.key_rank, call.n_real  # (B, L), (B, 1)
+        always = valid & ((rank <= self.n_sink) | (rank > real_t - self.window))
         self._always = always
         self.cand_mask = (valid & ~always)[:, : self.hi]  # (B, hi)
         self.n_cand = self.cand_mask.long().sum(-1, keepdim=True)
+        if real is not None:  # left padding: rank r sits at Lk - real + r - 1, below hi iff r <= real - window
+            self.host_cand = [max(0, r - self.window - self.n_sink) for r in real]
 
     @property
     def n_always(self) -> torch.Tensor:
         """``(B, 1)`` long: sinks plus window actually held by each row."""
         return (self.call.n_real - self.n_cand).clamp_min(0)
 
-    def covers(self, n_top: torch.Tensor | int) -> bool:
-        """True when taking ``n_top`` candidates would take all of them in every row (one sync)."""
-        return bool((torch.as_tensor(n_top, device=self.n_cand.device).clamp_min(0) >= self.n_cand).all())
+    def host_counts(self, n_top) -> list[int] | None:
+        """:meth:`counts` on the host for an ``int`` or per-row list ``n_top`` (``None`` for a tensor,
+        or when the candidates are not known on the host)."""
+        if self.host_cand is None or isinstance(n_top, torch.Tensor):
+            return None
+        per_row = [int(n_top)] * len(self.host_cand) if isinstance(n_top, int) else [int(n) for n in n_top]
+        return [max(0, min(n, c)) for n, c in zip(per_row, self.host_cand)]
+
+    def covers(self, n_top: torch.Tensor | int | list) -> bool:
+        """True when taking ``n_top`` candidates would take all of them in every row: on the host for
+        an ``int`` or per-row list when the candidates are known there, else one sync."""
+        host = self.host_counts(n_top)
+        if host is not None:
+            return all(n == c for n, c in zip(host, self.host_cand))
+        if isinstance(n_top, list):
+            n_top = torch.tensor(n_top, device=self.call.query.device)[:, None]  # (not on a decode path)
+        return bool((self._as_tensor(n_top).clamp_min(0) >= self.n_cand).all())
+
+    def _as_tensor(self, n_top) -> torch.Tensor:
+        """``n_top`` as a long tensor on the call's device, built there for an int (no host→device copy)."""
+        if isinstance(n_top, torch.Tensor):
+            return n_top.long()
+        if not isinstance(n_top, int):
+            raise TypeError(f"KeyPlan: n_top must be an int or a tensor (per-row ints go in `host`), got {type(n_top).__name__}")
+        return torch.full((self.call.batch, 1), n_top, dtype=torch.long, device=self.call.query.device)
 
     def counts(self, n_top: torch.Tensor | int) -> torch.Tensor:
         """``n_top`` (an int, ``(B, 1)`` or ``(B, H)`` per head) clamped to each row's candidates."""
         call = self.call
-        n = torch.as_tensor(n_top, device=call.query.device).long()
+        n = self._as_tensor(n_top)
         n = n.expand(call.batch, 1) if n.dim() < 2 else n  # (B, 1), or (B, H): one count per head
         return n.minimum(self.n_cand).clamp_min(0)
 
-    def top(self, scores: torch.Tensor, n_top: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def top(self, scores: torch.Tensor, n_top: torch.Tensor | int, host: list[int] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Physical positions ``(B, H, k)`` of the ``n_top`` best candidates by ``scores (B, H, hi -
         lo)`` (higher = keep), sorted, and their validity (``None`` when every row took ``k``).
         Non-candidates (a padded row's padding, sinks and window) are never taken; ties go to the
-        earlier position (:func:`select_topk`), so the choice does not depend on the device."""
-        per_row = self.counts(n_top)
-        k = int(per_row.max()) if per_row.numel() else 0
+        earlier position (:func:`select_topk`), so the choice does not depend on the device.
+
+        ``host``: the per-row ``n_top`` as ints when the caller knows them and ``n_top`` is their
+        device twin (a tensor); an ``int`` ``n_top`` needs none. With host counts the width ``k``
+        and whether every row takes it are decided without reading the device (else one sync each).
+        """
+        counts = self.host_counts(host if host is not None else n_top)
         if scores.shape[-1] != self.hi - self.lo:
             raise ValueError(f"KeyPlan: scores cover {scores.shape[-1]} keys, the candidates [{self.lo}, {self.hi})")
+        per_row = None
+        if counts is not None:
+            k = max(counts, default=0)
+            uniform = all(n == k for n in counts)
+        else:
+            per_row = self.counts(n_top)
+            k = int(per_row.max()) if per_row.numel() else 0
         if k == 0:
             return torch.empty(*scores.shape[:2], 0, dtype=torch.long, device=scores.device), None
         if self.cand_mask is not None:
             scores = scores.masked_fill(~self.cand_mask[:, None, :], float("-inf"))
-        uniform = bool((per_row == k).all())
+        if per_row is not None:
+            uniform = bool((per_row == k).all())
+        elif not uniform:
+            per_row = self.counts(n_top)
         top, valid = select_topk(scores, k, None if uniform else per_row[:, :, None])
         return top + self.lo, valid
 
     def selection(self, top: torch.Tensor | None, top_valid: torch.Tensor | None = None, kind: str = "keys",
-                  heads: int = 1, complete: bool = False) -> Selection:
+                  heads: int = 1, complete: bool = False, taken: list[int] | None = None) -> Selection:
         """The chosen candidates ``top`` (from :meth:`top`, possibly reused from an earlier call) plus
         the always-kept keys, as a :class:`Selection` of ``kind``. ``top=None``: none taken
-        (``heads`` then gives the selection's head count)."""
+        (``heads`` then gives the selection's head count). ``taken``: the valid entries of each
+        row of ``top`` on the host (its :meth:`host_counts`), which lets a padded call size its
+        selection without reading the device."""
         call = self.call
         dev = call.query.device
         if top is None:
             top = torch.empty(call.batch, heads, 0, dtype=torch.long, device=dev)
+            taken = [0] * call.batch
+        elif top_valid is None:
+            taken = [top.shape[-1]] * call.batch
         if not self.padded:
             return Selection(kind, top, top_valid, prefix=self.lo, suffix=call.k_len - self.hi, complete=complete)
         keep = self._always[:, None, :].expand(call.batch, top.shape[1], call.k_len).clone()
         if top.shape[-1]:
             keep |= mask_from_indices(top, call.k_len, top_valid)
-        idx, valid = indices_from_mask(keep)
-        return Selection(kind, idx, None if bool(valid.all()) else valid, complete=complete)
+        real = call.host_real
+        if real is None or taken is None or self.host_cand is None:
+            idx, valid = indices_from_mask(keep)  # widths from the device (one sync each)
+            return Selection(kind, idx, None if bool(valid.all()) else valid, complete=complete)
+        widths = [r - c + t for r, c, t in zip(real, self.host_cand, taken)]  # always-kept + taken, per row
+        idx, valid = indices_from_mask(keep, max(widths))
+        return Selection(kind, idx, None if len(set(widths)) == 1 else valid, complete=complete)
 
     def select(self, scores: torch.Tensor | None, n_top: torch.Tensor | int, kind: str = "keys") -> Selection:
         """:meth:`top` then :meth:`selection`; ``scores`` may be ``None`` when ``n_top`` is 0."""
@@ -150,17 +213,42 @@ class KeyPlan:
                 raise ValueError("KeyPlan.select: scores are needed to take candidates")
             return self.selection(None, None, kind, complete=complete)
         top, valid = self.top(scores, n_top)
-        return self.selection(top, valid, kind, heads=scores.shape[1], complete=complete)
+        return self.selection(top, valid, kind, heads=scores.shape[1], complete=complete, taken=self.host_counts(n_top))
 
 
 def fixed_budget(call, budget: int | float, name: str, minimum: int = 1) -> torch.Tensor:
     """Rows an evicting cache may hold per sequence, ``(B, 1)`` long: ``budget`` resolved against
     the real tokens of the first prefill (a share) and stored with the cache (``seq_state[name]``),
-    so the cache stays that size while generating; at least ``minimum``."""
+    so the cache stays that size while generating; at least ``minimum``. Its host copy (a tuple of
+    ints, ``seq_host[name]``; see :func:`fixed_budget_host`) is recorded at the same time: for a
+    share, by reading the device once, at the prefill."""
     cache = call.evicting
     if call.kind == "prefill" or name not in cache.seq_state:
-        cache.seq_state[name] = resolve_budget_rows(budget, call.n_real).clamp_min(minimum)
+        rows = cache.seq_state[name] = resolve_budget_rows(budget, call.n_real).clamp_min(minimum)
+        if isinstance(budget, int):
+            cache.seq_host[name] = (max(int(budget), minimum),) * call.batch
+        else:
+            cache.seq_host[name] = tuple(rows[:, 0].tolist())
     return cache.seq_state[name]
+
+
+def fixed_budget_host(call, name: str) -> tuple[int, ...] | None:
+    """The host copy of :func:`fixed_budget` ``name`` (call that first), or ``None`` when a batch
+    operation the copy could not follow dropped it."""
+    return call.evicting.seq_host.get(name)
+
+
+def row_budgets(call, budget: int | float, offset: int = 0) -> tuple[torch.Tensor | int, list[int] | None]:
+    """``resolve_budget_rows(budget, call.n_real) + offset`` for a :class:`KeyPlan`: ``(value,
+    host)``. ``host`` lists the per-row counts as ints when the call knows its rows on the host
+    (:attr:`~tokensparse.engine.call.AttentionCall.host_real`), else ``None``; ``value`` is then an
+    ``int`` when every row gets the same count (nothing to build on the device), else the ``(B, 1)``
+    tensor (the device twin of ``host``)."""
+    real = call.host_real
+    host = None if real is None else [resolve_budget(budget, r) + offset for r in real]
+    if host is not None and len(set(host)) == 1:
+        return host[0], host
+    return resolve_budget_rows(budget, call.n_real) + offset, host
 
 
 def everything(call, kind: str) -> Selection:
@@ -201,14 +289,14 @@ def execute(call, selection: Selection | None, impl: str = "fast", bias=None) ->
     session = call.session
     if selection is None:
         return call.dense(bias)
-    session.stats["calls"] += 1
+    session.count("calls")
     if selection.kind == "dense" or (selection.complete and not sparse_paths_forced()):
-        session.stats["dense_calls"] += 1
+        session.count("dense_calls")
         session.observe(call, Selection.dense())
         return call.dense(bias)
-    session.stats["sparse_calls"] += 1
-    session.stats["kept_keys"] += selection.kept()
-    session.stats["total_keys"] += call.k_len
+    session.count("sparse_calls")
+    session.count("kept_keys", selection.kept_count())  # a device count with filler entries: no sync
+    session.count("total_keys", call.k_len)
     session.observe(call, selection)
     kind = selection.kind
     if kind == "rows":
@@ -235,7 +323,7 @@ def execute(call, selection: Selection | None, impl: str = "fast", bias=None) ->
         if selection.synthetic is not None:
             call.evicting.keep(idx, valid, synthetic=selection.synthetic)
         else:
-            call.evicting.keep(idx, valid)
+            call.evicting.keep(idx, valid, kept_rows=selection.kept_rows)
         return out
     raise AssertionError(kind)
 
@@ -244,8 +332,8 @@ def record_dense(call) -> None:
     """Count and observe a call the method attended densely itself (e.g. with
     :meth:`~tokensparse.engine.call.AttentionCall.dense_with_probs`), as :func:`execute` does for a
     dense selection."""
-    call.session.stats["calls"] += 1
-    call.session.stats["dense_calls"] += 1
+    call.session.count("calls")
+    call.session.count("dense_calls")
     call.session.observe(call, Selection.dense())
 
 
@@ -295,8 +383,8 @@ def _gathered(call, idx: torch.Tensor, page: int = 0):
     """K/V rows ``idx (B, 1|Hkv, n)`` of the call's cache, gathered once per ``idx`` tensor and cache
     buffer (cache rows never change in place on a growing cache, so a reused selection reuses them)."""
     state = call.layer.gathered
-    key = (idx, call.key.untyped_storage().data_ptr())
-    if state is not None and state[0][0] is idx and state[0][1] == key[1]:
+    key = (idx, call.key.untyped_storage().data_ptr(), getattr(call.cache_layer, "generation", 0))
+    if state is not None and state[0][0] is idx and state[0][1:] == key[1:]:
         return state[1]
     sel = idx.expand(call.batch, call.n_kv_heads, idx.shape[-1])
     if page:  # whole aligned pages: one copy per page

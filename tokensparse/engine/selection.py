@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Spec, check_value
+from .hostsync import host_read_is_free
 
 GQA_REDUCTIONS = ("mean", "max", "sum")
 
@@ -27,16 +28,21 @@ def grouped_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tens
 def grouped_dot(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``q (B, Hkv, M, D)`` · ``k (B, Hkv, C, D)``ᵀ → ``(B, Hkv, M, C)`` in ``k``'s dtype.
 
-    One ``F.linear`` per (sequence, KV head): on CPU, a batched matmul over a strided cache view
-    (a prefix of a preallocated buffer) takes a slow path in bf16 (1.44 vs 0.21 ms for 3 heads ×
-    7.8K keys), while ``linear`` reads the view in place.
+    One batched matmul, except for bf16/fp16 keys on a CPU: there a batched matmul over a strided
+    cache view (a prefix of a preallocated buffer) took a slow path (1.44 vs 0.21 ms for 3 heads ×
+    7.8K keys, measured on an AVX-512 machine), while one ``F.linear`` per (sequence, KV head)
+    reads the view in place; that loop stays for them. Everywhere else the loop would cost a kernel
+    launch per head (fp32 on CPU: the batched matmul measured 2× faster at 3 heads × 7.8K keys,
+    same values).
     """
-    b, h = k.shape[:2]
-    out = torch.empty(b, h, q.shape[2], k.shape[2], dtype=k.dtype, device=k.device)
-    for i in range(b):
-        for j in range(h):
-            torch.nn.functional.linear(q[i, j], k[i, j], out=out[i, j])
-    return out
+    if k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16):
+        b, h = k.shape[:2]
+        out = torch.empty(b, h, q.shape[2], k.shape[2], dtype=k.dtype, device=k.device)
+        for i in range(b):
+            for j in range(h):
+                torch.nn.functional.linear(q[i, j], k[i, j], out=out[i, j])
+        return out
+    return torch.matmul(q.to(k.dtype), k.transpose(-1, -2))
 
 
 def window_scores(
@@ -250,12 +256,14 @@ def select_topk(
         taken = torch.arange(k, device=dev) < n
         return torch.where(taken, best, length).sort(-1).values.clamp_max(length - 1), taken
     if counts is None:
-        # fast path: when no score at the k-th value is left out, the chosen set is unique and a
-        # plain float top-k finds it (one host sync for the check; the keys cost ~3x a top-k)
-        vals, ids = scores.topk(k, dim=-1, sorted=False)
-        kth = vals.amin(-1, keepdim=True)
-        if bool(((scores >= kth).sum(-1) == k).all()):
-            return ids.sort(-1).values, None
+        # CPU fast path: when no score at the k-th value is left out, the chosen set is unique and
+        # a plain float top-k finds it (the keys cost ~3x a top-k). The check reads the device, so
+        # an accelerator always takes the keys (same set: the fast path only runs when it is unique)
+        if host_read_is_free(scores):
+            vals, ids = scores.topk(k, dim=-1, sorted=False)
+            kth = vals.amin(-1, keepdim=True)
+            if bool(((scores >= kth).sum(-1) == k).all()):
+                return ids.sort(-1).values, None
         top = _order_keys(scores).topk(k, dim=-1, sorted=False).values
         return ((length - 1) - (top & low)).sort(-1).values, None
     top = _order_keys(scores).topk(k, dim=-1, sorted=True).values  # best first
@@ -363,12 +371,18 @@ class Selection:
     #: ``"keep"`` only: synthetic rows the cache appends after the kept rows of each KV head
     #: (:class:`~tokensparse.engine.cache.SyntheticRows`, e.g. RazorAttention's compensation token)
     synthetic: object | None = None
+    #: ``"keep"`` only, optional: the real rows each sequence keeps (the same in every KV head) as
+    #: Python ints, when the method knows them on the host; the cache then keeps its host record of
+    #: its rows without reading the device (``EvictingLayer.keep(kept_rows=...)``)
+    kept_rows: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.kind not in SELECTION_KINDS:
             raise ValueError(f"selection kind must be one of {SELECTION_KINDS}, got {self.kind!r}")
         if self.synthetic is not None and self.kind != "keep":
             raise ValueError("synthetic rows come with a 'keep' selection only")
+        if self.kept_rows is not None and self.kind != "keep":
+            raise ValueError("kept_rows come with a 'keep' selection only")
         if self.kind != "dense" and self.idx is None:
             raise ValueError(f"a {self.kind!r} selection needs idx")
         if self.kind == "blocks":
@@ -428,10 +442,17 @@ class Selection:
     def kept(self) -> float:
         """Selected keys per row and head, averaged (filler entries not counted; for ``"blocks"``:
         listed key blocks × ``block_k`` per query block, before causality trims the diagonal)."""
-        n = self.idx.shape[-1] if self.valid is None else float(self.valid.float().sum(-1).mean())
-        if self.kind == "blocks":
-            return float(n * self.block_k)
-        return float(n + self.prefix + self.suffix)
+        return float(self.kept_count())
+
+    def kept_count(self) -> float | torch.Tensor:
+        """:meth:`kept` without a host synchronisation: a float when ``valid`` is ``None``, else a
+        0-dim float tensor on the selection's device (what ``session.count`` sums there)."""
+        if self.valid is None:
+            n = float(self.idx.shape[-1])
+            return n * self.block_k if self.kind == "blocks" else n + self.prefix + self.suffix
+        n = self.valid.float().sum(-1).mean()
+        n = n if n.device.type == "mps" else n.double()  # as kept() always added: in double
+        return n * self.block_k if self.kind == "blocks" else n + (self.prefix + self.suffix)
 
 
 @dataclass(eq=False)

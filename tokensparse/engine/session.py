@@ -14,7 +14,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .cache import KVCache
+from .hostsync import host_read_is_free
 from .selection import Selection
 from .observers import Observer, wants_calls
 from .telemetry import Telemetry
@@ -38,6 +41,11 @@ class Session:
     ``sparse_calls``, ``kept_keys`` and ``total_keys`` (summed over sparse calls; kept = mean
     selected keys per row and head), plus events a method counts itself (e.g. TokenSelect's
     ``reuse``/``select``) and ``sliding_dense_calls`` (sliding-window layers, always dense).
+
+    Engine and decode-path code counts through :meth:`count`, never ``stats[...] +=``: a count
+    known only on the device (e.g. the kept keys of a selection with filler entries) is then added
+    up on the device and read once, when ``stats`` is read, instead of a host synchronisation per
+    call (see docs/ARCHITECTURE.md, "Host synchronisation").
     """
 
     def __init__(self, model, method, telemetry: Telemetry | None, observers=()):
@@ -48,7 +56,9 @@ class Session:
         self.observers: list[Observer] = []
         self._call_observers: list[Observer] = []  # those with an ``on_call`` hook
         self.add_observers(([telemetry] if telemetry is not None else []) + list(observers))
-        self.stats: Counter = Counter()
+        self._counts: Counter = Counter()
+        #: device-side counters not yet read: (name, device) -> running 0-dim sum (see :meth:`count`)
+        self._pending: dict[tuple[str, torch.device], torch.Tensor] = {}
         self.info: dict[str, Any] = {}  # facts worth reporting (e.g. which layers a method made sparse)
         self.state: dict[str, Any] = {}  # method-wide state resolved in Method.setup
         #: the channel between the layers of one forward pass (e.g. positions a selection layer
@@ -71,6 +81,38 @@ class Session:
         cfg = model.config.get_text_config(decoder=True)
         self.num_layers = cfg.num_hidden_layers
         self.layers = [LayerState(i) for i in range(self.num_layers)]
+
+    @property
+    def stats(self) -> Counter:
+        """The counters (a ``Counter``); reading it reads pending device-side counts (one host
+        synchronisation per counter, only when there are some)."""
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            for (name, _), total in pending.items():
+                value = total.item()
+                self._counts[name] += value
+        return self._counts
+
+    def count(self, name: str, value: "int | float | torch.Tensor" = 1) -> None:
+        """Add ``value`` to counter ``name`` without a host synchronisation: a number at once, a
+        0-dim tensor on its device (summed there; read when :attr:`stats` is read), or at once on a
+        CPU, where reading it is free and cheaper than the sum. Integer tensors give an integer
+        count, floating ones a float."""
+        if not isinstance(value, torch.Tensor):
+            self._counts[name] += value
+            return
+        if value.dim() != 0:
+            raise ValueError(f"count({name!r}) takes a 0-dim tensor, got shape {tuple(value.shape)}")
+        if host_read_is_free(value):
+            self._counts[name] += value.item()
+            return
+        if value.is_floating_point():  # float64 where the device has it: sums of many calls stay exact
+            value = value.to(torch.float32 if value.device.type == "mps" else torch.float64)
+        else:
+            value = value.long()
+        key = (name, value.device)
+        total = self._pending.get(key)
+        self._pending[key] = value if total is None else total + value
 
     def new_cache(self, capacity: int | None = None, headroom: int = 256) -> KVCache:
         """A cache suited to the method: evicting layers for eviction methods (ragged ones for methods
@@ -103,7 +145,7 @@ class Session:
         try:
             yield
         finally:
-            self.stats["selection_s"] += time.perf_counter() - t0
+            self.count("selection_s", time.perf_counter() - t0)
 
     def add_observers(self, observers) -> None:
         for o in observers:

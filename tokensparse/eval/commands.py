@@ -7,7 +7,17 @@
     tokensparse eval --suite passkey --threads 2 --out results     # the v1 suite (pass key + multi-key)
     tokensparse eval --config grid.json --set lengths=[1024] --set seeds=[0,1] --out results
     tokensparse eval --suite standard --skip-peers --out results  # without the kvpress peers
+    tokensparse eval --suite standard --ray --ray-workers 4 --threads 1 --out results   # samples on Ray
     tokensparse report --results results --out results/report [--bench decode.json]
+
+``--ray [ADDRESS]`` runs the grid's samples as Ray tasks (:mod:`tokensparse.eval.distributed`):
+without an address on a private local Ray instance of ``--ray-workers`` × ``--threads`` CPUs, with
+one (``auto``, ``ray://host:10001``) on an existing cluster. Each worker loads the model once
+(``--model`` must then exist at the same path on every node); ``--threads`` is per worker (default:
+the config's, else 1). The rows are those of a serial run with the same ``--threads``, up to
+:data:`tokensparse.eval.runner.VOLATILE_FIELDS` (times, memory, ``env``), appended in completion
+order, and resume works the same way; peers run in the driver afterwards. Ray is an optional extra:
+``pip install 'tokensparse[ray]'``.
 """
 
 from __future__ import annotations
@@ -37,6 +47,12 @@ def add_commands(subparsers) -> None:
     s.add_argument("--skip-peers", action="store_true",
                    help="run no peer library (the grid's 'peers', e.g. kvpress); they are reported as skipped. "
                         "Without it a grid with peers needs their environment (make kvpress-env)")
+    s.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the samples as Ray tasks: alone, on a local Ray instance of --ray-workers × --threads "
+                        "CPUs; with an ADDRESS (auto, ray://host:10001), on that cluster. Each worker loads the model "
+                        "once; same rows as a serial run with the same --threads. Needs: pip install 'tokensparse[ray]'")
+    s.add_argument("--ray-workers", type=int, metavar="N",
+                   help="Ray workers (model copies), with --ray (default: 2)")
     s.add_argument("--dry-run", action="store_true", help="print the grid and exit without loading the model")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_eval)
@@ -65,6 +81,10 @@ def _command_line(args) -> str:
         parts += ["--model", args.model]
     if getattr(args, "skip_peers", False):
         parts += ["--skip-peers"]
+    if getattr(args, "ray", None) is not None:
+        parts += ["--ray"] + ([] if args.ray == "local" else [args.ray])
+        if args.ray_workers is not None:
+            parts += ["--ray-workers", str(args.ray_workers)]
     return shlex.join(parts)
 
 
@@ -79,6 +99,11 @@ def cmd_eval(args) -> int:
     # arguments first (``--threads 0`` is an error, not "the config's threads"), then the grid
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"tokensparse eval: --threads must be >= 1, got {args.threads}")
+    use_ray = getattr(args, "ray", None) is not None
+    if getattr(args, "ray_workers", None) is not None and not use_ray:
+        raise SystemExit("tokensparse eval: --ray-workers needs --ray")
+    if use_ray and args.ray_workers is not None and args.ray_workers < 1:
+        raise SystemExit(f"tokensparse eval: --ray-workers must be >= 1, got {args.ray_workers}")
     check_model_arg(args.model, "eval")
     try:
         raw = load_suite(args.suite) if args.suite else load_config(args.config)
@@ -86,12 +111,17 @@ def cmd_eval(args) -> int:
     except ConfigError as e:
         raise SystemExit(f"tokensparse eval: {e}") from None
     threads = args.threads if args.threads is not None else grid.threads  # (the grid's is validated by build_grid)
+    if use_ray and threads is None:
+        threads = 1  # per worker; torch's default (every core) in each of several workers would oversubscribe
     if threads is not None:
         torch.set_num_threads(threads)
+    workers = (args.ray_workers or 2) if use_ray else None
     n_samples, n_runs = grid.size()
     path = results_path(args.out, grid)
+    compute = (f"Ray ({'local' if args.ray == 'local' else args.ray}): {workers} workers × {threads} torch threads"
+               if use_ray else f"{torch.get_num_threads()} torch threads")
     print(f"grid {grid.name!r}: {n_samples} samples × {len(grid.methods)} method runs = {n_runs} runs "
-          f"-> {path} ({torch.get_num_threads()} torch threads)")
+          f"-> {path} ({compute})")
     skip_peers = args.skip_peers or grid.skip_peers
     if grid.peers:
         names = ", ".join(dict.fromkeys(p.peer for p in grid.peers))
@@ -115,12 +145,24 @@ def cmd_eval(args) -> int:
             if p.lengths is not None:
                 print(f"  (peers.{i} runs only on the samples of lengths {p.lengths})")
         return 0
-    model, tokenizer = load_model_or_exit(args.model, "eval")
-    try:
-        summary = run_grid(model, tokenizer, grid, args.out, progress=not args.no_progress,
-                           command=_command_line(args), skip_peers=skip_peers)
-    except (KvpressEnvMissing, PeerSetupError) as e:
-        raise SystemExit(f"tokensparse eval: {e}") from None
+    if use_ray:
+        from .distributed import LocalModel, RayRunError, RayUnavailable, import_ray, run_grid_ray
+
+        try:
+            import_ray()  # before anything starts
+            summary = run_grid_ray(LocalModel(args.model), grid, args.out,
+                                   address=None if args.ray == "local" else args.ray, workers=workers,
+                                   threads_per_worker=threads, progress=not args.no_progress,
+                                   command=_command_line(args), skip_peers=skip_peers)
+        except (RayUnavailable, RayRunError, KvpressEnvMissing, PeerSetupError) as e:
+            raise SystemExit(f"tokensparse eval: {e}") from None
+    else:
+        model, tokenizer = load_model_or_exit(args.model, "eval")
+        try:
+            summary = run_grid(model, tokenizer, grid, args.out, progress=not args.no_progress,
+                               command=_command_line(args), skip_peers=skip_peers)
+        except (KvpressEnvMissing, PeerSetupError) as e:
+            raise SystemExit(f"tokensparse eval: {e}") from None
     print(f"{summary['ran']} runs written to {summary['path']} ({summary['skipped']} already there, "
           f"{summary['errors']} failed).")
     if summary.get("peers_skipped"):

@@ -53,14 +53,63 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def hardware(model=None) -> dict:
+@functools.lru_cache(maxsize=8)
+def _nvidia_driver(index: int) -> str | None:
+    """The NVIDIA driver version of GPU ``index`` from ``nvidia-smi`` (torch does not expose it);
+    ``None`` when the tool is missing or fails. Note: ``index`` is the CUDA ordinal, which matches
+    nvidia-smi's only when ``CUDA_VISIBLE_DEVICES`` does not reorder devices (all GPUs of one host
+    normally share a driver, so the answer is the same either way)."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", str(index)],
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    out = r.stdout.strip()
+    return out.splitlines()[0].strip() if r.returncode == 0 and out else None
+
+
+def gpu_identity(device) -> dict | None:
+    """Which GPU produced a number: ``{"name", "index", "capability", "total_memory_bytes",
+    "multiprocessors", "cuda", "cudnn", "driver"}`` for a CUDA ``device``; ``None`` for any other device.
+
+    ``cuda`` is the CUDA version torch was built with (the runtime it ships), ``driver`` the
+    NVIDIA driver's (``None`` if ``nvidia-smi`` is unavailable). Speed results from different GPUs,
+    or from the same GPU under different drivers, are not comparable; this makes that visible."""
+    import torch
+
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "name": props.name,
+        "index": index,
+        "capability": f"{props.major}.{props.minor}",
+        "total_memory_bytes": int(props.total_memory),
+        "multiprocessors": int(props.multi_processor_count),
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+        "driver": _nvidia_driver(index),
+    }
+
+
+def hardware(model=None, device=None) -> dict:
+    """CPU, platform and the device used: ``model``'s device, or ``device`` when given. On CUDA
+    ``"device"`` names the GPU (as before) and ``"gpu"`` holds :func:`gpu_identity` (the key is
+    absent on CPU, so CPU records are unchanged)."""
     import torch
 
     hw = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
           "device": "cpu"}
-    dev = getattr(model, "device", None)
-    if dev is not None and getattr(dev, "type", "cpu") == "cuda":
-        hw["device"] = f"cuda: {torch.cuda.get_device_name(dev)}"
+    dev = device if device is not None else getattr(model, "device", None)
+    if dev is not None and torch.device(dev).type == "cuda":
+        gpu = gpu_identity(dev)
+        hw["device"] = f"cuda: {gpu['name']}"
+        hw["gpu"] = gpu
     return hw
 
 
@@ -133,14 +182,22 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def environment(model=None, command: str | None = None) -> dict:
-    """Versions, git state, torch thread count, hardware and the command line, as one dict."""
+def environment(model=None, command: str | None = None, *, dtype=None, device=None) -> dict:
+    """Versions, git state, torch thread count, hardware and the command line, as one dict.
+
+    ``dtype`` (a ``torch.dtype`` or its name), when given, is recorded as ``"dtype"`` (e.g.
+    ``"bfloat16"``): the caller knows the precision it ran in, nothing here assumes one. ``device``
+    overrides the model's device for :func:`hardware` (benchmarks without a model). Without them
+    the keys are exactly those of earlier records."""
     import torch
 
-    return {
+    out = {
         "versions": package_versions(),
         "git": dict(git_state()),
         "torch_threads": torch.get_num_threads(),
-        "hardware": hardware(model),
+        "hardware": hardware(model, device),
         "command": command if command is not None else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
+    if dtype is not None:
+        out["dtype"] = str(dtype).removeprefix("torch.")
+    return out

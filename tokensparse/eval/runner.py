@@ -53,6 +53,12 @@ has ``method`` ``"kvpress:<press>"``, ``config`` ``{"method", "peer", "press", "
 first answer logits and ``kv_bytes`` the K/V held at the end of generation, as for tokensparse runs.
 A missing peer environment is an error naming ``make kvpress-env``; ``skip_peers`` (``tokensparse
 eval --skip-peers``) runs no peer and says so.
+
+The same plan can run on Ray (:func:`tokensparse.eval.distributed.run_grid_ray`, ``tokensparse eval
+--ray``): both runners plan with :func:`prepare_run` and run a sample's runs with
+:func:`run_sample_runs`, so they write the same rows. The fields that legitimately differ between
+two runs of a cell (times, memory, ``env``, ...) are :data:`VOLATILE_FIELDS`; :func:`row_differences`
+compares two results files on everything else, exactly.
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ from .scoring import answer_target
 from .peers import kvpress as kvpress_peer
 from .peers import rows as peer_rows
 
-__all__ = ["PeerSetupError", "run_grid", "results_path", "read_rows", "done_keys", "row_key", "teacher_forced_answer", "answer_target"]
+__all__ = ["PeerSetupError", "run_grid", "run_sample_runs", "prepare_run", "run_peers", "RunPlan", "RowLog", "VOLATILE_FIELDS", "stable_fields", "row_differences", "results_path", "read_rows", "done_keys", "row_key", "teacher_forced_answer", "answer_target"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,6 +139,82 @@ def read_rows(path: str | Path) -> list[dict]:
 def done_keys(path: str | Path) -> set[str]:
     """Keys of the successful rows of a results file (failed rows are retried)."""
     return {r["key"] for r in read_rows(path) if "key" in r and not r.get("error")}
+
+
+#: Row fields that may differ between two runs of the same grid on the same model, however the
+#: runs are executed (serially, on Ray, on another day): when and where a run happened (``run_id``,
+#: ``time``, ``loadavg``, ``env``, whose ``command`` and ``torch_threads`` differ between a serial and
+#: a Ray run and whose ``ray`` entry exists only in Ray rows), wall-clock measurements (the four
+#: timing fields, the prompt step's ``stats.prompt_step_s`` and the selection timer
+#: ``stats.selection_s``, a peer's ``peer.*_s``), the process's resident memory (``memory``) and a
+#: failed run's ``traceback`` (file paths of the installation). Everything else -- predictions,
+#: scores, log-likelihoods, per-token log-probabilities, fidelity, telemetry, KV bytes, counters --
+#: is a deterministic function of the model, the sample and the method config and must be
+#: identical, floats bit for bit, at the same torch thread count (:func:`row_differences`).
+#: A dotted name is a key inside a dict-valued field.
+VOLATILE_FIELDS = frozenset({
+    "run_id", "time", "loadavg", "env", "traceback", "memory",
+    "prefill_s", "decode_ms_per_token", "attention_prefill_s", "attention_decode_ms_per_token",
+    "stats.prompt_step_s", "stats.selection_s",
+    "peer.prefill_s", "peer.compress_s", "peer.question_s", "peer.ttft_s",
+})
+
+
+def stable_fields(row: dict) -> dict:
+    """``row`` without its :data:`VOLATILE_FIELDS` (what two runs of the same cell must agree on)."""
+    out = {k: v for k, v in row.items() if k not in VOLATILE_FIELDS}
+    for name in VOLATILE_FIELDS:
+        parent, _, child = name.partition(".")
+        if child and isinstance(out.get(parent), dict) and child in out[parent]:
+            out[parent] = {k: v for k, v in out[parent].items() if k != child}
+    return out
+
+
+def row_differences(rows_a: list[dict], rows_b: list[dict], limit: int = 20) -> list[str]:
+    """How two sets of result rows differ outside :data:`VOLATILE_FIELDS`, matched by ``key``
+    (the order of rows in a file is not compared: a Ray run appends samples as they finish).
+
+    Values must be equal exactly, floats included (two NaNs count as equal); an empty list means
+    the rows are identical. At most ``limit`` differences are listed (then a count of the rest)."""
+    out: list[str] = []
+
+    def by_key(rows, name):
+        keyed = {}
+        for r in rows:
+            if r.get("key") in keyed:
+                out.append(f"{name}: key {r.get('key')} appears more than once")
+            keyed[r.get("key")] = r
+        return keyed
+
+    a, b = by_key(rows_a, "a"), by_key(rows_b, "b")
+    for k in a.keys() - b.keys():
+        out.append(f"key {k} ({a[k].get('label')} on {a[k].get('sample_id')}) only in a")
+    for k in b.keys() - a.keys():
+        out.append(f"key {k} ({b[k].get('label')} on {b[k].get('sample_id')}) only in b")
+    for k in a.keys() & b.keys():
+        _diff(stable_fields(a[k]), stable_fields(b[k]), f"{k}", out)
+    if len(out) > limit:
+        out = out[:limit] + [f"... and {len(out) - limit} more"]
+    return out
+
+
+def _diff(x, y, where: str, out: list[str]) -> None:
+    if isinstance(x, dict) and isinstance(y, dict):
+        for k in sorted(x.keys() | y.keys(), key=str):
+            if k not in x or k not in y:
+                out.append(f"{where}.{k}: only in {'a' if k in x else 'b'}")
+            else:
+                _diff(x[k], y[k], f"{where}.{k}", out)
+    elif isinstance(x, list) and isinstance(y, list):
+        if len(x) != len(y):
+            out.append(f"{where}: lengths {len(x)} != {len(y)}")
+        else:
+            for i, (u, v) in enumerate(zip(x, y)):
+                _diff(u, v, f"{where}[{i}]", out)
+    elif isinstance(x, float) and isinstance(y, float) and x != x and y != y:
+        return  # NaN == NaN here: the same undefined value in both runs
+    elif type(x) is not type(y) or x != y:
+        out.append(f"{where}: {x!r} != {y!r}")
 
 
 def _append(path: Path, row: dict) -> None:
@@ -261,25 +343,79 @@ def run_grid(model, tokenizer, grid: Grid, out: str | Path, *, progress: bool = 
     environment raises :class:`~tokensparse.eval.peers.kvpress.KvpressEnvMissing` before anything
     runs. ``peer_model_dir`` is the model directory the peer worker loads (default: the directory
     ``model`` was loaded from); it must hold the same weights as ``model``.
+
+    :func:`tokensparse.eval.distributed.run_grid_ray` runs the same plan with the samples spread
+    over Ray workers; both go through :func:`prepare_run`, :func:`run_sample_runs` and
+    :func:`run_peers`, so they write the same rows.
     """
     from tqdm.auto import tqdm
 
+    minfo = model_id(model)
+    env = environment(model, command)
+    run_id = new_run_id()
+    prep = prepare_run(grid, out, minfo, skip_peers, f"{torch.get_num_threads()} torch threads")
+    peer_setup = _peer_preflight(grid, model, minfo, prep.peer_plan, peer_model_dir) if prep.n_peer_todo else None
+
+    if prep.n_todo:
+        _warm_up(model)
+    log = RowLog(prep.path)
+    samples: dict[str, tuple] = {}  # sample spec -> (sample or None, error), reused by the peers
+    bar = tqdm(total=prep.n_todo, desc=grid.name, unit="run", disable=not progress)
+
+    def emit(row):
+        log.add(row)
+        bar.update(1)
+
+    for sspec, todo in prep.plan:
+        run_sample_runs(model, tokenizer, sspec, todo, grid, run_id=run_id, minfo=minfo, env=env,
+                        samples=samples, emit=emit, status=bar.set_postfix_str)
+    bar.close()
+    p_ran, p_err = run_peers(prep, model=model, tokenizer=tokenizer, grid=grid, minfo=minfo, env=env,
+                             run_id=run_id, samples=samples, setup=peer_setup)
+    return prep.summary(log.ran + p_ran, log.errors + p_err)
+
+
+def new_run_id() -> str:
+    """One id per invocation of the runner (all its rows share it): start time and a random tail."""
+    return dt.datetime.now().strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """What one invocation of the runner has to do: the results file, the tokensparse runs still to
+    do per sample (:func:`_plan`) and the peer runs still to do (:func:`_peer_plan`), with counts."""
+
+    path: Path
+    plan: list  # [(sample spec, [(method spec, full config, key), ...]), ...]
+    total: int
+    n_todo: int
+    peer_plan: list
+    peer_total: int
+    n_peer_todo: int
+    peers_skipped: int
+
+    def summary(self, ran: int, errors: int) -> dict:
+        """The runner's return value (see :func:`run_grid`)."""
+        return {"path": str(self.path), "total": self.total + self.peer_total,
+                "skipped": self.total - self.n_todo + self.peer_total - self.n_peer_todo,
+                "ran": ran, "errors": errors, "peer_runs": self.peer_total, "peers_skipped": self.peers_skipped}
+
+
+def prepare_run(grid: Grid, out: str | Path, minfo: dict, skip_peers: bool | None, how: str) -> RunPlan:
+    """Create the results directory, read what is done, plan what is left and say so on stderr
+    (``how``: the compute used, e.g. ``"2 torch threads"``). Shared by the serial and Ray runners so
+    both skip, and count, exactly the same runs."""
     path = results_path(out, grid)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = done_keys(path)
-    minfo = model_id(model)
-    env = environment(model, command)
-    run_id = dt.datetime.now().strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
     configs = [spec.full_config() for spec in grid.methods]
-
     plan, total = _plan(grid, minfo, configs, done)
     n_todo = sum(len(t) for _, t in plan)
     skip = grid.skip_peers if skip_peers is None else bool(skip_peers)
     peers_skipped = grid.peer_size() if skip else 0
     peer_plan, peer_total = ([], 0) if skip else _peer_plan(grid, minfo, done)
     n_peer_todo = sum(len(cells) for _, _, todo in peer_plan for _, cells in todo)
-    print(f"{grid.name}: {total} runs, {total - n_todo} already in {path}, {n_todo} to run "
-          f"({torch.get_num_threads()} torch threads)", file=sys.stderr)
+    print(f"{grid.name}: {total} runs, {total - n_todo} already in {path}, {n_todo} to run ({how})", file=sys.stderr)
     if peers_skipped:
         names = ", ".join(dict.fromkeys(p.peer for p in grid.peers))
         print(f"{grid.name}: PEERS SKIPPED (skip_peers / --skip-peers): {peers_skipped} {names} runs of the grid "
@@ -287,47 +423,78 @@ def run_grid(model, tokenizer, grid: Grid, out: str | Path, *, progress: bool = 
     elif peer_total:
         print(f"{grid.name}: {peer_total} peer runs, {peer_total - n_peer_todo} already in {path}, "
               f"{n_peer_todo} to run after the tokensparse runs", file=sys.stderr)
-    peer_setup = _peer_preflight(grid, model, minfo, peer_plan, peer_model_dir) if n_peer_todo else None
+    return RunPlan(path, plan, total, n_todo, peer_plan, peer_total, n_peer_todo, peers_skipped)
 
-    if n_todo:
-        _warm_up(model)
+
+class RowLog:
+    """Appends rows to the results file as they come and counts them (a row with ``error`` is a
+    failed run, reported on stderr). The rows are written one by one so an interrupted run keeps
+    everything finished before the interruption."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.ran = self.errors = 0
+
+    def add(self, row: dict) -> None:
+        if row.get("error"):
+            self.errors += 1
+            print(f"\nerror in {row['label']} [{row['placement']}] on {row['task']} L={row['length']}: {row['error']}",
+                  file=sys.stderr)
+        else:
+            self.ran += 1
+        _append(self.path, row)
+
+
+def run_sample_runs(model, tokenizer, sspec: SampleSpec, todo: list, grid: Grid, *, run_id: str, minfo: dict,
+                    env: dict, samples: dict | None = None, emit=None, status=None) -> list[dict]:
+    """Run one sample's missing runs (``todo``: ``[(method spec, full config, key), ...]``, dense
+    first, as :func:`_plan` lists them) and return their rows in that order; ``emit(row)`` is called
+    as each row is ready, ``status(text)`` before each run (a progress bar's postfix).
+
+    This is the unit of work of both runners: the sample is generated once, and the dense
+    teacher-forced logits that the method runs' fidelity is measured against stay inside this call
+    (from the dense run when it is in ``todo``, else recomputed), so a sample's rows do not depend
+    on which process runs it. ``samples`` caches generated samples across calls (the serial runner
+    reuses them for the peers). A run that fails gives a row with ``error`` and ``traceback``; only
+    ``KeyboardInterrupt`` propagates.
+    """
+    # a sample that cannot be made (a length too short for the task, ...) fails every run the same way
+    sample, sample_error = _make_sample(sspec, tokenizer, {} if samples is None else samples)
+    reference, ref_tried = None, False  # dense teacher-forced logits of this sample
+    rows = []
+    for spec, config, key in todo:
+        if status is not None:
+            status(f"{sspec.task} L={sspec.length} d={sspec.depth} {spec.label} [{spec.placement}]")
+        row = _base_row(key, grid, run_id, minfo, sspec, spec, config, env)
+        try:
+            if sample is None:
+                raise RuntimeError(f"could not generate the sample: {sample_error}")
+            if spec.name != DENSE and not ref_tried and grid.answer_loglik:
+                ref_tried, reference = True, _dense_reference(model, tokenizer, sample, grid)
+            fields, logits = run_one(model, tokenizer, sample, spec, grid, reference)
+            if spec.name == DENSE and not ref_tried:
+                ref_tried, reference = True, logits
+            row.update(fields)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            row["traceback"] = traceback.format_exc(limit=4)
+        rows.append(row)
+        if emit is not None:
+            emit(row)
+    return rows
+
+
+def run_peers(prep: RunPlan, *, model, tokenizer, grid: Grid, minfo: dict, env: dict, run_id: str,
+              samples: dict, setup: dict | None) -> tuple[int, int]:
+    """Every peer run of ``prep`` still to do (after the tokensparse runs); ``(ran, errors)``."""
     ran = errors = 0
-    samples: dict[str, tuple] = {}  # sample spec -> (sample or None, error), reused by the peers
-    bar = tqdm(total=n_todo, desc=grid.name, unit="run", disable=not progress)
-    for sspec, todo in plan:
-        # a sample that cannot be made (a length too short for the task, ...) fails every run the same way
-        sample, sample_error = _make_sample(sspec, tokenizer, samples)
-        reference, ref_tried = None, False  # dense teacher-forced logits of this sample
-        for spec, config, key in todo:
-            bar.set_postfix_str(f"{sspec.task} L={sspec.length} d={sspec.depth} {spec.label} [{spec.placement}]")
-            row = _base_row(key, grid, run_id, minfo, sspec, spec, config, env)
-            try:
-                if sample is None:
-                    raise RuntimeError(f"could not generate the sample: {sample_error}")
-                if spec.name != DENSE and not ref_tried and grid.answer_loglik:
-                    ref_tried, reference = True, _dense_reference(model, tokenizer, sample, grid)
-                fields, logits = run_one(model, tokenizer, sample, spec, grid, reference)
-                if spec.name == DENSE and not ref_tried:
-                    ref_tried, reference = True, logits
-                row.update(fields)
-                ran += 1
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"
-                row["traceback"] = traceback.format_exc(limit=4)
-                errors += 1
-                print(f"\nerror in {spec.label} [{spec.placement}] on {sspec.task} L={sspec.length}: {row['error']}",
-                      file=sys.stderr)
-            _append(path, row)
-            bar.update(1)
-    bar.close()
-    for peer_spec, placement, todo in peer_plan:
+    for peer_spec, placement, todo in prep.peer_plan:
         p_ran, p_err = _run_peer(peer_spec, placement, todo, model=model, tokenizer=tokenizer, grid=grid,
-                                 path=path, minfo=minfo, env=env, run_id=run_id, samples=samples, setup=peer_setup)
+                                 path=prep.path, minfo=minfo, env=env, run_id=run_id, samples=samples, setup=setup)
         ran, errors = ran + p_ran, errors + p_err
-    return {"path": str(path), "total": total + peer_total, "skipped": total - n_todo + peer_total - n_peer_todo,
-            "ran": ran, "errors": errors, "peer_runs": peer_total, "peers_skipped": peers_skipped}
+    return ran, errors
 
 
 @torch.no_grad()

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pipeline import everything, fixed_budget
+from ..engine.pipeline import everything, fixed_budget, fixed_budget_host
 from ..engine.selection import Selection, indices_from_mask
 
 
@@ -60,15 +62,40 @@ class StreamingLLM(Method):
         return cls(budget=12, n_sink=2)
 
     def select(self, call) -> Selection:
-        """After every call: the first ``n_sink`` and the most recent real rows of each KV head."""
+        """After every call: the first ``n_sink`` and the most recent real rows of each KV head.
+
+        A decode step never waits for the device when the cache knows on the host how many real
+        rows each sequence holds (``EvictingLayer.host_valid``; every KV head the same, as this
+        policy keeps them) and the budget's host copy survived (:func:`fixed_budget_host`): the
+        decision and the widths are then ints. With no empty row and one budget for every sequence
+        the rows are even known by position (the first ``n_sink`` and the last ``budget - n_sink``);
+        otherwise they are ranked from the slots on the device. Without the host records (a batch
+        reorder of unequal rows, a pruned pass) the counts are read from the device."""
         cache = call.evicting  # present: the engine refuses a stock cache for an eviction method
+        name = "streaming_llm.keep"
+        keep = fixed_budget(call, self.budget, name, self.n_sink + 1)[:, :, None]  # (B, 1, 1)
+        budgets, held = fixed_budget_host(call, name), cache.host_valid
+        if budgets is not None and held is not None:
+            if all(v <= b for v, b in zip(held, budgets)):
+                return everything(call, "keep")
+            kept = tuple(min(v, b) for v, b in zip(held, budgets))
+            if not cache.has_empty_rows and len(set(budgets)) == 1:  # every row and head holds n real rows
+                n, budget = cache.n, budgets[0]
+                dev = keep.device
+                idx = torch.cat([torch.arange(self.n_sink, device=dev),
+                                 torch.arange(n - (budget - self.n_sink), n, device=dev)])
+                return Selection.keep(idx.expand(call.batch, call.n_kv_heads, budget), kept_rows=kept)  # (as ranked)
+            width = max(kept)
+        else:
+            kept = width = None
         valid = cache.valid_rows()  # (B, Hkv, n): padding was marked before this call
         n_valid = valid.sum(-1, keepdim=True)
-        keep = fixed_budget(call, self.budget, "streaming_llm.keep", self.n_sink + 1)[:, :, None]  # (B, 1, 1)
-        if bool((n_valid <= keep).all()):
+        if width is None and bool((n_valid <= keep).all()):
             return everything(call, "keep")
         # rank real rows in physical (= arrival) order: sinks are the first ones, the window the last
         rank = valid.long().cumsum(-1)
         take = valid & ((rank <= self.n_sink) | (rank > n_valid - (keep - self.n_sink)))
-        idx, kept = indices_from_mask(take)  # taken rows in physical order; shorter rows padded
-        return Selection.keep(idx, None if bool(kept.all()) else kept)
+        idx, ok = indices_from_mask(take, width)  # taken rows in physical order; shorter rows padded
+        if kept is not None:
+            return Selection.keep(idx, None if len(set(kept)) == 1 else ok, kept_rows=kept)
+        return Selection.keep(idx, None if bool(ok.all()) else ok)

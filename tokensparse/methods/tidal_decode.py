@@ -51,8 +51,8 @@ import torch
 
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pipeline import KeyPlan, everything, execute, record_dense, run
-from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, resolve_budget_rows
+from ..engine.pipeline import KeyPlan, everything, execute, record_dense, row_budgets, run
+from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa
 
 _CARRY = "tidal_decode.positions"
 
@@ -116,8 +116,10 @@ class TidalDecode(Method):
         layers = call.session.state["tidal_selection_layers"]
         if call.kind == "decode" and call.layer_idx in layers:
             plan = KeyPlan(call, window=1)
-            n_top = resolve_budget_rows(self.budget, call.n_real) - 1
-            if self.scorer is not None and not plan.covers(n_top):
+            n_top, host = row_budgets(call, self.budget, -1)
+            covered = plan.covers(n_top if host is None else host)
+            taken = plan.host_counts(n_top if host is None else host)  # carried with the choice (host sizes)
+            if self.scorer is not None and not covered:
                 # a composed scorer ranks the keys; the selection layer attends to its own choice
                 scorer = call.session.state["tidal_scorer"]
                 with call.session.selecting():
@@ -126,15 +128,16 @@ class TidalDecode(Method):
                         return run(self, call)
                     if scores.shape[1] == 1:
                         scores = scores.expand(-1, call.n_kv_heads, -1)
-                    chosen = call.carry[_CARRY] = plan.top(scores[..., plan.lo : plan.hi].contiguous(), n_top)
-                call.session.stats["select"] += 1
-                return execute(call, plan.selection(*chosen, kind="keys"), impl="fast")
-            if not plan.covers(n_top):
+                    chosen = plan.top(scores[..., plan.lo : plan.hi].contiguous(), n_top, taken)
+                    call.carry[_CARRY] = (*chosen, taken)
+                call.session.count("select")
+                return execute(call, plan.selection(*chosen, kind="keys", taken=taken), impl="fast")
+            if not covered:
                 out, probs = call.dense_with_probs()
                 with call.session.selecting():
                     weights = aggregate_gqa(probs[:, :, 0], call.n_kv_heads, self.gqa_reduce)  # (B, Hkv, Lk)
-                    call.carry[_CARRY] = plan.top(weights[..., plan.lo : plan.hi], n_top)
-                call.session.stats["select"] += 1
+                    call.carry[_CARRY] = (*plan.top(weights[..., plan.lo : plan.hi], n_top, taken), taken)
+                call.session.count("select")
                 record_dense(call)
                 return out
         return run(self, call)
@@ -146,12 +149,13 @@ class TidalDecode(Method):
         if call.layer_idx in call.session.state["tidal_selection_layers"]:
             # only reached when the budget covers everything (see forward): the next layers attend to all
             call.carry[_CARRY] = None
-            call.session.stats["select"] += 1
+            call.session.count("select")
             return Selection.dense()
         if _CARRY not in call.carry:  # no selection layer ran in this pass (e.g. it is a sliding layer)
-            call.session.stats["no_selection_yet"] += 1
+            call.session.count("no_selection_yet")
             return None
         chosen = call.carry[_CARRY]
         if chosen is None:
             return everything(call, "keys")
-        return plan.selection(*chosen, kind="keys")
+        top, valid, taken = chosen
+        return plan.selection(top, valid, kind="keys", taken=taken)

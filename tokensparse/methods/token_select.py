@@ -66,8 +66,8 @@ import torch.nn.functional as F
 
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pipeline import KeyPlan, everything
-from ..engine.selection import Selection, grouped_dot, pool1d, resolve_budget_rows
+from ..engine.pipeline import KeyPlan, everything, row_budgets
+from ..engine.selection import Selection, grouped_dot, pool1d
 from ..engine.shadow import SHADOW_DTYPES, ShadowKeys, quantize_rows, shadow_logits, shadow_of
 
 
@@ -151,12 +151,14 @@ class TokenSelect(Method):
 
         Reuse is decided per sequence (cosine similarity of its query fingerprint with the one its
         selection was made for); a fresh selection is computed when any row misses, and rows that
-        hit keep their previous choice, so a row of a batch selects as it would alone.
+        hit keep their previous choice, so a row of a batch selects as it would alone. Deciding
+        whether to skip the vote reads the similarity on the host: one synchronisation per layer
+        and step when ``reuse_threshold`` is set (the documented allowance of this option).
         """
         thr = self.reuse_threshold
-        stats = call.session.stats
+        session = call.session
         if thr is None:
-            stats["select"] += 1
+            session.count("select")
             return fresh()
         scratch = call.layer.scratch
         fp = call.query.mean(2).flatten(1).float()  # (B, Hq·D): the chunk's query fingerprint
@@ -164,11 +166,11 @@ class TokenSelect(Method):
         if scratch.get("key") == key:
             hit = F.cosine_similarity(fp, scratch["fingerprint"], dim=-1) >= thr  # (B,)
             if bool(hit.all()):
-                stats["reuse"] += 1
+                session.count("reuse")
                 return scratch["sel"]
-        stats["select"] += 1
+        session.count("select")
         sel = fresh()
-        if hit is not None and bool(hit.any()):
+        if hit is not None:  # rows that hit keep their choice (branch-free: no second read of `hit`)
             sel = tuple(None if new is None else torch.where(hit.view(-1, *([1] * (new.dim() - 1))), old, new)
                         for old, new in zip(scratch["sel"], sel))
             fp = torch.where(hit[:, None], scratch["fingerprint"], fp)
@@ -180,18 +182,34 @@ class TokenSelect(Method):
             call.layer.scratch.clear()  # a new sequence: forget the selection cache
             return None
         if call.q_len > self.n_local:
-            call.session.stats["dense_chunks"] += 1
+            call.session.count("dense_chunks")
             return None
         plan = KeyPlan(call, n_sink=self.n_sink, window=self.n_local)
-        budget = resolve_budget_rows(self.budget, call.n_real)  # (B, 1)
-        short = budget < self.n_sink + self.n_local  # a share too small for sinks + window: attend to all
-        if bool(short.any()):
-            call.session.stats["dense_short"] += 1
-        n_top = torch.where(short, plan.n_cand, budget - self.n_sink - self.n_local)
-        if plan.covers(n_top):
+        fixed = self.n_sink + self.n_local
+        budget, host = row_budgets(call, self.budget)
+        if host is not None:  # every count on the host: this step never waits for the device
+            short = [b < fixed for b in host]
+            any_short = any(short)
+            host = [c if sh else b - fixed for b, sh, c in zip(host, short, plan.host_cand)]
+        else:
+            any_short = bool((budget < fixed).any())
+        if any_short:  # a share too small for sinks + window: that row attends to all
+            call.session.count("dense_short")
+        if isinstance(budget, int) and host is not None and len(set(host)) == 1:
+            n_top = host[0]
+        else:
+            if isinstance(budget, int):  # built on the device (a tensor from a Python number is a host→device copy)
+                budget = torch.full((call.batch, 1), budget, dtype=torch.long, device=call.query.device)
+            n_top = torch.where(budget < fixed, plan.n_cand, budget - fixed)  # the device twin of `host`
+        if plan.covers(n_top if host is None else host):
             return everything(call, "keys")
-        n_top = plan.counts(n_top)
-        if not bool((n_top > 0).any()):  # the budget holds exactly the sinks and the window
+        counts = plan.host_counts(n_top if host is None else host)
+        if counts is None:
+            n_top = plan.counts(n_top)
+            none_taken = not bool((n_top > 0).any())
+        else:
+            none_taken = not any(counts)
+        if none_taken:  # the budget holds exactly the sinks and the window
             return plan.selection(None, None, "keys", heads=call.n_kv_heads if self.select_per == "kv_head" else 1)
         q_fp = call.query.mean(2)  # (B, Hq, D)
         if plan.padded:  # votes over the whole row (as unpadded rows see it), candidates only
@@ -199,14 +217,14 @@ class TokenSelect(Method):
             cand[:, : plan.hi] = plan.cand_mask
 
             def fresh():
-                return plan.top(self._vote(call, q_fp, 0, call.k_len, cand)[..., : plan.hi], n_top)
+                return plan.top(self._vote(call, q_fp, 0, call.k_len, cand)[..., : plan.hi], n_top, counts)
 
-            key = ("rows", tuple(n_top.flatten().tolist()))
+            key = ("rows", tuple(counts if counts is not None else plan.counts(n_top).flatten().tolist()))
         else:
 
             def fresh():
-                return plan.top(self._vote(call, q_fp, plan.lo, plan.hi), n_top)
+                return plan.top(self._vote(call, q_fp, plan.lo, plan.hi), n_top, counts)
 
-            key = ("range", int(n_top.max()), plan.lo)
+            key = ("range", max(counts) if counts is not None else int(plan.counts(n_top).max()), plan.lo)
         top, top_valid = self._cached(call, key, fresh)
-        return plan.selection(top, top_valid, "keys")
+        return plan.selection(top, top_valid, "keys", taken=counts)
