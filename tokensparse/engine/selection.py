@@ -29,11 +29,12 @@ def grouped_dot(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``q (B, Hkv, M, D)`` · ``k (B, Hkv, C, D)``ᵀ → ``(B, Hkv, M, C)`` in ``k``'s dtype.
 
     One batched matmul, except for bf16/fp16 keys on a CPU: there a batched matmul over a strided
-    cache view (a prefix of a preallocated buffer) took a slow path (1.44 vs 0.21 ms for 3 heads ×
-    7.8K keys, measured on an AVX-512 machine), while one ``F.linear`` per (sequence, KV head)
-    reads the view in place; that loop stays for them. Everywhere else the loop would cost a kernel
-    launch per head (fp32 on CPU: the batched matmul measured 2× faster at 3 heads × 7.8K keys,
-    same values).
+    cache view (a prefix of a preallocated buffer) was measured taking a slow path (1.44 vs 0.21 ms
+    for 3 heads × 7.8K keys) while one ``F.linear`` per (sequence, KV head) reads the view in
+    place, so that loop stays for them (on the 2-core test machine of torch 2.13 the batched
+    matmul was not slower there either: 2.4 vs 3.2 ms; kept for the machine that measured it).
+    Everywhere else the loop would cost a kernel launch per head; fp32 on that CPU: 0.79 vs 0.74 ms
+    at 3 heads × 7.8K keys, 6.3 vs 6.6 ms at 8 × 16K, 0.018 vs 0.084 ms at 2 × 40 (same values).
     """
     if k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16):
         b, h = k.shape[:2]
