@@ -322,3 +322,28 @@ def test_query_blocks_of_very_different_widths_run_in_groups(impl, chunk_bytes, 
         qb, kb, vb = (x.bfloat16() for x in (q, k, v))
         ref_b = block_attend(qb, kb, vb, sel, 0.3, impl="reference")
         assert close(block_attend(qb, kb, vb, sel, 0.3, impl="sdpa"), ref_b, 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_runs_heads_of_different_widths_as_units(dtype, monkeypatch):
+    """Heads (and rows) of one query block that read different numbers of blocks (a mass threshold
+    per head) take the per-unit path, which pads nobody; equal ones keep the folded-heads path.
+    Both equal the reference."""
+    from tokensparse.engine import blocks
+
+    calls = []
+    real = blocks._sdpa_units
+    monkeypatch.setattr(blocks, "_sdpa_units", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(blocks, "SDPA_CHUNK_BYTES", 4096)  # several chunks per group
+    q, k, v = qkv(dtype=dtype, lq=77, lk=77)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+    uneven = random_blocks(2, 2, 77, 77, 7, 7, p=0.5, seed=3)
+    uneven_sets = blocks._blockset(uneven.idx, uneven.valid, 11)
+    uneven_sets[1, 0, 4, 4] = False  # a query block that skips its own block in one head only
+    cases = [(blocks_from_sets(uneven_sets, 7, 7), True), (everything_blocks(2, 2, 77, 77, 7, 7), False)]
+    for sel, units in cases:
+        calls.clear()
+        ref, ref_lse = block_attend(q, k, v, sel, 0.3, impl="reference", return_lse=True)
+        out, lse = block_attend(q, k, v, sel, 0.3, impl="sdpa", return_lse=True)
+        assert bool(calls) == units
+        assert out.dtype == dtype and close(out, ref, tol) and lse_close(lse, ref_lse, tol)

@@ -141,7 +141,7 @@ def test_model_load_errors_become_one_line(monkeypatch):
 
 @pytest.mark.parametrize("argv, match", [
     (["--method", "snapkvv"], "unknown method 'snapkvv'"),
-    (["--method", "snapkv"], "method 'snapkv' needs no calibration; methods with a profile: fasa, razor_attention, token_sparse"),
+    (["--method", "snapkv"], "method 'snapkv' needs no calibration; methods with a profile: fasa, razor_attention, sparsifiner, token_sparse"),
     (["--tokens", "8"], "--tokens must be >= 16, got 8"),
     (["--text", "/nonexistent/text.txt"], "cannot read --text '/nonexistent/text.txt'"),
     (["--threads", "-1"], "--threads must be >= 1, got -1"),
@@ -193,7 +193,7 @@ def test_bench_decode_rejects_zero_steps(no_model):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["bench", "attention", "--methods", "nope"], "--methods: nope; benchmarked methods: biformer, hip, token_sparse, xattention"),
+    (["bench", "attention", "--methods", "nope"], "--methods: nope; benchmarked methods: biformer, dhsa, hip, minference, rectified, sparsifiner, superlinear, token_sparse, xattention"),
     (["bench", "decode", "--methods", "hip"], "--methods applies to bench prefill and bench attention"),
 ])
 def test_bench_methods_filter_is_checked(no_model, argv, match):
@@ -213,7 +213,10 @@ def test_bench_decode_variants_are_checked_before_loading(no_model, tmp_path, co
     _fails(["bench", "decode", "--variants", str(f)], match)
 
 
-def test_bench_variants_only_for_decode(no_model, tmp_path):
+def test_bench_variants_not_for_executors_nor_with_methods(no_model, tmp_path):
     f = tmp_path / "v.json"
     f.write_text('[{"method": "quest"}]')
-    _fails(["bench", "prefill", "--variants", str(f)], "--variants applies to bench decode")
+    _fails(["bench", "executors", "--variants", str(f)], "--variants applies to bench decode, prefill and attention")
+    _fails(["bench", "prefill", "--methods", "hip", "--variants", str(f)], "give one of them")
+    f.write_text('[{"method": "hip", "config": {"budget": -1}}]')
+    _fails(["bench", "attention", "--variants", str(f)], "budget")

@@ -792,6 +792,176 @@ def check_xattention(m, r: Record, sc: Scenario) -> None:
                 assert {0, qb} <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
 
 
+@st.composite
+def rectified_configs(draw):
+    base = draw(st.sampled_from(["biformer", "xattention", "hip"]))
+    base_config = draw({"biformer": biformer_configs(), "xattention": xattention_configs(), "hip": hip_configs()}[base])
+    return dict(base=base, base_config=base_config, gapr=draw(st.sampled_from(["sparse", "drop", "off"])),
+                isolate=draw(st.integers(0, 5)), impl=draw(st.sampled_from(["fast", "fast", "reference"])))
+
+
+def check_rectified(m, r: Record, sc: Scenario) -> None:
+    """The selections are the base's, under the base's own rules (the rectified output itself:
+    tests/test_rectified.py)."""
+    METHODS[m.base][1](m.base_method, r, sc)
+
+
+@st.composite
+def minference_configs(draw):
+    return dict(
+        vertical=draw(st.one_of(SHARES, st.integers(1, 40))),
+        slash=draw(st.one_of(SHARES, st.integers(1, 40))),
+        last_q=draw(st.integers(1, 16)),
+        n_sink=draw(st.integers(0, 12)),
+        n_local=draw(st.integers(1, 12)),
+        block=draw(st.integers(1, 8)),
+        dense_layers=draw(st.integers(0, 2)),
+        dense_tail=draw(st.integers(0, 12)),
+        select_per=draw(st.sampled_from(["query_head", "kv_head"])),
+        impl=draw(st.sampled_from(["auto", "sdpa", "gather", "reference"])),
+    )
+
+
+def check_minference(m, r: Record, sc: Scenario) -> None:
+    """Each query block of each row's real tokens reads the blocks of the first ``n_sink`` columns
+    and of the ``n_local`` nearest diagonals (its own block included), nothing later than itself;
+    the prompt's tail reads everything (the scores and the block mapping themselves:
+    tests/test_minference.py)."""
+    assert r.call_kind == "prefill" and r.layer >= m.dense_layers
+    if r.kind == "dense":
+        return
+    assert r.kind == "blocks"
+    bs = m.block
+    back = (m.n_local + bs - 2) // bs  # block diagonals the nearest n_local diagonals pass through
+    for i in range(r.idx.shape[0]):
+        real = int(r.n_real[i])
+        nb = -(-real // bs)
+        sinks = set(range(-(-min(m.n_sink, real) // bs)))
+        for j in range(r.idx.shape[1]):
+            for qb in range(r.idx.shape[2]):
+                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
+                if qb >= nb:
+                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
+                    continue
+                if m.dense_tail and qb >= (real - m.dense_tail) // bs:
+                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
+                    continue
+                always = {b for b in range(qb + 1) if b in sinks or b >= qb - back}
+                assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+
+
+@st.composite
+def sparsifiner_configs(draw):
+    return dict(
+        budget=draw(st.one_of(SHARES, st.integers(1, 40))),
+        rank=draw(st.integers(1, 16)),  # the tiny models' head dim is 16
+        block=draw(st.integers(1, 8)),
+        score=draw(st.sampled_from(["mass", "max"])),
+        n_sink=draw(st.integers(0, 8)),
+        window=draw(st.integers(1, 12)),
+        dense_layers=draw(st.integers(0, 2)),
+        dense_tail=draw(st.integers(0, 12)),
+        impl=draw(st.sampled_from(["auto", "sdpa", "gather", "reference"])),
+    )
+
+
+@st.composite
+def superlinear_configs(draw):
+    return dict(
+        spans=draw(st.integers(1, 6)),
+        span=draw(st.one_of(st.none(), st.integers(1, 16))),
+        block=draw(st.integers(1, 8)),
+        n_sink=draw(st.integers(0, 8)),
+        window=draw(st.integers(1, 12)),
+        dense_layers=draw(st.integers(0, 2)),
+        dense_tail=draw(st.integers(0, 12)),
+        impl=draw(st.sampled_from(["auto", "sdpa", "gather", "reference"])),
+    )
+
+
+def check_superlinear(m, r: Record, sc: Scenario) -> None:
+    """Each query block of each row's real tokens reads its sinks, its window and the earlier blocks
+    of its own span, plus whole earlier spans (of the row's span size), exactly ``spans`` of them
+    where as many are candidates; nothing later than itself; the prompt's tail reads everything
+    (the span scores and the choice: tests/test_superlinear.py)."""
+    assert r.call_kind == "prefill" and r.layer >= m.dense_layers
+    if r.kind == "dense":
+        return
+    assert r.kind == "blocks"
+    bs = m.block
+    sink, win = -(-m.n_sink // bs), -(-m.window // bs)
+    for i in range(r.idx.shape[0]):
+        real = int(r.n_real[i])
+        nb = -(-real // bs)
+        sb = m.span_blocks(real)
+        for j in range(r.idx.shape[1]):
+            for qb in range(r.idx.shape[2]):
+                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
+                if qb >= nb:
+                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
+                    continue
+                if m.dense_tail and qb >= (real - m.dense_tail) // bs:
+                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
+                    continue
+                always = {b for b in range(qb + 1) if b < sink or b > qb - win or b // sb == qb // sb}
+                assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+                routed = {b // sb for b in got - always}
+                candidates = {s for s in range(qb // sb) if not set(range(s * sb, s * sb + sb)) <= always}
+                assert routed <= candidates, f"row {i}, head {j}, block {qb}: spans {sorted(routed)}"
+                assert len(routed) == min(m.spans, len(candidates)), f"row {i}, head {j}, block {qb}: {sorted(got)}"
+                for s in routed:
+                    assert set(range(s * sb, s * sb + sb)) <= got, f"row {i}, head {j}, block {qb}: span {s} partial"
+
+
+@st.composite
+def dhsa_configs(draw):
+    grain = draw(st.integers(1, 8))
+    return dict(
+        budget=draw(st.one_of(SHARES, st.integers(1, 48))),
+        grain=grain,
+        chunk=grain * draw(st.integers(1, 4)),
+        boundaries=draw(st.sampled_from(["dynamic", "shared", "fixed"])),
+        nms=draw(st.integers(0, 2)),
+        global_tokens=draw(st.integers(0, 8)),
+        local_tokens=draw(st.integers(1, 12)),
+        instruction_tokens=draw(st.integers(0, 12)),
+        dense_layers=draw(st.integers(0, 2)),
+        select_per=draw(st.sampled_from(["shared", "kv_head"])),
+        impl=draw(st.sampled_from(["auto", "sdpa", "gather", "reference"])),  # flex: tests/test_blocks.py (compiles)
+    )
+
+
+def check_dhsa(m, r: Record, sc: Scenario) -> None:
+    """Each query block of each row's real tokens reads its sinks and its local window (diagonal
+    included) and routed blocks up to its budget — exactly ``max(keep, forced)`` blocks, nothing
+    later than itself; the instruction tail reads everything (the boundaries, chunk scores and the
+    chunk-level choice: tests/test_dhsa.py)."""
+    assert r.call_kind == "prefill" and r.layer >= m.dense_layers
+    if r.kind == "dense":
+        return
+    assert r.kind == "blocks"
+    if m.select_per == "shared":
+        assert r.idx.shape[1] == 1, f"one mask for all heads, got {r.idx.shape[1]} selection heads"
+    bs = m.grain
+    sink, win = -(-m.global_tokens // bs), -(-m.local_tokens // bs)
+    for i in range(r.idx.shape[0]):
+        real = int(r.n_real[i])
+        nb = -(-real // bs)
+        for j in range(r.idx.shape[1]):
+            for qb in range(r.idx.shape[2]):
+                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
+                if qb >= nb:
+                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
+                    continue
+                if m.instruction_tokens and qb >= (real - m.instruction_tokens) // bs:
+                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
+                    continue
+                always = {b for b in range(qb + 1) if b < sink or b > qb - win}
+                keep = math.ceil(m.budget * (qb + 1)) if isinstance(m.budget, float) else -(-m.budget // bs)
+                assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+                assert len(got) == min(qb + 1, max(keep, len(always))), f"row {i}, head {j}, block {qb}: {sorted(got)}"
+
+
 #: every registered method needs a config strategy and an invariant check (``None``: general only)
 METHODS = {
     "token_sparse": (token_sparse_configs(), check_token_sparse),
@@ -806,6 +976,11 @@ METHODS = {
     "hip": (hip_configs(), check_hip),
     "biformer": (biformer_configs(), check_biformer),
     "xattention": (xattention_configs(), check_xattention),
+    "rectified": (rectified_configs(), check_rectified),
+    "sparsifiner": (sparsifiner_configs(), check_biformer),  # the same rule: sinks, window, budget blocks
+    "superlinear": (superlinear_configs(), check_superlinear),
+    "minference": (minference_configs(), check_minference),
+    "dhsa": (dhsa_configs(), check_dhsa),
     "frugal_prompt": (frugal_prompt_configs(), check_frugal_prompt),
     "pyramid_kv": (pyramid_kv_configs(), check_pyramid_kv),
     "ada_kv": (ada_kv_configs(), check_ada_kv),

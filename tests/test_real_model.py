@@ -29,6 +29,11 @@ CONFIGS = {
     "hip": {},
     "biformer": {},
     "xattention": {},
+    "rectified": {},  # over XAttention at its defaults
+    "dhsa": {},
+    "sparsifiner": {},
+    "superlinear": {},
+    "minference": {},
     "quest": {"budget": 0.25},
     "h2o": {"budget": 0.5},
     "pyramid_kv": {"budget": 0.5},

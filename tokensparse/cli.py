@@ -364,8 +364,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=16, help="decode steps timed per run")
     s.add_argument("--methods", help="prefill/attention only: comma-separated method names whose configurations run "
                                      "(default: all of tokensparse.bench.prefill.CONFIGS)")
-    s.add_argument("--variants", help="decode only: a JSON file listing {label, method, config} objects to time "
-                                      "instead of the default configurations")
+    s.add_argument("--variants", help="decode, prefill, attention: a JSON file listing {label, method, config} "
+                                      "objects to time instead of the default configurations")
     s.add_argument("--no-dynamic", action="store_true", help="decode with --variants: leave out dense DynamicCache")
     s.add_argument("--ranks", type=int, default=2, help="context-parallel only: gloo ranks on this machine, one "
                                                          "thread each (default 2)")

@@ -163,6 +163,18 @@ def save_json(obj: dict, path: str) -> None:
         json.dump(obj, f, indent=1)
 
 
+TRAINED_CONTEXT = 8192
+"""The bundled model's trained context; longer benchmark prompts run it with YaRN (:func:`bundled_rope`)."""
+
+
+def bundled_rope(length: int) -> dict | None:
+    """The RoPE scaling the bundled model runs a ``length``-token benchmark with: none within its
+    trained context, else YaRN ×2 up to 16K, ×4 up to 32K, ×8 up to 64K (a power of two)."""
+    if length <= TRAINED_CONTEXT:
+        return None
+    return {"rope_type": "yarn", "factor": float(2 ** (length // TRAINED_CONTEXT - 1).bit_length())}
+
+
 def load_bench_model(*, device="cpu", dtype: torch.dtype = torch.float32, model_config: str | None = None,
                      layers: int | None = None, seed: int = 0, rope_scaling: dict | None = None):
     """``(model, tokenizer, info)`` for a benchmark: the bundled SmolLM2-135M (``model_config=None``;
@@ -241,6 +253,9 @@ def main(args) -> int:
         raise SystemExit(f"--steps must be >= 1 (decode steps timed per run), got {args.steps}")
     device, dtype, model_config, layers, seed = _model_options(args)
     if executors:
+        if getattr(args, "methods", None) or getattr(args, "variants", None):
+            raise SystemExit("bench executors times executors on random tensors: --methods applies to bench prefill "
+                             "and attention, --variants applies to bench decode, prefill and attention")
         return _main_executors(args, lengths, repeats, device, dtype, model_config)
     kw = {}
     if getattr(args, "methods", None):
@@ -255,15 +270,21 @@ def main(args) -> int:
             raise SystemExit(f"--methods: {', '.join(unknown) or 'none given'}; benchmarked methods: {', '.join(known)}")
         kw["configs"] = [c for c in CONFIGS if c[1] in wanted]
     if getattr(args, "variants", None):
-        if args.what != "decode":
-            raise SystemExit("--variants applies to bench decode")
+        if args.what not in ("decode", "prefill", "attention"):
+            raise SystemExit("--variants applies to bench decode, prefill and attention")
+        if kw:
+            raise SystemExit("--methods and --variants: give one of them")
         from .decode import load_variants
 
         try:
-            kw["variants"] = load_variants(args.variants)
+            variants = load_variants(args.variants)
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise SystemExit(f"--variants: {e}") from None
-        kw["dynamic"] = not getattr(args, "no_dynamic", False)
+        if args.what == "decode":
+            kw["variants"] = variants
+            kw["dynamic"] = not getattr(args, "no_dynamic", False)
+        else:  # prefill/attention: the variants replace CONFIGS (dense SDPA always runs)
+            kw["configs"] = variants
     if args.what == "prefill":
         from .prefill import run
     elif args.what == "decode":

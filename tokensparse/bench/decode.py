@@ -34,10 +34,9 @@ import torch
 
 import tokensparse as ts
 
-from . import (MEMORY_NOTE, bench_prompt, check_fits, environment, load_bench_model, max_or_none, peak_memory_bytes,
+from . import (MEMORY_NOTE, bench_prompt, bundled_rope, check_fits, environment, load_bench_model, max_or_none, peak_memory_bytes,
                reset_peak_memory, spread, sync, timed)
 
-TRAINED_CONTEXT = 8192
 
 #: decode-time variants: label, method, settings. Exactly the configurations of the v2 standard suite
 #: (tokensparse/eval/suites/standard.json), so every decode speed-up this benchmark reports has an
@@ -134,9 +133,7 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
     fill_threads = fill_threads or os_cpus()
     model = None
     for length in lengths:
-        rope = None
-        if model_config is None and length > TRAINED_CONTEXT:
-            rope = {"rope_type": "yarn", "factor": float(2 ** (length // TRAINED_CONTEXT - 1).bit_length())}
+        rope = bundled_rope(length) if model_config is None else None
         if model is None or model_config is None:  # the bundled model's RoPE scaling depends on the length
             model, tok, info = load_bench_model(device=device, dtype=dtype, model_config=model_config,
                                                 layers=layers, seed=seed, rope_scaling=rope)

@@ -13,7 +13,8 @@ sparse layer is timed on its own (``first_call_s``: FlexAttention compiles there
 
 Both run on any device and dtype (``--device``, ``--dtype``) and on the bundled model or a named
 shape with random weights (``--model-config``, ``--layers``; the prompt is then random ids of the
-requested length). Every timed region is synchronised on CUDA (:func:`tokensparse.bench.timed`);
+requested length). The bundled model runs prompts past its 8K trained context with YaRN
+(:func:`tokensparse.bench.bundled_rope`: ×4 at 32K; recorded per row as ``rope_scaling``). Every timed region is synchronised on CUDA (:func:`tokensparse.bench.timed`);
 end to end, each variant's peak device memory over its timed runs is recorded (CUDA only).
 """
 
@@ -27,7 +28,7 @@ import tokensparse as ts
 from tokensparse.engine import Method, execute
 from tokensparse.engine.executors import dense_attention
 
-from . import (MEMORY_NOTE, bench_prompt, check_fits, environment, load_bench_model, max_or_none, peak_memory_bytes,
+from . import (MEMORY_NOTE, bench_prompt, bundled_rope, check_fits, environment, load_bench_model, max_or_none, peak_memory_bytes,
                reset_peak_memory, spread, timed)
 
 #: Configurations benchmarked (label, method, settings). Token Sparse first with the paper's
@@ -39,6 +40,8 @@ CONFIGS = [
     ("token_sparse (paper defaults)", "token_sparse", {}),
     ("token_sparse late layers τ=0.05", "token_sparse", {"layers": list(range(20, 30)), "coverage": 0.05, "window": 16}),
     ("token_sparse δ=0.95 τ=0.02", "token_sparse", {"drift_quantile": 0.95, "coverage": 0.02}),
+    ("composition: token_sparse late layers τ=0.05 ∘ biformer (defaults) among the kept rows", "token_sparse",
+     {"layers": list(range(20, 30)), "coverage": 0.05, "window": 16, "inner": "biformer"}),
     ("hip (defaults: sdpa executor)", "hip", {}),
     ("hip (defaults, flex executor)", "hip", {"impl": "flex"}),
     ("hip (no dense layers)", "hip", {"dense_layers": 0}),
@@ -50,6 +53,13 @@ CONFIGS = [
     ("biformer 1/16, no dense layers", "biformer", {"budget": 0.0625, "dense_layers": 0}),
     ("xattention (defaults: τ=0.9, stride 8)", "xattention", {}),
     ("xattention τ=0.8, stride 16", "xattention", {"threshold": 0.8, "stride": 16}),
+    ("rectified xattention τ=0.8", "rectified", {"base": "xattention", "base_config": {"threshold": 0.8}}),
+    ("rectified biformer 1/16", "rectified", {"base": "biformer", "base_config": {"budget": 0.0625}}),
+    ("dhsa (defaults: 1024 tokens, cosine-shift chunks of 128 on average)", "dhsa", {}),
+    ("dhsa 512 tokens", "dhsa", {"budget": 512}),
+    ("sparsifiner (defaults: rank 16, 1/8 of the causal blocks)", "sparsifiner", {}),
+    ("superlinear (defaults: 8 spans of √L)", "superlinear", {}),
+    ("minference (defaults: 2% columns, 5% diagonals)", "minference", {}),
 ]
 
 
@@ -64,13 +74,27 @@ class _Capture(Method):
         return call.dense()
 
 
-def _setup(model, tokenizer, device, dtype, model_config, layers, seed):
-    """The model to benchmark (loaded unless passed in) and the ``"model"`` record of the result."""
+def _setup(model, tokenizer, device, dtype, model_config, layers, seed, length=None):
+    """The model to benchmark (loaded unless passed in) and the ``"model"`` record of the result.
+    The bundled model runs prompts past its trained context with YaRN (:func:`bundled_rope`)."""
     if model is None:
-        return load_bench_model(device=device, dtype=dtype, model_config=model_config, layers=layers, seed=seed)
+        rope = bundled_rope(length) if model_config is None and length is not None else None
+        return load_bench_model(device=device, dtype=dtype, model_config=model_config, layers=layers, seed=seed,
+                                rope_scaling=rope)
     info = {"source": "passed in", "model_config": model_config, "layers": model.config.num_hidden_layers,
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device)}
     return model, tokenizer, info
+
+
+def _per_length(lengths, model, tokenizer, device, dtype, model_config, layers, seed):
+    """``(length, model, tokenizer, info)`` for each length: a passed-in model or a named shape is
+    loaded once; the bundled model again whenever a length needs another RoPE scaling."""
+    loaded, rope = None, None
+    for length in lengths:
+        want = bundled_rope(length) if model is None and model_config is None else None
+        if loaded is None or want != rope:
+            loaded, rope = _setup(model, tokenizer, device, dtype, model_config, layers, seed, length), want
+        yield (length, *loaded)
 
 
 @torch.no_grad()
@@ -83,11 +107,12 @@ def run(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, 
     ``model_config`` shape with random weights (cut to ``layers``) on ``device`` in ``dtype``."""
     from tqdm.auto import tqdm
 
-    model, tokenizer, info = _setup(model, tokenizer, device, dtype, model_config, layers, seed)
-    device = model.device
-    out = {"env": environment(device, model.dtype), "kind": "prefill end-to-end", "model": info,
-           "memory_note": MEMORY_NOTE, "results": []}
-    for length in lengths:
+    out = {"kind": "prefill end-to-end", "memory_note": MEMORY_NOTE, "results": []}
+    for length, model, tokenizer, info in _per_length(lengths, model, tokenizer, device, dtype, model_config, layers,
+                                                      seed):
+        device = model.device
+        out.setdefault("env", environment(device, model.dtype))
+        out.setdefault("model", info)
         ids = bench_prompt(model, tokenizer, length, seed=seed)
         variants = [("dense (sdpa)", None)] + [(label, ts.methods.get(name)(**kw)) for label, name, kw in configs]
         check_fits(model, variants)
@@ -122,7 +147,7 @@ def run(lengths, repeats: int = 3, steps: int = 0, configs=CONFIGS, model=None, 
         dense = spread(times["dense (sdpa)"])
         for label, _ in variants:
             s = spread(times[label])
-            row = {"length": int(ids.shape[1]), "variant": label, "seconds": s,
+            row = {"length": int(ids.shape[1]), "rope_scaling": info.get("rope_scaling"), "variant": label, "seconds": s,
                    "speedup_vs_dense": dense["median"] / s["median"], "peak_device_bytes": peaks[label],
                    **meta.get(label, {})}
             out["results"].append(row)
@@ -149,12 +174,13 @@ def run_attention_only(lengths, repeats: int = 3, steps: int = 0, configs=CONFIG
     (min–max). A layer a configuration leaves dense counts with dense's time of that repetition.
     The model options are :func:`run`'s.
     """
-    model, tokenizer, info = _setup(model, tokenizer, device, dtype, model_config, layers, seed)
-    device = model.device
-    check_fits(model, [(label, ts.methods.get(name)(**kw)) for label, name, kw in configs])
-    out = {"env": environment(device, model.dtype), "kind": "prefill attention-only", "model": info,
-           "repeats": repeats, "results": []}
-    for length in lengths:
+    out = {"kind": "prefill attention-only", "repeats": repeats, "results": []}
+    for length, model, tokenizer, info in _per_length(lengths, model, tokenizer, device, dtype, model_config, layers,
+                                                      seed):
+        device = model.device
+        check_fits(model, [(label, ts.methods.get(name)(**kw)) for label, name, kw in configs])
+        out.setdefault("env", environment(device, model.dtype))
+        out.setdefault("model", info)
         ids = bench_prompt(model, tokenizer, length, seed=seed)
         cap = _Capture()
         with ts.sparsify(model, cap):
@@ -163,12 +189,13 @@ def run_attention_only(lengths, repeats: int = 3, steps: int = 0, configs=CONFIG
         dense_t = [_timed_repeats(lambda: dense_attention(call.query, call.key, call.value, None, call.scale), repeats, device)
                    for call in calls]
         dense_tot = spread([sum(t[r] for t in dense_t) for r in range(repeats)])
-        out["results"].append({"length": int(ids.shape[1]), "variant": "dense (sdpa)",
+        out["results"].append({"length": int(ids.shape[1]), "rope_scaling": info.get("rope_scaling"), "variant": "dense (sdpa)",
                                "attention_s": dense_tot["median"], "attention_spread": dense_tot})
         print(f"{ids.shape[1]:>6} dense attention {dense_tot['median']:.2f} s ({dense_tot['min']:.2f}-{dense_tot['max']:.2f}) "
               f"over {len(calls)} layers")
         for label, name, kw in configs:
             method = ts.methods.get(name)(**kw)
+            attend = getattr(method, "attend", execute)  # a method that executes its own way (Rectified SpaAttn)
             sel_r, exe_r, kept, first = [0.0] * repeats, [0.0] * repeats, [], None
             with ts.sparsify(model, method) as session:  # the method's own session (its layers, profile)
                 for call, td in zip(calls, dense_t):
@@ -178,15 +205,16 @@ def run_attention_only(lengths, repeats: int = 3, steps: int = 0, configs=CONFIG
                         exe_r = [a + b for a, b in zip(exe_r, td)]
                         continue
                     if first is None:
-                        first = timed(lambda: execute(call, sel), device)
+                        first = timed(lambda: attend(call, sel), device)
                     sel_r = [a + b for a, b in zip(sel_r, _timed_repeats(lambda: method.select(call), repeats, device))]
-                    exe = _timed_repeats(lambda: execute(call, sel), repeats, device)
+                    exe = _timed_repeats(lambda: attend(call, sel), repeats, device)
                     exe_r = [a + b for a, b in zip(exe_r, exe)]
                     kept.append(sel.kept() / call.k_len)
             sel, exe = spread(sel_r), spread(exe_r)
             tot = spread([a + b for a, b in zip(sel_r, exe_r)])
             row = {
-                "length": int(ids.shape[1]), "variant": label, "selection_s": sel["median"], "executor_s": exe["median"],
+                "length": int(ids.shape[1]), "rope_scaling": info.get("rope_scaling"), "variant": label,
+                "selection_s": sel["median"], "executor_s": exe["median"],
                 "attention_s": tot["median"], "attention_spread": tot, "selection_spread": sel, "executor_spread": exe,
                 "speedup_vs_dense": dense_tot["median"] / tot["median"],
                 "executor_speedup_vs_dense": dense_tot["median"] / exe["median"],

@@ -7,7 +7,8 @@ Rooms (imports flow downwards only):
 
 * :mod:`.config` (declared method fields), :mod:`.selection` (scores → indices, ``Selection``,
   ``KeyBias``), :mod:`.executors` (where a selection is applied), :mod:`.blocks` (block-sparse
-  selections and executors, log-sum-exp merging), :mod:`.cache` (cache layers);
+  selections and executors, log-sum-exp merging), :mod:`.compressed` (block-sparse attention
+  among the kept rows of a ``"rows"`` selection), :mod:`.cache` (cache layers);
 * :mod:`.call` (one attention call), :mod:`.telemetry`, :mod:`.pipeline` (select → execute →
   observe, ``KeyPlan``);
 * :mod:`.method` (the ``Method`` base and ``Phase``), :mod:`.session` (a method attached to a
@@ -17,6 +18,7 @@ Rooms (imports flow downwards only):
 """
 
 from .blocks import block_attend, blocks_from_sets, merge_partials
+from .compressed import BlockRoute
 from .cache import CacheState, EvictingLayer, KVCache, PreallocLayer, RaggedLayer, RowState, cache_bytes
 from .call import AttentionCall, CacheRequiredError
 from .integration import UnsupportedCacheError, active_session, sparsify
@@ -30,6 +32,7 @@ from .timing import AttentionTimer, time_attention
 
 __all__ = [
     "AttentionCall",
+    "BlockRoute",
     "AttentionTimer",
     "CacheState",
     "CacheRequiredError",

@@ -369,7 +369,14 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     q6 = qp.view(b, h, gh, nb, bs, d)
     out = torch.zeros(b, nb, h, gh * bs, dv, dtype=q.dtype, device=dev)
     lse = torch.full((b, nb, h, gh * bs), float("-inf"), device=dev)
-    for width, group in width_groups(earlier, keep_empty=True):
+    widths = earlier.sum(-1)  # (B, H, nb)
+    if not (bool((widths == widths[:1, :1]).all()) and bool((diag == diag[:1, :1]).all())):
+        # rows or heads differ in what they read: one unit per (row, head, query block), no filler
+        _sdpa_units(q6, kp, vp, earlier, diag, widths, heads, causal, scale, out, lse)
+        groups = []
+    else:
+        groups = width_groups(earlier, keep_empty=True)
+    for width, group in groups:
         step = max(1, SDPA_CHUNK_BYTES // (b * h * (width + 1) * bs * max(d, dv) * qp.element_size()))
         shared = torch.cat([causal.new_zeros(gh * bs, width * bs), causal], -1)[None, None]  # (1, 1, G·bs, (w+1)·bs)
         for blocks in group.split(step):
@@ -392,6 +399,43 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     if not return_lse:
         return out
     return out, lse.view(b, nb, h, gh, bs).permute(0, 2, 3, 1, 4).reshape(b, hq, nb * bs)[:, :, :lq]
+
+
+def _sdpa_units(q6, kp, vp, earlier, diag, widths, heads, causal, scale, out, lse):
+    """:func:`_sdpa` when rows or heads of a query block read different numbers of blocks (e.g. a
+    mass threshold per head): the units ``(row, selection head, query block)`` are grouped by
+    (earlier blocks read, own block read) and each chunk of a group is one kernel call whose batch
+    is its units (one head each), so no unit is padded to a wider one and no per-unit mask is
+    built. Writes ``out (B, nb, H, G·bs, Dv)`` and ``lse`` in place; units that read nothing keep
+    0 and ``-inf``."""
+    b, h, gh, nb, bs, d = q6.shape
+    hkv, dv, dev = kp.shape[1], vp.shape[-1], q6.device
+    kb = kp.reshape(b * hkv * nb, bs * d)  # one row per key block
+    vb = vp.reshape(b * hkv * nb, bs * dv)
+    code = widths * 2 + diag.long()  # (B, H, nb)
+    for c in torch.unique(code).tolist():
+        width, own = divmod(int(c), 2)
+        n = width + own
+        if n == 0:
+            continue
+        units = (code == c).nonzero()  # (m, 3): row, head, query block
+        step = max(1, SDPA_CHUNK_BYTES // (n * bs * max(d, dv) * kp.element_size()))
+        mask = None
+        if own:
+            mask = torch.cat([causal.new_zeros(gh * bs, width * bs), causal], -1)[None, None]
+        for chunk in units.split(step):
+            m = chunk.shape[0]
+            ub, uh, ui = chunk.unbind(1)
+            blocks = indices_from_mask(earlier[ub, uh, ui], width)[0] if width else ui.new_zeros(m, 0)
+            if own:
+                blocks = torch.cat([blocks, ui[:, None]], -1)  # the diagonal block last
+            rows = ((ub * hkv + heads[uh]) * nb)[:, None] + blocks
+            ke = kb.index_select(0, rows.reshape(-1)).view(m, 1, n * bs, d)
+            ve = vb.index_select(0, rows.reshape(-1)).view(m, 1, n * bs, dv)
+            qe = q6[ub, uh, :, ui].reshape(m, 1, gh * bs, d)
+            o, l = _flash_cpu(qe, ke, ve, scale, mask=mask)
+            out[ub, ui, uh] = o.view(m, gh * bs, dv)
+            lse[ub, ui, uh] = l.float().view(m, gh * bs)
 
 
 def _gather_blocks(x, idx, heads, bs):
@@ -481,21 +525,116 @@ def _counts_and_indices(sel: torch.Tensor):
 
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """``(B, H, n_blocks, D)`` float64: the mean row of each ``block``-row block of ``x (B, H, L, D)``
-    (the last block may be partial). float64 because pooled rows feed block rankings that two code
-    paths (one process, context-parallel ranks) must reproduce exactly: near-ties of fp32 dot
-    products can flip with the summation order, those of float64 sums of fp32 values practically
-    cannot."""
+    (the last block may be partial).
+
+    The rows of a block are summed pairwise in a fixed tree (zero rows pad it to a power of two;
+    each step one elementwise add of its two halves), then divided in float64. Pooled rows feed
+    block rankings that two code paths (one process, context-parallel ranks holding a slice) must
+    reproduce exactly: elementwise adds round the same way whatever the tensor's shape or layout,
+    which a reduction kernel's summation order does not promise. (Converting ``x`` to float64
+    first, the earlier way, made the pooling 20× slower on CPU: 72 ms of a query at 8K, most of
+    BiFormer's selection time.)"""
     b, h, length, d = x.shape
-    nb = n_blocks(length, block)
-    pad = nb * block - length
-    xp = torch.nn.functional.pad(x.double(), (0, 0, 0, pad)) if pad else x.double()
-    counts = torch.full((nb,), float(block), dtype=torch.float64, device=x.device)
-    counts[-1] = block - pad
-    return xp.view(b, h, nb, block, d).sum(3) / counts[:, None]
+    full, rest = divmod(length, block)
+    p2 = 1 << (block - 1).bit_length()
+    out = torch.empty(b, h, full + (1 if rest else 0), d, dtype=torch.float64, device=x.device)
+    if full:
+        y = x[:, :, : full * block].unflatten(2, (full, block))
+        out[:, :, :full] = _tree_sum(torch.nn.functional.pad(y, (0, 0, 0, p2 - block)) if p2 != block else y)
+        out[:, :, :full] /= block
+    if rest:
+        out[:, :, full] = _tree_sum(torch.nn.functional.pad(x[:, :, full * block :], (0, 0, 0, p2 - rest)))
+        out[:, :, full] /= rest
+    return out
 
 
-def route_blocks(q_pooled: torch.Tensor, k_pooled: torch.Tensor, first_block: int, *, keep: torch.Tensor,
-                 sink_blocks: int, local_blocks: int, dense_from: int | None = None) -> torch.Tensor:
+def _tree_sum(y: torch.Tensor) -> torch.Tensor:
+    """``y (..., n, D)`` with ``n`` a power of two summed over ``n`` by halving (see :func:`pool_blocks`)."""
+    while y.shape[-2] > 1:
+        half = y.shape[-2] // 2
+        y = y[..., :half, :] + y[..., half:, :]
+    return y[..., 0, :]
+
+
+# --------------------------------------------------------------------------------------------------
+# pooled estimates of key groups the sparse attention skipped
+# --------------------------------------------------------------------------------------------------
+
+
+def pool_segments(x: torch.Tensor, seg: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean row, mean distance to it and size of each of ``n`` row groups of ``x (B, H, L, D)``:
+    ``(mean (B, H, n, D) float64, spread (B, H, n) float64, count (n,) long)`` with ``spread =
+    mean_s ‖x_s − x̄‖``; ``seg (L,)`` long names each row's group (any grouping; a group without
+    rows has mean and spread 0). :func:`pool_blocks` is the case of contiguous ``block``-row
+    groups. ``‖q‖ · spread`` bounds the mean ``|q·x_s − q·x̄|`` (Cauchy–Schwarz) whatever rotation
+    RoPE applied to the rows, which Rectified SpaAttn's pooling-error test needs."""
+    b, h, _, d = x.shape
+    xd = x.double()
+    count = torch.bincount(seg, minlength=n)
+    denom = count.clamp_min(1).double()
+    mean = xd.new_zeros(b, h, n, d).index_add_(2, seg, xd) / denom[:, None]
+    dist = (xd - mean[:, :, seg]).norm(dim=-1)  # (B, H, L)
+    spread = xd.new_zeros(b, h, n).index_add_(2, seg, dist) / denom
+    return mean, spread, count
+
+
+def pooled_scores(q: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """``(B, Hq, Lq, n)`` fp32 unscaled dot products of every query ``q (B, Hq, Lq, D)`` with the
+    pooled rows ``pooled (B, Hkv, n, D)`` of its KV head (query head ``h`` reads KV head
+    ``h // (Hq / Hkv)``): one row against ``n`` pooled keys, ``1/block`` of the dense logits."""
+    b, hq, lq, d = q.shape
+    hkv, n = pooled.shape[1], pooled.shape[2]
+    g = hq // hkv
+    s = q.float().reshape(b, hkv, g * lq, d) @ pooled.float().transpose(-1, -2)
+    return s.view(b, hq, lq, n)
+
+
+def pooled_attend(scores: torch.Tensor, scale: float, count: torch.Tensor, v_pooled: torch.Tensor | None,
+                  allowed: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Attention of each query to key groups represented by their mean key and value, each group
+    weighted by its size: ``(out (B, Hq, Lq, Dv) fp32 or None, lse (B, Hq, Lq) fp32)``.
+
+    ``scores (B, Hq, Lq, n)``: unscaled ``q · k̄_g`` (:func:`pooled_scores`); ``count (n,)``: the
+    groups' sizes; ``v_pooled (B, Hkv, n, Dv)`` their mean values (``None``: only the
+    log-sum-exp); ``allowed (B, 1|Hq, Lq, n)`` bool: the groups each query row reads. A group
+    ``g`` of ``n_g`` keys stands for ``Σ_{s∈g} exp(scale·q·k_s) ≈ n_g·exp(scale·q·k̄_g)`` (its
+    log-mass ``log n_g + scale·q·k̄_g``) and for ``Σ_{s∈g} exp(scale·q·k_s)·v_s ≈ that mass ·
+    v̄_g``: exact when the group's keys are identical, a lower bound of the mass otherwise
+    (Jensen). The result is a partial in :func:`merge_partials` form (``lse = -inf`` and ``out =
+    0`` on rows that read no group). The active logit soft-cap is applied to ``scale·q·k̄_g``."""
+    b, hq, lq, n = scores.shape
+    cap = active_softcap()
+    s = scores * scale
+    if cap is not None:
+        s = torch.tanh(s / cap) * cap
+    s = (s + count.double().clamp_min(1).log().float()).masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    if v_pooled is None:
+        return None, lse
+    p = torch.exp(s - lse[..., None]).nan_to_num_(0.0)  # a row that reads no group: -inf - -inf
+    hkv = v_pooled.shape[1]
+    out = p.view(b, hkv, (hq // hkv) * lq, n) @ v_pooled.float()
+    return out.view(b, hq, lq, -1), lse
+
+
+def selection_rows(sel: Selection, lq: int, lk: int, key_valid: torch.Tensor | None = None):
+    """Each row of a ``"blocks"`` selection on its real tokens, as the executors run a padded call:
+    yields ``(row, k0, q0, sets)`` with ``k0`` the row's first real key, ``q0`` its first real query
+    row and ``sets (1, H, nQB_r, nKB_r)`` bool the key blocks each of its own query blocks lists
+    (on its grid; rows without a real query are skipped)."""
+    off = lk - lq
+    for r, start in enumerate(row_starts(key_valid, sel.idx.shape[0])):
+        q0 = max(0, start - off)
+        if q0 >= lq:
+            continue
+        nqb = n_blocks(lq - q0, sel.block_q)
+        valid = None if sel.valid is None else sel.valid[r : r + 1, :, :nqb]
+        yield r, start, q0, _blockset(sel.idx[r : r + 1, :, :nqb], valid, n_blocks(lk - start, sel.block_k))
+
+
+def route_blocks(q_pooled: torch.Tensor | None, k_pooled: torch.Tensor | None, first_block: int, *,
+                 keep: torch.Tensor, sink_blocks: int, local_blocks: int, dense_from: int | None = None,
+                 prefer: str = "earlier", scores: torch.Tensor | None = None) -> torch.Tensor:
     """Region-to-region routing on a causal block grid: ``(B, Hkv, nQB, nKB)`` bool, the key blocks
     each query block reads.
 
@@ -507,21 +646,32 @@ def route_blocks(q_pooled: torch.Tensor, k_pooled: torch.Tensor, first_block: in
     ones). The score of key block ``j`` is ``q̄_i · k̄_j`` maximised over the query heads of each
     KV head (one choice per KV head: its key blocks are gathered once for all its query heads).
     Query blocks from global block ``dense_from`` on read every earlier block. Ties go to the
-    earlier block."""
-    b, hq, nqb, d = q_pooled.shape
-    hkv, nkb = k_pooled.shape[1], k_pooled.shape[2]
-    g = hq // hkv
-    dev = q_pooled.device
+    earlier block (``prefer="later"``: to the later, more recent one — e.g. for blocks that share
+    one score because they belong to one pooled chunk). ``scores (B, H, nQB, nKB)``: route on
+    these scores instead (``q_pooled`` and ``k_pooled`` are then unused; equal scores stay exactly
+    equal, which recomputed dot products of equal rows need not)."""
+    if prefer not in ("earlier", "later"):
+        raise ValueError(f"route_blocks: prefer must be 'earlier' or 'later', got {prefer!r}")
+    if scores is None:
+        b, hq, nqb, d = q_pooled.shape
+        hkv = k_pooled.shape[1]
+        qk = q_pooled.double().view(b, hkv, hq // hkv, nqb, d) @ k_pooled.double()[:, :, None].transpose(-1, -2)
+        scores = qk.amax(2)
+    scores = scores.double()
+    nqb, nkb = scores.shape[2], scores.shape[3]
+    dev = scores.device
     qi = torch.arange(first_block, first_block + nqb, device=dev)[:, None]  # global query block
     kj = torch.arange(nkb, device=dev)[None, :]
     causal = kj <= qi
-    scores = (q_pooled.double().view(b, hkv, g, nqb, d) @ k_pooled.double()[:, :, None].transpose(-1, -2)).amax(2)
     forced = (kj < sink_blocks) | (kj > qi - local_blocks)
     if dense_from is not None:
         forced = forced | (qi >= dense_from)
     scores = scores.masked_fill(forced, math.inf).masked_fill(~causal, -math.inf)
     keep = torch.maximum(keep.to(dev)[:, None], (forced & causal).sum(-1, keepdim=True))
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    if prefer == "later":  # a stable sort of the reversed blocks: among equal scores the later block first
+        order = (nkb - 1) - torch.argsort(scores.flip(-1), dim=-1, descending=True, stable=True)
+    else:
+        order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nkb, device=dev).expand_as(order))
     return (rank < keep) & causal
 
@@ -538,3 +688,76 @@ def blocks_from_sets(blockset: torch.Tensor, block_q: int, block_k: int, complet
     idx, valid = indices_from_mask(blockset)
     return Selection("blocks", idx, None if bool(valid.all()) else valid, complete=complete,
                      block_q=block_q, block_k=block_k)
+
+
+def prefill_blocksets(call, heads: int, block: int, choose) -> Selection:
+    """The square-block ``"blocks"`` selection of a causal prefill ``call`` from a per-prompt rule.
+
+    ``choose(q, k)`` gets one unpadded prompt's ``q (b, Hq, L, D)``, ``k (b, Hkv, L, D)`` and
+    returns ``(set, complete)``: the key blocks ``(b, heads, nb, nb)`` bool each query block reads
+    (``nb = ⌈L / block⌉``) and whether that is every causal block (``None``: counted here). An
+    unpadded batch is chosen in one call; a padded batch row by row on each row's real tokens, so a
+    row gets exactly the grid and the choice it gets alone (module doc); it is complete when every
+    row's choice is."""
+
+    def run(q, k):
+        blockset, complete = choose(q, k)
+        if complete is None:
+            n = blockset.shape[-1]
+            complete = int(blockset.sum()) == blockset.shape[0] * heads * n * (n + 1) // 2
+        return blockset, bool(complete)
+
+    if call.key_valid is None:
+        blockset, complete = run(call.query, call.key)
+        return blocks_from_sets(blockset, block, block, complete=complete)
+    nb = n_blocks(call.q_len, block)
+    blockset = torch.zeros(call.batch, heads, nb, nb, dtype=torch.bool, device=call.query.device)
+    complete = True
+    for r, start in enumerate((call.k_len - call.n_real[:, 0]).tolist()):
+        rows, full = run(call.query[r : r + 1, :, start:], call.key[r : r + 1, :, start:])
+        blockset[r : r + 1, :, : rows.shape[2], : rows.shape[3]] = rows
+        complete &= full
+    return blocks_from_sets(blockset, block, block, complete=complete)
+
+
+def forced_blocks(nqb: int, nkb: int, first_block: int = 0, *, sink_blocks: int, local_blocks: int,
+                  dense_from: int | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(causal, forced)``, each ``(nQB, nKB)`` bool, for query blocks ``first_block …`` of a causal
+    block grid: the key blocks each query block may read (``j <= i``) and those it always reads —
+    its first ``sink_blocks``, its ``local_blocks`` most recent ones (itself included) and, from
+    global query block ``dense_from`` on, every earlier block."""
+    qi = torch.arange(first_block, first_block + nqb, device=device)[:, None]
+    kj = torch.arange(nkb, device=device)[None, :]
+    causal = kj <= qi
+    forced = (kj < sink_blocks) | (kj > qi - local_blocks)
+    if dense_from is not None:
+        forced = forced | (qi >= dense_from)
+    return causal, forced & causal
+
+
+def top_blocks(scores: torch.Tensor, keep: torch.Tensor | int, allowed: torch.Tensor,
+               forced: torch.Tensor | None = None) -> torch.Tensor:
+    """``(…, n)`` bool: among the ``allowed`` entries, the ``forced`` ones plus the highest-scoring
+    others, ``keep`` in all (at least the forced ones; fewer when fewer are allowed).
+
+    ``scores (…, n)``: compared in float64; ``keep``: an int or a long tensor broadcastable to
+    ``(…, 1)``; ``allowed`` / ``forced``: bool, broadcastable to ``scores``. Ties go to the earlier
+    entry (a stable sort), so a choice is the same on every device and for a row of a padded batch
+    scored alone. The rule both :func:`route_blocks`-style routers and score-estimating methods
+    (Sparsifiner's low-rank mass, Superlinear's span scores) end with."""
+    allowed = allowed.expand_as(scores)
+    s = scores.double().masked_fill(~allowed, -math.inf)
+    if forced is not None:
+        forced = forced.expand_as(scores) & allowed
+        s = s.masked_fill(forced, math.inf)
+    if not torch.is_tensor(keep):
+        keep = torch.tensor(int(keep), device=scores.device)
+    keep = keep.to(scores.device).long()
+    while keep.dim() < scores.dim():
+        keep = keep[None]
+    if forced is not None:
+        keep = torch.maximum(keep, forced.sum(-1, keepdim=True))
+    n = scores.shape[-1]
+    order = torch.argsort(s, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
+    return (rank < keep) & allowed

@@ -15,7 +15,7 @@ import numbers
 import os
 from dataclasses import dataclass, field, fields
 
-KINDS = ("int", "float", "budget", "choice", "layers", "indices", "path")
+KINDS = ("int", "float", "budget", "choice", "layers", "indices", "path", "mapping")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class Spec:
             text = "one of " + ", ".join(repr(c) for c in self.choices) + f" or a non-empty list of distinct {what} >= 0"
         elif self.kind == "path":
             text = "a file path (str)"
+        elif self.kind == "mapping":
+            text = "a dict of settings with str keys"
         else:
             text = {"int": "an int", "float": "a finite number"}[self.kind] + self._range()
         return text + (" or None" if self.optional else "")
@@ -143,6 +145,10 @@ def check_value(owner: str, name: str, spec: Spec, value):
         if not isinstance(value, (str, os.PathLike)):
             fail(TypeError)
         return os.fspath(value)
+    if kind == "mapping":  # the values are the owner's to check (e.g. a composed method's own fields)
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            fail(TypeError)
+        return dict(value)
     raise AssertionError(kind)
 
 

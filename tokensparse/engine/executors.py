@@ -276,21 +276,7 @@ def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str 
         raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
 
     dev = q.device
-    if per_query_head:
-        qheads = torch.arange(hq, device=dev)
-        kheads = qheads // g
-        qs = gather_rows(q, idx, qheads)  # (B, Hq, n, D)
-        ks = gather_rows(k, idx, kheads)  # (B, Hq, n, D): per-query-head copies are inherent here
-        vs = gather_rows(v, idx, kheads)
-        sel_idx = idx
-        q_valid = valid
-    else:
-        qidx = idx[:, :, None].expand(b, hkv, g, n).reshape(b, hq, n)
-        qs = gather_rows(q, qidx)
-        ks = gather_rows(k, idx)  # (B, Hkv, n, D), GQA preserved
-        vs = gather_rows(v, idx)
-        sel_idx = qidx
-        q_valid = None if valid is None else valid[:, :, None].expand(b, hkv, g, n).reshape(b, hq, n)
+    qs, ks, vs, sel_idx, q_valid = compress_rows(q, k, v, idx, valid)
     if valid is not None and bool(valid.all()):
         valid = q_valid = None
     kv_sel = None
@@ -309,14 +295,45 @@ def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str 
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=ks.shape[1] != hq)
     else:
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_expand_heads(mask, hq), scale=scale, enable_gqa=ks.shape[1] != hq)
+    return scatter_rows(o, sel_idx, q_valid, lq)
+
+
+def compress_rows(q, k, v, idx, valid=None):
+    """The gather step of :func:`compress_attend_scatter` (also used by
+    :func:`tokensparse.engine.compressed.compress_blocks_attend_scatter`): ``(qs, ks, vs, q_idx,
+    q_valid)`` with ``qs (B, Hq, n, D)`` the selected query rows of every query head, ``ks, vs`` the
+    selected K/V rows — ``(B, Hq, n, D)`` for a per-query-head ``idx`` (each query head its own
+    copy of its KV head's rows), ``(B, Hkv, n, D)`` for a per-KV-head one (GQA preserved) — and
+    ``q_idx``, ``q_valid`` (``(B, Hq, n)``) the positions and validity of the query rows, for
+    :func:`scatter_rows`."""
+    b, hq = q.shape[:2]
+    hkv = k.shape[1]
+    g = hq // hkv
+    n = idx.shape[-1]
+    if idx.shape[1] == hq:
+        qheads = torch.arange(hq, device=q.device)
+        kheads = qheads // g
+        # (B, Hq, n, D) each: per-query-head K/V copies are inherent here
+        return gather_rows(q, idx, qheads), gather_rows(k, idx, kheads), gather_rows(v, idx, kheads), idx, valid
+    qidx = idx[:, :, None].expand(b, hkv, g, n).reshape(b, hq, n)
+    q_valid = None if valid is None else valid[:, :, None].expand(b, hkv, g, n).reshape(b, hq, n)
+    return gather_rows(q, qidx), gather_rows(k, idx), gather_rows(v, idx), qidx, q_valid
+
+
+def scatter_rows(o: torch.Tensor, q_idx: torch.Tensor, q_valid: torch.Tensor | None, lq: int) -> torch.Tensor:
+    """The scatter step of :func:`compress_attend_scatter`: ``o (B, Hq, n, Dv)``, the outputs of the
+    query rows ``q_idx (B, Hq, n)``, written into a zero ``(B, Hq, lq, Dv)`` output (filler entries,
+    ``q_valid`` False, are dropped)."""
+    b, hq, _, dv = o.shape
+    dev = o.device
     # written in (B, Lq, Hq, D) order, the layout transformers wants back: the final transpose is free
     # (filler entries are written to one extra row per sequence, dropped at the end)
     lo = lq if q_valid is None else lq + 1
     if q_valid is not None:
-        sel_idx = torch.where(q_valid, sel_idx, lq)
-    out = q.new_zeros(b, lo, hq, v.shape[-1])
-    rows = (torch.arange(b, device=dev).view(b, 1, 1) * lo + sel_idx) * hq + torch.arange(hq, device=dev).view(1, hq, 1)
-    out.view(-1, v.shape[-1]).index_copy_(0, rows.reshape(-1), o.reshape(-1, v.shape[-1]))
+        q_idx = torch.where(q_valid, q_idx, lq)
+    out = o.new_zeros(b, lo, hq, dv)
+    rows = (torch.arange(b, device=dev).view(b, 1, 1) * lo + q_idx) * hq + torch.arange(hq, device=dev).view(1, hq, 1)
+    out.view(-1, dv).index_copy_(0, rows.reshape(-1), o.reshape(-1, dv))
     return out[:, :lq].transpose(1, 2)
 
 

@@ -165,6 +165,21 @@ class Method:
         keys that hold no token. ``None``: this method is not a scorer."""
         return None
 
+    #: True for block-routing prefill methods: they implement :meth:`blockset` and have a ``block``
+    #: field, so another method can use them as its block rule (Token Sparse Attention's ``inner``)
+    block_router: ClassVar[bool] = False
+
+    def blockset(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int):
+        """Block-routing prefill methods (``block_router = True``, with a ``block`` field): the key
+        blocks each query block of one *unpadded* causal prompt reads in layer ``layer_idx``, as
+        ``(set, complete)`` — ``set (b, H, nb, nb)`` bool on a grid of ``block``-row blocks from the
+        first row (``nb = ⌈L / block⌉``; ``H`` the method's heads: ``k``'s or ``q``'s) and whether
+        that is every causal block (``None``: not known) — or ``None`` where the method leaves the
+        layer dense. ``q (b, Hq, L, D)``, ``k (b, Hkv, L, D)``: any prompt, e.g. the compressed rows
+        of another method (:mod:`tokensparse.engine.compressed`). The method's own ``select`` runs
+        the same rule through :func:`~tokensparse.engine.blocks.prefill_blocksets`."""
+        return None
+
     def config_dict(self) -> dict:
         """``{"method": name, **fields}``; fields declared ``added=True`` are left out at their default."""
         values = asdict(self)

@@ -30,6 +30,7 @@ import threading
 import torch
 
 from .blocks import block_attend
+from .compressed import compress_blocks_attend_scatter
 from .executors import compress_attend_scatter, gather_attend, gather_pages, gather_rows, segments_attend
 from .selection import (Selection, indices_from_mask, mask_from_indices, resolve_budget, resolve_budget_rows,
                         select_topk)
@@ -294,16 +295,17 @@ def execute(call, selection: Selection | None, impl: str = "fast", bias=None) ->
         session.count("dense_calls")
         session.observe(call, Selection.dense())
         return call.dense(bias)
-    session.count("sparse_calls")
-    session.count("kept_keys", selection.kept_count())  # a device count with filler entries: no sync
-    session.count("total_keys", call.k_len)
-    session.observe(call, selection)
+    record_sparse(call, selection, counted=True)
     kind = selection.kind
     if kind == "rows":
         idx, valid = selection.full_idx(call.k_len)
         if idx.shape[1] == 1:  # one set for every head: the per-KV-head form keeps K/V unexpanded
             idx = idx.expand(call.batch, call.n_kv_heads, idx.shape[-1])
             valid = None if valid is None else valid.expand_as(idx)
+        if selection.route is not None:  # block-sparse among the kept rows (engine/compressed.py)
+            return compress_blocks_attend_scatter(call.query, call.key, call.value, idx, selection.route, call.scale,
+                                                  call.key_valid, impl=impl, valid=valid, bias=bias,
+                                                  forced=sparse_paths_forced())
         return compress_attend_scatter(call.query, call.key, call.value, idx, call.scale, call.key_valid, impl=impl,
                                        valid=valid, bias=bias)
     if kind == "keys":
@@ -335,6 +337,19 @@ def record_dense(call) -> None:
     call.session.count("calls")
     call.session.count("dense_calls")
     call.session.observe(call, Selection.dense())
+
+
+def record_sparse(call, selection: Selection, counted: bool = False) -> None:
+    """Count and observe a sparse ``selection`` that a method executes itself (e.g. Rectified
+    SpaAttn's corrected block-sparse attention), as :func:`execute` does (``counted``: the call
+    is already counted in ``calls``)."""
+    session = call.session
+    if not counted:
+        session.count("calls")
+    session.count("sparse_calls")
+    session.count("kept_keys", selection.kept_count())  # a device count with filler entries: no sync
+    session.count("total_keys", call.k_len)
+    session.observe(call, selection)
 
 
 def _attend_keys(call, sel: Selection, impl: str, bias) -> torch.Tensor:

@@ -341,6 +341,7 @@ class Selection:
     * ``"dense"``: the method looked at the call and chose every key (observed as dense);
     * ``"rows"``: compress → attend → scatter (prefill): the selected positions restrict both the
       queries and the keys, per query head or per KV head (``idx`` with ``Hq`` or ``Hkv`` heads);
+      with a ``route``, attention among the kept rows is block-sparse on a grid over them;
     * ``"keys"``: every query of the call attends only to the selected keys of the full cache
       (decode-time selection; ``idx`` with 1 or ``Hkv`` heads);
     * ``"keep"``: the call attends densely, then the evicting cache keeps only the selected rows
@@ -376,10 +377,16 @@ class Selection:
     #: Python ints, when the method knows them on the host; the cache then keeps its host record of
     #: its rows without reading the device (``EvictingLayer.keep(kept_rows=...)``)
     kept_rows: tuple[int, ...] | None = None
+    #: ``"rows"`` only, optional: attend among the selected rows block-sparse instead of densely — a
+    #: :class:`~tokensparse.engine.compressed.BlockRoute` (a block router's rule applied to the
+    #: compressed rows; :func:`~tokensparse.engine.compressed.compress_blocks_attend_scatter`)
+    route: object | None = None
 
     def __post_init__(self):
         if self.kind not in SELECTION_KINDS:
             raise ValueError(f"selection kind must be one of {SELECTION_KINDS}, got {self.kind!r}")
+        if self.route is not None and self.kind != "rows":
+            raise ValueError("a block route comes with a 'rows' selection only")
         if self.synthetic is not None and self.kind != "keep":
             raise ValueError("synthetic rows come with a 'keep' selection only")
         if self.kept_rows is not None and self.kind != "keep":

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.blocks import blocks_from_sets, n_blocks, pool_blocks, route_blocks
+from ..engine.blocks import n_blocks, pool_blocks, prefill_blocksets, route_blocks
 from ..engine.config import param
 from ..engine.method import Method, Phase
 
@@ -67,6 +67,7 @@ class BiFormer(Method):
     schedule = "prefill, every layer after the first dense_layers"
     kv_memory = "full cache"
     paper = "[BiFormer](https://arxiv.org/abs/2303.08813)"
+    block_router = True
 
     budget: int | float = param(0.125, "budget")
     block: int = param(64, "int", ge=1)
@@ -103,18 +104,16 @@ class BiFormer(Method):
     def select(self, call):
         if call.kind != "prefill" or call.layer_idx < self.dense_layers:
             return None
-        if call.key_valid is None:
-            blockset = self._route_rows(call.query, call.key, call.layer_idx)
-        else:  # a padded batch: each row routes on its real tokens (its grid starts there)
-            nb = n_blocks(call.q_len, self.block)
-            blockset = torch.zeros(call.batch, call.n_kv_heads, nb, nb, dtype=torch.bool, device=call.query.device)
-            for r, start in enumerate((call.k_len - call.n_real[:, 0]).tolist()):
-                rows = self._route_rows(call.query[r : r + 1, :, start:], call.key[r : r + 1, :, start:], call.layer_idx)
-                blockset[r : r + 1, :, : rows.shape[2], : rows.shape[3]] = rows
-        nb = blockset.shape[-1]
-        causal_blocks = call.batch * call.n_kv_heads * nb * (nb + 1) // 2
-        complete = call.key_valid is None and int(blockset.sum()) == causal_blocks
-        return blocks_from_sets(blockset, self.block, self.block, complete=complete)
+        return prefill_blocksets(call, call.n_kv_heads, self.block, lambda q, k: self.blockset(q, k, call.layer_idx))
+
+    def blockset(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int):
+        """The key blocks each query block of an unpadded prompt ``q``, ``k`` reads in layer
+        ``layer_idx`` (``None`` in the first ``dense_layers``), the block-router entry point
+        (:meth:`~tokensparse.engine.method.Method.blockset`): what :meth:`select` chooses per prompt,
+        and what another method's kept rows get as its ``inner``."""
+        if layer_idx < self.dense_layers:
+            return None
+        return self._route_rows(q, k, layer_idx), None
 
     def _route_rows(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int) -> torch.Tensor:
         length = q.shape[2]

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.blocks import blocks_from_sets, n_blocks
+from ..engine.blocks import n_blocks, prefill_blocksets
 from ..engine.config import param
 from ..engine.method import Method, Phase
 from ..engine.selection import resolve_budget, select_topk
@@ -82,6 +82,7 @@ class HiP(Method):
     schedule = "prefill, every layer after the first dense_layers"
     kv_memory = "full cache"
     paper = "[HiP](https://arxiv.org/abs/2406.09827)"
+    block_router = True
 
     budget: int | float = param(512, "budget")
     block: int = param(64, "int", ge=1)
@@ -105,18 +106,17 @@ class HiP(Method):
     def select(self, call):
         if call.kind != "prefill" or call.layer_idx < self.dense_layers:
             return None
-        if call.key_valid is None:
-            blockset, complete = self.choose(call.query, call.key)
-        else:  # a padded batch: each row chooses on its real tokens (the grid starts there)
-            nb = n_blocks(call.q_len, self.block)
-            h = call.n_q_heads if self.select_per == "query_head" else call.n_kv_heads
-            blockset = torch.zeros(call.batch, h, nb, nb, dtype=torch.bool, device=call.query.device)
-            complete = True
-            for r, start in enumerate((call.k_len - call.n_real[:, 0]).tolist()):
-                rows, full = self.choose(call.query[r : r + 1, :, start:], call.key[r : r + 1, :, start:])
-                blockset[r : r + 1, :, : rows.shape[2], : rows.shape[3]] = rows
-                complete &= full
-        return blocks_from_sets(blockset, self.block, self.block, complete=complete)
+        h = call.n_q_heads if self.select_per == "query_head" else call.n_kv_heads
+        return prefill_blocksets(call, h, self.block, lambda q, k: self.blockset(q, k, call.layer_idx))
+
+    def blockset(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int):
+        """The key blocks each query block of an unpadded prompt ``q``, ``k`` reads in layer
+        ``layer_idx`` (``None`` in the first ``dense_layers``), the block-router entry point
+        (:meth:`~tokensparse.engine.method.Method.blockset`): what :meth:`select` chooses per prompt,
+        and what another method's kept rows get as its ``inner``."""
+        if layer_idx < self.dense_layers:
+            return None
+        return self.choose(q, k)
 
     def choose(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The key blocks ``(B, H, nb, nb)`` bool each query block reads on unpadded ``q, k`` of one

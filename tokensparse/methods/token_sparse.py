@@ -42,10 +42,36 @@ profile: str | None = None
 score_chunk: int = 8192
     Keys per chunk when computing window scores (memory ``W × chunk`` per head; contexts up to
     ``chunk`` take one fused softmax, longer ones two passes over chunks).
+inner: str | None = None
+    Composition, "compress the rows, then block-sparse among them": the name of a registered
+    block-routing prefill method (``biformer``, ``hip``, ``xattention``: methods with
+    ``block_router = True``, through their common entry point
+    :meth:`~tokensparse.engine.method.Method.blockset`). In each sparse layer the kept rows of a
+    head, in their original order, form a compressed prompt; the inner method chooses its key
+    blocks on a grid laid over those compressed rows and the engine's block executor attends
+    inside them (:mod:`tokensparse.engine.compressed`; the selection carries the rule as its
+    ``route``). ``None``: dense causal attention among the kept rows (the paper).
+inner_config: dict | None = None
+    The inner method's settings (``None``: its defaults), checked by it at construction. Its
+    token-valued settings count compressed rows (e.g. BiFormer's ``window`` and ``dense_tail``:
+    the most recent kept rows), its shares the compressed prompt's blocks, and its
+    ``dense_layers`` leave those layers dense among the kept rows.
 
 Deviations from the paper/code: batches are supported (each row keeps the count it would keep
 alone; padding keys are never selected), the optional ``sink_tokens`` and ``kv_head``
 mode are additions, and scores use SDPA's scale ``1/sqrt(D)`` in fp32.
+
+Composition (``inner``; not in the paper). Decisions: the engine, not this method, owns "attend
+among the kept rows with a block selection" (a ``"rows"`` selection with a ``route``), so any
+block router composes without special cases. The router sees the K/V heads of the kept rows: one
+per query head in ``select_per="query_head"`` (each query head keeps its own rows, so a router that
+chooses per KV head chooses per query head here), one per KV head in ``"kv_head"`` mode. Where
+Token Sparse keeps every row (a short prompt, a covered budget) the composition still runs the
+inner router over all rows (the same per-head form), so a prompt's result does not depend on
+whether another row of its batch was compressed; the plain method runs such calls dense. The
+inner method acts only in Token Sparse's sparse layers (elsewhere the call is dense, as in plain
+Token Sparse). At the inner method's full budget the composition equals plain Token Sparse
+(``tests/test_token_sparse_blocks.py``).
 """
 
 from __future__ import annotations
@@ -55,6 +81,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.compressed import BlockRoute
 from ..engine.config import param
 from ..engine.method import Method, Phase
 from ..engine.pipeline import KeyPlan, everything
@@ -63,10 +90,15 @@ from ..engine.selection import (
     Selection,
     aggregate_gqa,
     coverage_keep_count,
+    indices_from_mask,
     pool1d,
     window_scores,
 )
 from .drift_profile import KIND, KIND_VERSION, DriftProfile, find_drift_profile, measure_drift
+
+#: registered block-routing prefill methods usable as ``inner`` (``block_router = True``; the tests
+#: check that every registered block router is listed here)
+INNERS = ("biformer", "hip", "xattention")
 
 
 @dataclass(eq=False)
@@ -91,6 +123,27 @@ class TokenSparse(Method):
     drift_quantile: float = param(0.5, "float", ge=0.0, le=1.0)
     profile: str | None = param(None, "path", optional=True)
     score_chunk: int = param(8192, "int", ge=1)
+    inner: str | None = param(None, "choice", choices=INNERS, optional=True, added=True)
+    inner_config: dict | None = param(None, "mapping", optional=True, added=True)
+
+    def validate(self) -> None:
+        self.inner_method = None
+        if self.inner is None:
+            if self.inner_config is not None:
+                raise ValueError(f"token_sparse: inner_config must be None without an inner method, got "
+                                 f"{self.inner_config!r} (set inner=, one of {', '.join(INNERS)})")
+            return
+        from . import get
+
+        cls = get(self.inner)
+        if not cls.block_router:
+            raise ValueError(f"token_sparse: inner must be a block-routing prefill method (block_router = True), "
+                             f"got {self.inner!r}")
+        try:
+            self.inner_method = cls(**(self.inner_config or {}))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"token_sparse: inner_config must be settings of {self.inner}, got "
+                            f"{self.inner_config!r} ({err})") from None
 
     @classmethod
     def at_full_budget(cls) -> "TokenSparse":
@@ -141,6 +194,8 @@ class TokenSparse(Method):
                 raise ValueError(f"layer indices {bad} out of range for a {n}-layer model")
         session.state["token_sparse_layers"] = frozenset(chosen)
         session.info["token_sparse_layers"] = sorted(chosen)
+        if self.inner_method is not None:
+            self.inner_method.setup(session)
 
     def select(self, call) -> Selection | None:
         """Per-head rows to keep (window included) in the call's sparse layers, or ``None`` elsewhere.
@@ -155,7 +210,7 @@ class TokenSparse(Method):
         real = call.n_real  # (B, 1)
         short = real <= self.min_tokens + self.window  # such rows stay dense
         if n_cand <= 0 or bool(short.all()):
-            return everything(call, "rows")
+            return self._everything(call)
         plan = KeyPlan(call, n_sink=self.sink_tokens, window=self.window)
         valid = call.key_valid  # (B, L) or None; left padding: the last w queries are real
         scores = window_scores(call.query[:, :, n_cand:], call.key, call.scale, valid, self.score_chunk)[..., :n_cand]
@@ -169,7 +224,29 @@ class TokenSparse(Method):
         keep = torch.where(short, n_real_cand, torch.maximum(keep, n_sinks))
         n_top = keep - n_sinks  # the sinks are always kept by the plan
         if plan.covers(n_top):
-            return everything(call, "rows")
+            return self._everything(call)
         if self.select_per == "kv_head":
             scores = aggregate_gqa(scores, call.n_kv_heads, self.gqa_reduce)
-        return plan.select(scores[..., plan.lo :], n_top, "rows")
+        return self._routed(call, plan.select(scores[..., plan.lo :], n_top, "rows"))
+
+    def _routed(self, call, sel: Selection) -> Selection:
+        """``sel`` with the inner method's rule for this layer as its ``route`` (none without ``inner``)."""
+        if self.inner_method is None:
+            return sel
+        inner, layer = self.inner_method, call.layer_idx
+        sel.route = BlockRoute(lambda q, k: inner.blockset(q, k, layer), inner.block, getattr(inner, "impl", "auto"),
+                               inner.name)
+        return sel
+
+    def _everything(self, call) -> Selection:
+        """Every real row kept: dense without ``inner``; with it, the inner rule over all rows, in
+        the per-head form of a compressed call (per query head or per KV head by ``select_per``), so
+        that a prompt routes the same whether or not another row of its batch was compressed."""
+        if self.inner_method is None:
+            return everything(call, "rows")
+        heads = call.n_q_heads if self.select_per == "query_head" else call.n_kv_heads
+        if call.key_valid is None:
+            idx = torch.arange(call.k_len, device=call.query.device).expand(call.batch, heads, call.k_len)
+            return self._routed(call, Selection("rows", idx))
+        idx, ok = indices_from_mask(call.key_valid[:, None, :].expand(call.batch, heads, call.k_len))
+        return self._routed(call, Selection("rows", idx, None if bool(ok.all()) else ok))

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.blocks import blocks_from_sets, n_blocks
+from ..engine.blocks import n_blocks, prefill_blocksets
 from ..engine.config import param
 from ..engine.method import Method, Phase
 
@@ -125,6 +125,7 @@ class XAttention(Method):
     schedule = "prefill, every layer after the first dense_layers"
     kv_memory = "full cache"
     paper = "[XAttention](https://arxiv.org/abs/2503.16428)"
+    block_router = True
 
     threshold: float = param(0.9, "float", gt=0.0, le=1.0)
     stride: int = param(8, "int", ge=1)
@@ -151,17 +152,16 @@ class XAttention(Method):
         if call.kind != "prefill" or call.layer_idx < self.dense_layers:
             return None
         h = call.n_q_heads if self.select_per == "query_head" else call.n_kv_heads
-        if call.key_valid is None:
-            blockset = self.choose(call.query, call.key)
-        else:  # a padded batch: each row chooses on its real tokens (its grid starts there)
-            nb = n_blocks(call.q_len, self.block)
-            blockset = torch.zeros(call.batch, h, nb, nb, dtype=torch.bool, device=call.query.device)
-            for r, start in enumerate((call.k_len - call.n_real[:, 0]).tolist()):
-                rows = self.choose(call.query[r : r + 1, :, start:], call.key[r : r + 1, :, start:])
-                blockset[r : r + 1, :, : rows.shape[2], : rows.shape[3]] = rows
-        nb = blockset.shape[-1]
-        complete = call.key_valid is None and int(blockset.sum()) == call.batch * h * nb * (nb + 1) // 2
-        return blocks_from_sets(blockset, self.block, self.block, complete=complete)
+        return prefill_blocksets(call, h, self.block, lambda q, k: self.blockset(q, k, call.layer_idx))
+
+    def blockset(self, q: torch.Tensor, k: torch.Tensor, layer_idx: int):
+        """The key blocks each query block of an unpadded prompt ``q``, ``k`` reads in layer
+        ``layer_idx`` (``None`` in the first ``dense_layers``), the block-router entry point
+        (:meth:`~tokensparse.engine.method.Method.blockset`): what :meth:`select` chooses per prompt,
+        and what another method's kept rows get as its ``inner``."""
+        if layer_idx < self.dense_layers:
+            return None
+        return self.choose(q, k), None
 
     def choose(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The key blocks ``(B, H, nb, nb)`` bool each query block reads on an unpadded prefill."""

@@ -1,0 +1,141 @@
+"""Accuracy against speed-up for the prefill family: one table and one plot from the committed files.
+
+``.venv/bin/python docs/results/prefill_family/pareto.py`` reads, in this folder,
+
+* every ``*.jsonl`` evaluation file: pass key rows at 4K (correct answers, answer log-likelihood
+  paired with dense on the same sample) and standard-suite rows (accuracy paired with dense);
+* ``attention_8k*.json`` (``tokensparse bench attention``): attention-only time at 8K, split into
+  selection and executor;
+* ``prefill_8k*.json`` (``tokensparse bench prefill``): end-to-end prefill time at 8K;
+
+joins them on the method's full configuration (``config`` in both kinds of rows), prints a
+Markdown table and writes ``pareto.png``: pass key correct answers (and the suite's paired Δ
+accuracy where measured) against the attention-only speed-up, the Pareto front marked.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+def accuracy() -> tuple[dict, dict]:
+    """``(passkey, suite)``: per configuration key, pass key ``(correct, n, mean Δ log-lik)`` and
+    suite ``(n, Δ accuracy in points)`` paired with dense on the same samples."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(HERE, "*.jsonl"))):
+        rows += [r for r in (json.loads(line) for line in open(path)) if "error" not in r]
+    dense = {(r["task"], r["sample_id"]): r for r in rows if r["method"] == "dense"}
+    passkey, suite = {}, {}
+    seen = set()
+    for r in rows:
+        if r["method"] == "dense":
+            continue
+        ident = (_key(r["config"]), r["task"], r["sample_id"])
+        if ident in seen:  # the same row copied into two files
+            continue
+        seen.add(ident)
+        d = dense.get((r["task"], r["sample_id"]))
+        if d is None:
+            continue
+        k = _key(r["config"])
+        if r["task"] == "passkey" and r["length"] == 4096:
+            passkey.setdefault(k, []).append((bool(r["correct"]), r["answer_loglik"] - d["answer_loglik"]))
+        elif r["task"] != "passkey":
+            suite.setdefault(k, []).append(float(r["score"]) - float(d["score"]))
+    pk = {k: (sum(c for c, _ in v), len(v), statistics.fmean(x for _, x in v)) for k, v in passkey.items()}
+    st = {k: (len(v), 100 * statistics.fmean(v)) for k, v in suite.items()}
+    return pk, st
+
+
+def speed() -> tuple[dict, dict]:
+    """``(attention, end_to_end)`` rows at 8K per configuration key (dense under ``"dense"``)."""
+    att, e2e = {}, {}
+    for path in sorted(glob.glob(os.path.join(HERE, "attention_8k*.json"))):
+        for r in json.load(open(path))["results"]:
+            att[_key(r["config"]) if "config" in r else "dense"] = r
+    for path in sorted(glob.glob(os.path.join(HERE, "prefill_8k*.json"))):
+        for r in json.load(open(path))["results"]:
+            e2e[_key(r["config"]) if "config" in r else "dense"] = r
+    return att, e2e
+
+
+def pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """Which points no other point beats on both axes (higher is better on both)."""
+    return [not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points) for x, y in points]
+
+
+def main(plot: bool = True) -> None:
+    pk, st = accuracy()
+    att, e2e = speed()
+    rows = []
+    for k, a in att.items():
+        if k == "dense":
+            continue
+        p = pk.get(k)
+        rows.append({
+            "label": a["variant"], "passkey": p, "suite": st.get(k), "kept": a.get("mean_kept_share_in_sparse_layers"),
+            "att": a["speedup_vs_dense"], "sel_share": a["selection_s"] / a["executor_s"] if a.get("executor_s") else None,
+            "e2e": e2e[k]["speedup_vs_dense"] if k in e2e else None,
+        })
+    scored = [r for r in rows if r["passkey"]]
+    front = pareto([(r["att"], r["passkey"][0] / r["passkey"][1]) for r in scored])
+    for r, f in zip(scored, front):
+        r["front"] = f
+    print("| configuration | pass key 4K | Δ answer log-lik | suite 2K Δ acc (n) | kept share (sparse layers) "
+          "| attention-only ×, 8K | selection / executor | end to end ×, 8K | Pareto |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|:-:|")
+    for r in sorted(rows, key=lambda r: -r["att"]):
+        p, s = r["passkey"], r["suite"]
+        cells = [r["label"], f"{p[0]}/{p[1]}" if p else "—", f"{p[2]:+.2f}" if p else "—",
+                 f"{s[1]:+.1f} pt ({s[0]})" if s else "—", f"{r['kept']:.2f}", f"{r['att']:.2f}",
+                 f"{100 * r['sel_share']:.0f}%" if r["sel_share"] is not None else "—",
+                 f"{r['e2e']:.2f}" if r["e2e"] else "—", "●" if r.get("front") else ""]
+        print("| " + " | ".join(cells) + " |")
+    if not plot:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    ax = axes[0]
+    for r in scored:
+        y = r["passkey"][0]
+        ax.scatter(r["att"], y, s=40, color="C3" if r["front"] else "C0", zorder=3)
+        ax.annotate(r["label"], (r["att"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(pk_dense(), color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("attention-only speed-up vs dense SDPA at 8K (1 thread)")
+    ax.set_ylabel("pass key 4K, correct of 6 (dense: 6)")
+    ax.set_title("pass key (red: Pareto front)")
+    ax = axes[1]
+    for r in rows:
+        if r["suite"]:
+            ax.scatter(r["att"], r["suite"][1], s=40, color="C0", zorder=3)
+            ax.annotate(r["label"], (r["att"], r["suite"][1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("attention-only speed-up vs dense SDPA at 8K (1 thread)")
+    ax.set_ylabel("standard suite v2, 2K half: Δ accuracy vs dense (points, paired)")
+    ax.set_title("standard suite (2K half)")
+    fig.tight_layout()
+    out = os.path.join(HERE, "pareto.png")
+    fig.savefig(out, dpi=130)
+    print(f"\nwrote {out}")
+
+
+def pk_dense() -> int:
+    return 6
+
+
+if __name__ == "__main__":
+    main(plot="--no-plot" not in sys.argv)
