@@ -265,6 +265,26 @@ def test_bench_prefill_bf16_random_model_writes_json(tmp_path, monkeypatch):
     assert all(r["length"] == 256 and r["peak_device_bytes"] is None for r in res["results"])
 
 
+def test_bench_attention_reports_selection_executor_and_kept_share_per_layer(tmp_path):
+    """``bench attention --variants``: one row per variant with its selection and executor times,
+    the layers it left dense absent from ``kept_share_per_layer`` and the mean over the others."""
+    variants = tmp_path / "v.json"
+    variants.write_text(json.dumps([{"label": "biformer, layer 0 dense", "method": "biformer",
+                                     "config": {"dense_layers": 1, "dense_tail": 0}}]))
+    out = tmp_path / "attention.json"
+    assert main(["bench", "attention", "--model-config", "smollm2-135m", "--layers", "3", "--lengths", "512",
+                 "--repeats", "1", "--variants", str(variants), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    dense, row = res["results"]
+    assert dense["variant"] == "dense (sdpa)" and row["variant"] == "biformer, layer 0 dense"
+    assert row["sparse_layers"] == 2 and sorted(row["kept_share_per_layer"]) == ["1", "2"]
+    shares = list(row["kept_share_per_layer"].values())
+    assert all(0 < x < 1 for x in shares)
+    assert row["mean_kept_share_in_sparse_layers"] == pytest.approx(sum(shares) / 2, abs=1e-4)
+    assert row["attention_s"] == pytest.approx(row["selection_s"] + row["executor_s"], rel=1e-6)
+    assert row["config"]["method"] == "biformer" and row["config"]["dense_layers"] == 1
+
+
 def test_a_configuration_the_cut_model_lacks_is_a_clear_error(monkeypatch):
     from tokensparse.bench import prefill
 

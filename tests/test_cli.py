@@ -193,7 +193,7 @@ def test_bench_decode_rejects_zero_steps(no_model):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["bench", "attention", "--methods", "nope"], "--methods: nope; benchmarked methods: biformer, dhsa, hip, minference, rectified, sparsifiner, superlinear, token_sparse, xattention"),
+    (["bench", "attention", "--methods", "nope"], "--methods: nope; benchmarked methods: biformer, cca, dhsa, hip, hisa, minference, rectified, sparsifiner, superlinear, token_sparse, xattention"),
     (["bench", "decode", "--methods", "hip"], "--methods applies to bench prefill and bench attention"),
 ])
 def test_bench_methods_filter_is_checked(no_model, argv, match):

@@ -85,7 +85,7 @@ def test_bad_overrides_name_the_fix(override, message):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"methods": [{"method": "snapkvv"}]}, r"unknown method 'snapkvv'; registered: ada_kv, biformer, dhsa, fasa, fast_v, frugal_prompt, h2o, hip, landmark, minference, pyramid_kv, quest, razor_attention, rectified, recycled_attention, snapkv, sparsifiner, spatten, streaming_llm, superlinear"),
+    ({"methods": [{"method": "snapkvv"}]}, r"unknown method 'snapkvv'; registered: ada_kv, biformer, cca, dhsa, fasa, fast_v, frugal_prompt, h2o, hip, hisa, landmark, minference, pyramid_kv, quest, razor_attention, rectified, recycled_attention, snapkv, sparsifiner, spatten, streaming_llm, superlinear"),
     ({"methods": [{"method": "snapkv", "configs": [{"budgt": 0.5}]}]}, "snapkv has no setting 'budgt'; settings: budget"),
     ({"methods": [{"method": "snapkv", "configs": [{"budget": 2.5}]}]}, r"bad snapkv settings: snapkv: budget must be an int > 0 \(tokens\) or a float ratio in \(0, 1\], got 2.5"),
     ({"methods": [{"method": "snapkv", "placements": ["before"]}]}, r"placements from \['inside', 'after'\]"),

@@ -807,6 +807,43 @@ def check_rectified(m, r: Record, sc: Scenario) -> None:
 
 
 @st.composite
+def cca_configs(draw):
+    return dict(
+        group=draw(st.integers(1, 8)),
+        window=draw(st.integers(1, 12)),
+        probe=draw(st.sampled_from(["query_head", "kv_head"])),
+        dense_layers=draw(st.integers(0, 2)),
+        dense_tail=draw(st.integers(0, 12)),
+        impl=draw(st.sampled_from(["fast", "fast", "reference"])),
+    )
+
+
+def check_cca(m, r: Record, sc: Scenario) -> None:
+    """Prefill calls after the first ``dense_layers`` only. The observed selection is the raw window
+    on the group grid of each row's real tokens: query group ``qb`` lists exactly the key groups
+    ``[n, qb]``, ``n = max(0, ⌊(qb·g + 1 − w)/g⌋)`` the core tokens its first query reads, or every
+    earlier group in the dense tail (the output itself: tests/test_cca.py)."""
+    assert r.call_kind == "prefill" and r.layer >= m.dense_layers
+    if r.kind == "dense":
+        return
+    assert r.kind == "blocks" and r.idx.shape[1] == 1, f"one raw window for every head, got {r.idx.shape[1]} heads"
+    g = m.group
+    for i in range(r.idx.shape[0]):
+        real = int(r.n_real[i])
+        nb = -(-real // g)
+        for qb in range(r.idx.shape[2]):
+            got = r.idx[i, 0, qb][r.valid[i, 0, qb]].tolist()
+            if qb >= nb:
+                assert not got, f"row {i}: query group {qb} past the row's {nb} groups reads {got}"
+                continue
+            if m.dense_tail and qb >= (real - m.dense_tail) // g:
+                first = 0
+            else:
+                first = max(0, (qb * g + 1 - m.window) // g)
+            assert got == list(range(first, qb + 1)), f"row {i}, query group {qb}: {got}"
+
+
+@st.composite
 def minference_configs(draw):
     return dict(
         vertical=draw(st.one_of(SHARES, st.integers(1, 40))),
@@ -914,6 +951,62 @@ def check_superlinear(m, r: Record, sc: Scenario) -> None:
 
 
 @st.composite
+def hisa_configs(draw):
+    block = draw(st.integers(1, 8))
+    fine = draw(st.sampled_from([f for f in range(1, block + 1) if block % f == 0]))
+    return dict(
+        candidates=draw(st.one_of(SHARES, st.integers(1, 40))),
+        budget=draw(st.one_of(SHARES, st.integers(1, 24))),
+        block=block,
+        fine=fine,
+        refine=draw(st.sampled_from(["max", "mean"])),
+        n_sink=draw(st.integers(0, 8)),
+        window=draw(st.integers(1, 12)),
+        dense_layers=draw(st.integers(0, 2)),
+        dense_tail=draw(st.integers(0, 12)),
+        impl=draw(st.sampled_from(["gather", "reference"] + (["auto"] if fine == block else []))),
+    )
+
+
+def check_hisa(m, r: Record, sc: Scenario) -> None:
+    """On a grid of ``block`` queries × ``fine`` keys over each row's real tokens, each query block
+    reads its sink and window blocks whole, plus exactly ``min(keep, candidate groups)`` fine groups
+    of at most ``m_i`` earlier candidate blocks (the coarse stage's survivors), nothing later than
+    itself; the prompt's tail reads everything (the scores and the choice: tests/test_hisa.py)."""
+    assert r.call_kind == "prefill" and r.layer >= m.dense_layers
+    if r.kind == "dense":  # every causal key chosen: a complete selection runs dense
+        return
+    assert r.kind == "blocks" and r.idx.shape[1] == r.n_kv_heads
+    bs, fine = m.block, m.fine
+    ratio = bs // fine
+    sink, win = -(-m.n_sink // bs), -(-m.window // bs)
+    for i in range(r.idx.shape[0]):
+        real = int(r.n_real[i])
+        nb = -(-real // bs)
+        for j in range(r.idx.shape[1]):
+            for qb in range(r.idx.shape[2]):
+                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
+                if qb >= nb:
+                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
+                    continue
+                n_causal = -(-min(real, (qb + 1) * bs) // fine)  # fine groups up to the block's last query
+                if m.dense_tail and qb >= (real - m.dense_tail) // bs:
+                    assert got == set(range(n_causal)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
+                    continue
+                forced_blocks = {b for b in range(qb + 1) if b < sink or b > qb - win}
+                always = {f for f in range(n_causal) if f // ratio in forced_blocks}
+                assert always <= got and max(got) < n_causal, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+                routed = got - always
+                n_other = qb + 1 - len(forced_blocks)
+                m_i = math.ceil(m.candidates * (qb + 1)) if isinstance(m.candidates, float) else -(-m.candidates // bs)
+                n_cand = min(m_i, n_other)
+                keep = (math.ceil(m.budget * (n_cand * bs) / fine) if isinstance(m.budget, float)
+                        else -(-m.budget // fine))
+                assert len({f // ratio for f in routed}) <= n_cand, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+                assert len(routed) == min(keep, n_cand * ratio), f"row {i}, head {j}, block {qb}: {sorted(got)}"
+
+
+@st.composite
 def dhsa_configs(draw):
     grain = draw(st.integers(1, 8))
     return dict(
@@ -979,7 +1072,9 @@ METHODS = {
     "rectified": (rectified_configs(), check_rectified),
     "sparsifiner": (sparsifiner_configs(), check_biformer),  # the same rule: sinks, window, budget blocks
     "superlinear": (superlinear_configs(), check_superlinear),
+    "hisa": (hisa_configs(), check_hisa),
     "minference": (minference_configs(), check_minference),
+    "cca": (cca_configs(), check_cca),
     "dhsa": (dhsa_configs(), check_dhsa),
     "frugal_prompt": (frugal_prompt_configs(), check_frugal_prompt),
     "pyramid_kv": (pyramid_kv_configs(), check_pyramid_kv),

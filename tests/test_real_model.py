@@ -34,6 +34,8 @@ CONFIGS = {
     "sparsifiner": {},
     "superlinear": {},
     "minference": {},
+    "hisa": {},
+    "cca": {},  # passes at 2K (half the prompt in its 1024-token window); 1/6 at 4K (prefill_family/cca.md)
     "quest": {"budget": 0.25},
     "h2o": {"budget": 0.5},
     "pyramid_kv": {"budget": 0.5},

@@ -60,6 +60,8 @@ CONFIGS = [
     ("sparsifiner (defaults: rank 16, 1/8 of the causal blocks)", "sparsifiner", {}),
     ("superlinear (defaults: 8 spans of √L)", "superlinear", {}),
     ("minference (defaults: 2% columns, 5% diagonals)", "minference", {}),
+    ("cca (defaults: groups of 16, window 1024, training-free)", "cca", {}),
+    ("hisa (defaults: 16 candidate blocks, 256 tokens by max q·k, gather executor)", "hisa", {}),
 ]
 
 
@@ -196,7 +198,7 @@ def run_attention_only(lengths, repeats: int = 3, steps: int = 0, configs=CONFIG
         for label, name, kw in configs:
             method = ts.methods.get(name)(**kw)
             attend = getattr(method, "attend", execute)  # a method that executes its own way (Rectified SpaAttn)
-            sel_r, exe_r, kept, first = [0.0] * repeats, [0.0] * repeats, [], None
+            sel_r, exe_r, kept, first = [0.0] * repeats, [0.0] * repeats, {}, None
             with ts.sparsify(model, method) as session:  # the method's own session (its layers, profile)
                 for call, td in zip(calls, dense_t):
                     call = replace(call, session=session, layer=session.layers[call.layer_idx])
@@ -209,7 +211,7 @@ def run_attention_only(lengths, repeats: int = 3, steps: int = 0, configs=CONFIG
                     sel_r = [a + b for a, b in zip(sel_r, _timed_repeats(lambda: method.select(call), repeats, device))]
                     exe = _timed_repeats(lambda: attend(call, sel), repeats, device)
                     exe_r = [a + b for a, b in zip(exe_r, exe)]
-                    kept.append(sel.kept() / call.k_len)
+                    kept[call.layer_idx] = sel.kept() / call.k_len
             sel, exe = spread(sel_r), spread(exe_r)
             tot = spread([a + b for a, b in zip(sel_r, exe_r)])
             row = {
@@ -218,8 +220,9 @@ def run_attention_only(lengths, repeats: int = 3, steps: int = 0, configs=CONFIG
                 "attention_s": tot["median"], "attention_spread": tot, "selection_spread": sel, "executor_spread": exe,
                 "speedup_vs_dense": dense_tot["median"] / tot["median"],
                 "executor_speedup_vs_dense": dense_tot["median"] / exe["median"],
-                "mean_kept_share_in_sparse_layers": sum(kept) / len(kept) if kept else 1.0,
+                "mean_kept_share_in_sparse_layers": sum(kept.values()) / len(kept) if kept else 1.0,
                 "sparse_layers": len(kept),
+                "kept_share_per_layer": {str(i): round(x, 4) for i, x in sorted(kept.items())},
                 "first_call_s": first,
                 "config": method.config_dict(),
             }

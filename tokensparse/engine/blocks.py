@@ -690,34 +690,38 @@ def blocks_from_sets(blockset: torch.Tensor, block_q: int, block_k: int, complet
                      block_q=block_q, block_k=block_k)
 
 
-def prefill_blocksets(call, heads: int, block: int, choose) -> Selection:
-    """The square-block ``"blocks"`` selection of a causal prefill ``call`` from a per-prompt rule.
+def prefill_blocksets(call, heads: int, block: int, choose, block_k: int | None = None) -> Selection:
+    """The ``"blocks"`` selection of a causal prefill ``call`` from a per-prompt rule.
 
     ``choose(q, k)`` gets one unpadded prompt's ``q (b, Hq, L, D)``, ``k (b, Hkv, L, D)`` and
-    returns ``(set, complete)``: the key blocks ``(b, heads, nb, nb)`` bool each query block reads
-    (``nb = ⌈L / block⌉``) and whether that is every causal block (``None``: counted here). An
-    unpadded batch is chosen in one call; a padded batch row by row on each row's real tokens, so a
-    row gets exactly the grid and the choice it gets alone (module doc); it is complete when every
-    row's choice is."""
+    returns ``(set, complete)``: the key blocks ``(b, heads, nb, nkb)`` bool each query block of
+    ``block`` rows reads (``nb = ⌈L / block⌉``; key blocks of ``block_k`` rows, default ``block``:
+    ``nkb = ⌈L / block_k⌉``) and whether that is every causal key (``None``: counted here, square
+    blocks only). An unpadded batch is chosen in one call; a padded batch row by row on each row's
+    real tokens, so a row gets exactly the grid and the choice it gets alone (module doc); it is
+    complete when every row's choice is."""
+    bk = block if block_k is None else block_k
 
     def run(q, k):
         blockset, complete = choose(q, k)
         if complete is None:
+            if bk != block:
+                raise ValueError("prefill_blocksets: with block_k != block, choose must say whether its set is complete")
             n = blockset.shape[-1]
             complete = int(blockset.sum()) == blockset.shape[0] * heads * n * (n + 1) // 2
         return blockset, bool(complete)
 
     if call.key_valid is None:
         blockset, complete = run(call.query, call.key)
-        return blocks_from_sets(blockset, block, block, complete=complete)
-    nb = n_blocks(call.q_len, block)
-    blockset = torch.zeros(call.batch, heads, nb, nb, dtype=torch.bool, device=call.query.device)
+        return blocks_from_sets(blockset, block, bk, complete=complete)
+    nb, nkb = n_blocks(call.q_len, block), n_blocks(call.q_len, bk)
+    blockset = torch.zeros(call.batch, heads, nb, nkb, dtype=torch.bool, device=call.query.device)
     complete = True
     for r, start in enumerate((call.k_len - call.n_real[:, 0]).tolist()):
         rows, full = run(call.query[r : r + 1, :, start:], call.key[r : r + 1, :, start:])
         blockset[r : r + 1, :, : rows.shape[2], : rows.shape[3]] = rows
         complete &= full
-    return blocks_from_sets(blockset, block, block, complete=complete)
+    return blocks_from_sets(blockset, block, bk, complete=complete)
 
 
 def forced_blocks(nqb: int, nkb: int, first_block: int = 0, *, sink_blocks: int, local_blocks: int,
@@ -761,3 +765,81 @@ def top_blocks(scores: torch.Tensor, keep: torch.Tensor | int, allowed: torch.Te
     order = torch.argsort(s, dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
     return (rank < keep) & allowed
+
+
+# --------------------------------------------------------------------------------------------------
+# a causal band of raw keys plus pooled keys, in one softmax
+# --------------------------------------------------------------------------------------------------
+
+BAND_CHUNK_ELEMS = 1 << 22
+"""Score elements per chunk of query rows in :func:`band_attend` (16 MiB of fp32 scores)."""
+
+
+def band_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, scale: float, *,
+                pooled: tuple[torch.Tensor, torch.Tensor] | None = None,
+                n_pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """Each query row attends, in **one** softmax, to a contiguous band of raw keys ending at itself
+    and to a prefix of pooled keys: ``(B, Hq, Lq, Dv)`` in ``q``'s dtype (computed in fp32).
+
+    ``q (B, Hq, Lq, D)``, ``k, v (B, Hkv, Lk, D)``: one unpadded causal call whose queries are the
+    last ``Lq`` keys (query ``i`` sits at key position ``p_i = Lk - Lq + i``). ``lo (Lq,)`` long:
+    query ``i`` reads the raw keys ``[lo[i], p_i]`` (``lo[i] <= p_i``). ``pooled = (k_p, v_p)``,
+    each ``(B, Hp, m, D)`` with ``Hp`` dividing ``Hq`` (``Hkv`` or ``Hq``; query head ``h`` reads
+    pooled head ``h // (Hq / Hp)``): extra keys (e.g. weighted means of groups of raw keys, as
+    CCA-Attention's core tokens), of which query ``i`` reads the first ``n_pooled[i]`` (``(Lq,)``
+    long, ``<= m``). A pooled key counts as one key (no size weighting, unlike
+    :func:`pooled_attend`). The active logit soft-cap is applied to every logit.
+
+    Rows are processed in chunks of at most :data:`BAND_CHUNK_ELEMS` scores; a chunk reads the raw
+    keys from its smallest ``lo`` to its last query and the pooled keys up to its largest
+    ``n_pooled``, masked per row, so the cost is ``O(Lq · (band + m))``, not ``O(Lq · Lk)``."""
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    off = lk - lq
+    dev = q.device
+    lo = lo.to(dev).long()
+    pos = off + torch.arange(lq, device=dev)
+    if bool((lo > pos).any()) or bool((lo < 0).any()):
+        raise ValueError("band_attend: every query must read its own key (0 <= lo[i] <= its position)")
+    if pooled is None:
+        n_pooled = torch.zeros(lq, dtype=torch.long, device=dev)
+        kp = vp = None
+        m = 0
+    else:
+        kp, vp = pooled
+        m = kp.shape[2]
+        if n_pooled is None or hq % kp.shape[1]:
+            raise ValueError("band_attend: pooled keys need n_pooled and a head count dividing the query heads")
+        n_pooled = n_pooled.to(dev).long().clamp(0, m)
+    cap = active_softcap()
+    band = int((pos - lo).max()) + 1 if lq else 0
+    step = max(1, BAND_CHUNK_ELEMS // max(1, b * hq * (band + m)))
+    out = torch.empty(b, hq, lq, v.shape[-1], dtype=q.dtype, device=dev)
+    for a in range(0, lq, step):
+        e = min(lq, a + step)
+        k0, k1 = int(lo[a:e].min()), off + e
+        mc = int(n_pooled[a:e].max()) if m else 0
+        qc = q[:, :, a:e]
+        s = pooled_scores(qc, k[:, :, k0:k1])  # (B, Hq, C, n) fp32, unscaled
+        kpos = torch.arange(k0, k1, device=dev)
+        allowed = (kpos[None, :] >= lo[a:e, None]) & (kpos[None, :] <= pos[a:e, None])  # (C, n)
+        if mc:
+            s = torch.cat([pooled_scores(qc, kp[:, :, :mc]), s], dim=-1)
+            core = torch.arange(mc, device=dev)[None, :] < n_pooled[a:e, None]
+            allowed = torch.cat([core, allowed], dim=-1)
+        s = s * scale
+        if cap is not None:
+            s = torch.tanh(s / cap) * cap
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+        o = _grouped_values(p[..., mc:], v[:, :, k0:k1])
+        if mc:
+            o = o + _grouped_values(p[..., :mc], vp[:, :, :mc])
+        out[:, :, a:e] = o.to(q.dtype)
+    return out
+
+
+def _grouped_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``p (B, Hq, C, n) @ v (B, H, n, Dv)`` in fp32, query head ``h`` reading head ``h // (Hq / H)``."""
+    b, hq, c, n = p.shape
+    h = v.shape[1]
+    return (p.reshape(b, h, (hq // h) * c, n) @ v.float()).view(b, hq, c, -1)
