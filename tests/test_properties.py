@@ -545,6 +545,37 @@ def hip_configs(draw):
     )
 
 
+def routed_blocks(r: Record, bs: int, tail: int):
+    """Walk a ``"blocks"`` record's query blocks of ``bs`` tokens: a block past the row's real
+    tokens reads nothing, a block holding the prompt's last ``tail`` tokens reads every block up to
+    its own; yields ``(row, head, query block, real tokens, blocks read)`` for every other block."""
+    for i in range(r.idx.shape[0]):
+        real = int(r.n_real[i])
+        nb = -(-real // bs)
+        for j in range(r.idx.shape[1]):
+            for qb in range(r.idx.shape[2]):
+                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
+                if qb >= nb:
+                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
+                    continue
+                if tail and qb >= (real - tail) // bs:
+                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
+                    continue
+                yield i, j, qb, real, got
+
+
+def check_budget_blocks(r: Record, bs: int, sink_tokens: int, window_tokens: int, budget, tail: int) -> None:
+    """Each routed query block reads its sinks and its window (diagonal included) and routed blocks
+    up to its budget (a share of its causal blocks, or tokens) — exactly ``max(keep, forced)``
+    blocks, nothing later than itself."""
+    sink, win = -(-sink_tokens // bs), -(-window_tokens // bs)
+    for i, j, qb, _, got in routed_blocks(r, bs, tail):
+        always = {b for b in range(qb + 1) if b < sink or b > qb - win}
+        keep = math.ceil(budget * (qb + 1)) if isinstance(budget, float) else -(-budget // bs)
+        assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+        assert len(got) == min(qb + 1, max(keep, len(always))), f"row {i}, head {j}, block {qb}: {sorted(got)}"
+
+
 def check_hip(m, r: Record, sc: Scenario) -> None:
     """Each query block of each row's real tokens reads its sinks, its window (diagonal included),
     at most ``budget`` more tokens' worth of blocks between them, nothing later than itself."""
@@ -554,23 +585,12 @@ def check_hip(m, r: Record, sc: Scenario) -> None:
     assert r.kind == "blocks"
     bs = m.block
     sink, win = -(-m.n_sink // bs), -(-m.window // bs)
-    for i in range(r.idx.shape[0]):
-        real = int(r.n_real[i])
-        nb = -(-real // bs)
-        n_keep = min(nb, -(-_resolve(m.budget, real) // bs))
-        for j in range(r.idx.shape[1]):
-            for qb in range(r.idx.shape[2]):
-                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
-                if qb >= nb:
-                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
-                    continue
-                if m.dense_tail and qb >= (real - m.dense_tail) // bs:  # the prompt's tail reads everything
-                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
-                    continue
-                always = {b for b in range(qb + 1) if b < sink or b > qb - win}
-                assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
-                n_cand = max(0, max(qb - win + 1, sink) - sink)
-                assert len(got - always) == min(n_keep, n_cand), f"row {i}, head {j}, block {qb}: {sorted(got)}"
+    for i, j, qb, real, got in routed_blocks(r, bs, m.dense_tail):
+        n_keep = min(-(-real // bs), -(-_resolve(m.budget, real) // bs))
+        always = {b for b in range(qb + 1) if b < sink or b > qb - win}
+        assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+        n_cand = max(0, max(qb - win + 1, sink) - sink)
+        assert len(got - always) == min(n_keep, n_cand), f"row {i}, head {j}, block {qb}: {sorted(got)}"
 
 
 @st.composite
@@ -711,24 +731,7 @@ def check_biformer(m, r: Record, sc: Scenario) -> None:
     if r.kind == "dense":  # every causal block chosen: a complete selection runs dense
         return
     assert r.kind == "blocks"
-    bs = m.block
-    sink, win = -(-m.n_sink // bs), -(-m.window // bs)
-    for i in range(r.idx.shape[0]):
-        real = int(r.n_real[i])
-        nb = -(-real // bs)
-        for j in range(r.idx.shape[1]):
-            for qb in range(r.idx.shape[2]):
-                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
-                if qb >= nb:
-                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
-                    continue
-                if m.dense_tail and qb >= (real - m.dense_tail) // bs:
-                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
-                    continue
-                always = {b for b in range(qb + 1) if b < sink or b > qb - win}
-                keep = math.ceil(m.budget * (qb + 1)) if isinstance(m.budget, float) else -(-m.budget // bs)
-                assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
-                assert len(got) == min(qb + 1, max(keep, len(always))), f"row {i}, head {j}, block {qb}: {sorted(got)}"
+    check_budget_blocks(r, m.block, m.n_sink, m.window, m.budget, m.dense_tail)
 
 
 @st.composite
@@ -776,20 +779,8 @@ def check_xattention(m, r: Record, sc: Scenario) -> None:
     if r.kind == "dense":
         return
     assert r.kind == "blocks"
-    bs = m.block
-    for i in range(r.idx.shape[0]):
-        real = int(r.n_real[i])
-        nb = -(-real // bs)
-        for j in range(r.idx.shape[1]):
-            for qb in range(r.idx.shape[2]):
-                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
-                if qb >= nb:
-                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
-                    continue
-                if m.dense_tail and qb >= (real - m.dense_tail) // bs:
-                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
-                    continue
-                assert {0, qb} <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+    for i, j, qb, _, got in routed_blocks(r, m.block, m.dense_tail):
+        assert {0, qb} <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
 
 
 @st.composite
@@ -870,21 +861,10 @@ def check_minference(m, r: Record, sc: Scenario) -> None:
     assert r.kind == "blocks"
     bs = m.block
     back = (m.n_local + bs - 2) // bs  # block diagonals the nearest n_local diagonals pass through
-    for i in range(r.idx.shape[0]):
-        real = int(r.n_real[i])
-        nb = -(-real // bs)
-        sinks = set(range(-(-min(m.n_sink, real) // bs)))
-        for j in range(r.idx.shape[1]):
-            for qb in range(r.idx.shape[2]):
-                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
-                if qb >= nb:
-                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
-                    continue
-                if m.dense_tail and qb >= (real - m.dense_tail) // bs:
-                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
-                    continue
-                always = {b for b in range(qb + 1) if b in sinks or b >= qb - back}
-                assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+    for i, j, qb, real, got in routed_blocks(r, bs, m.dense_tail):
+        sinks = -(-min(m.n_sink, real) // bs)
+        always = {b for b in range(qb + 1) if b < sinks or b >= qb - back}
+        assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
 
 
 @st.composite
@@ -927,27 +907,16 @@ def check_superlinear(m, r: Record, sc: Scenario) -> None:
     assert r.kind == "blocks"
     bs = m.block
     sink, win = -(-m.n_sink // bs), -(-m.window // bs)
-    for i in range(r.idx.shape[0]):
-        real = int(r.n_real[i])
-        nb = -(-real // bs)
+    for i, j, qb, real, got in routed_blocks(r, bs, m.dense_tail):
         sb = m.span_blocks(real)
-        for j in range(r.idx.shape[1]):
-            for qb in range(r.idx.shape[2]):
-                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
-                if qb >= nb:
-                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
-                    continue
-                if m.dense_tail and qb >= (real - m.dense_tail) // bs:
-                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
-                    continue
-                always = {b for b in range(qb + 1) if b < sink or b > qb - win or b // sb == qb // sb}
-                assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
-                routed = {b // sb for b in got - always}
-                candidates = {s for s in range(qb // sb) if not set(range(s * sb, s * sb + sb)) <= always}
-                assert routed <= candidates, f"row {i}, head {j}, block {qb}: spans {sorted(routed)}"
-                assert len(routed) == min(m.spans, len(candidates)), f"row {i}, head {j}, block {qb}: {sorted(got)}"
-                for s in routed:
-                    assert set(range(s * sb, s * sb + sb)) <= got, f"row {i}, head {j}, block {qb}: span {s} partial"
+        always = {b for b in range(qb + 1) if b < sink or b > qb - win or b // sb == qb // sb}
+        assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
+        routed = {b // sb for b in got - always}
+        candidates = {s for s in range(qb // sb) if not set(range(s * sb, s * sb + sb)) <= always}
+        assert routed <= candidates, f"row {i}, head {j}, block {qb}: spans {sorted(routed)}"
+        assert len(routed) == min(m.spans, len(candidates)), f"row {i}, head {j}, block {qb}: {sorted(got)}"
+        for s in routed:
+            assert set(range(s * sb, s * sb + sb)) <= got, f"row {i}, head {j}, block {qb}: span {s} partial"
 
 
 @st.composite
@@ -1035,24 +1004,7 @@ def check_dhsa(m, r: Record, sc: Scenario) -> None:
     assert r.kind == "blocks"
     if m.select_per == "shared":
         assert r.idx.shape[1] == 1, f"one mask for all heads, got {r.idx.shape[1]} selection heads"
-    bs = m.grain
-    sink, win = -(-m.global_tokens // bs), -(-m.local_tokens // bs)
-    for i in range(r.idx.shape[0]):
-        real = int(r.n_real[i])
-        nb = -(-real // bs)
-        for j in range(r.idx.shape[1]):
-            for qb in range(r.idx.shape[2]):
-                got = set(r.idx[i, j, qb][r.valid[i, j, qb]].tolist())
-                if qb >= nb:
-                    assert not got, f"row {i}: query block {qb} past the row's {nb} blocks reads {got}"
-                    continue
-                if m.instruction_tokens and qb >= (real - m.instruction_tokens) // bs:
-                    assert got == set(range(qb + 1)), f"row {i}, head {j}, tail block {qb}: {sorted(got)}"
-                    continue
-                always = {b for b in range(qb + 1) if b < sink or b > qb - win}
-                keep = math.ceil(m.budget * (qb + 1)) if isinstance(m.budget, float) else -(-m.budget // bs)
-                assert always <= got and max(got) <= qb, f"row {i}, head {j}, block {qb}: {sorted(got)}"
-                assert len(got) == min(qb + 1, max(keep, len(always))), f"row {i}, head {j}, block {qb}: {sorted(got)}"
+    check_budget_blocks(r, m.grain, m.global_tokens, m.local_tokens, m.budget, m.instruction_tokens)
 
 
 #: every registered method needs a config strategy and an invariant check (``None``: general only)
