@@ -347,3 +347,13 @@ def test_sdpa_runs_heads_of_different_widths_as_units(dtype, monkeypatch):
         out, lse = block_attend(q, k, v, sel, 0.3, impl="sdpa", return_lse=True)
         assert bool(calls) == units
         assert out.dtype == dtype and close(out, ref, tol) and lse_close(lse, ref_lse, tol)
+
+
+def test_flex_tiles_divide_the_blocks_on_cuda_and_are_left_to_inductor_on_cpu():
+    from tokensparse.engine.blocks import flex_block_ok, flex_kernel_options
+
+    assert flex_kernel_options("cpu", 64, 64) is None
+    assert flex_kernel_options("cuda", 64, 64) == {"BLOCK_M": 64, "BLOCK_N": 64}
+    assert flex_kernel_options("cuda", 256, 128) == {"BLOCK_M": 128, "BLOCK_N": 64}
+    assert flex_kernel_options("cuda", 48, 32) == {"BLOCK_M": 16, "BLOCK_N": 32}
+    assert flex_block_ok("cuda", 64, 16) and not flex_block_ok("cuda", 64, 8) and flex_block_ok("cpu", 3, 8)

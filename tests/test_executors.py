@@ -200,3 +200,12 @@ def test_gather_pages_equals_gather_rows_on_cache_views():
     pages = torch.tensor([[[0, 2, 5], [1, 3, 4], [0, 1, 2]], [[5, 4, 3], [2, 3, 5], [0, 4, 5]]]).sort(-1).values
     rows = (pages[..., None] * 4 + torch.arange(4)).flatten(-2)
     assert torch.equal(gather_pages(x, pages, 4), gather_rows(x, rows))
+
+
+def test_decode_backends_is_a_no_op_without_cuda_and_sdpa_equals_torch():
+    from tokensparse.engine.executors import decode_backends, sdpa
+
+    q, k, v = (torch.randn(1, 2, n, 8) for n in (1, 5, 5))
+    with decode_backends():
+        out = sdpa(q, k, v, scale=0.3)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3))

@@ -32,6 +32,8 @@ import time
 
 import torch
 
+from tokensparse.engine.executors import decode_backends
+
 import tokensparse as ts
 
 from . import (MEMORY_NOTE, bench_prompt, bundled_rope, check_fits, environment, load_bench_model, max_or_none, peak_memory_bytes,
@@ -65,7 +67,8 @@ def _decode(model, cache, first_token: torch.Tensor, steps: int, device=None) ->
     for _ in range(steps):
         sync(device)
         t0 = time.perf_counter()
-        logits = model(input_ids=tok, cache=cache, use_cache=True).logits
+        with decode_backends():  # every variant, dense too: flash before cuDNN on CUDA (no effect on CPU)
+            logits = model(input_ids=tok, cache=cache, use_cache=True).logits
         tok = logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
         times.append(time.perf_counter() - t0)

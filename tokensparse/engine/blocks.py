@@ -32,8 +32,8 @@ Four executors, tested against each other (``tests/test_blocks.py``):
 
 Every executor returns the log-sum-exp on request (``-inf`` for a row that read nothing).
 ``"auto"`` (or ``"fast"``) is ``"gather"`` with a key bias, else ``"sdpa"`` where it applies,
-else ``"flex"`` where compiled FlexAttention is available (CUDA, or CPU with a C++ compiler) and
-no log-sum-exp is asked for on CPU, else ``"gather"``.
+else ``"flex"`` where compiled FlexAttention is available (CUDA with blocks that are multiples of
+16, or CPU with a C++ compiler) and no log-sum-exp is asked for on CPU, else ``"gather"``.
 
 :func:`merge_partials` combines attentions over disjoint key sets through their log-sum-exps.
 """
@@ -199,7 +199,8 @@ def block_attend(q, k, v, sel: Selection, scale: float, *, key_valid: torch.Tens
             impl = "gather"
         elif aligned and sdpa_blocks_available(q.device):
             impl = "sdpa"
-        elif flex_available(q.device) and not (return_lse and q.device.type == "cpu"):
+        elif (flex_available(q.device) and flex_block_ok(q.device, sel.block_q, sel.block_k)
+              and not (return_lse and q.device.type == "cpu")):
             impl = "flex"
         else:
             impl = "gather"
@@ -209,6 +210,9 @@ def block_attend(q, k, v, sel: Selection, scale: float, *, key_valid: torch.Tens
         raise ValueError("compiled FlexAttention returns no log-sum-exp on CPU; use impl='gather' or 'auto'")
     if impl == "flex" and not flex_available(q.device):
         raise RuntimeError("compiled FlexAttention is not available here (no C++ compiler on CPU?); use impl='gather'")
+    if impl == "flex" and not flex_block_ok(q.device, sel.block_q, sel.block_k):
+        raise ValueError(f"compiled FlexAttention on CUDA needs blocks that are multiples of 16, got {sel.block_q}x"
+                         f"{sel.block_k}; use impl='gather' or 'auto'")
     if impl == "sdpa" and not sdpa_blocks_available(q.device):
         raise RuntimeError("the sdpa block executor uses the CPU flash kernel; on other devices use impl='flex' or 'auto'")
     if query_start is not None:
@@ -460,6 +464,24 @@ def flex_available(device) -> bool:
     return dev.type == "cpu" and (shutil.which("g++") is not None or shutil.which("c++") is not None)
 
 
+def flex_kernel_options(device, bq: int, bk: int) -> dict | None:
+    """Triton tile sizes for compiled FlexAttention on CUDA that divide the selection's blocks.
+
+    Inductor's default tile on Hopper (128 query rows) does not divide a 64-row block and refuses the
+    kernel ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N"; torch 2.11 on an H200):
+    the tile is the largest power of two dividing the block, at most 128 rows and 64 keys (the
+    defaults), and at least 16 (the smallest ``tl.dot``). Blocks that are not multiples of 16 cannot
+    run on the CUDA flex kernel (:func:`flex_block_ok`). ``None`` (inductor's choice) on CPU."""
+    if torch.device(device).type != "cuda":
+        return None
+    return {"BLOCK_M": min(bq & -bq, 128), "BLOCK_N": min(bk & -bk, 64)}
+
+
+def flex_block_ok(device, bq: int, bk: int) -> bool:
+    """Block sizes the compiled FlexAttention kernel takes on ``device`` (CUDA: multiples of 16)."""
+    return torch.device(device).type != "cuda" or (bq % 16 == 0 and bk % 16 == 0)
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -501,7 +523,8 @@ def _flex(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
 
     bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
                                   seq_lengths=(lq_p, lk_p), compute_q_blocks=False)
-    res = _compiled_flex()(qp, kp, vp, block_mask=bm, scale=scale, enable_gqa=hq != hkv, return_lse=return_lse)
+    res = _compiled_flex()(qp, kp, vp, block_mask=bm, scale=scale, enable_gqa=hq != hkv, return_lse=return_lse,
+                           kernel_options=flex_kernel_options(q.device, bq, bk))
     if return_lse:
         out, lse = res
         lse = lse[:, :, :lq].float()

@@ -40,6 +40,44 @@ import torch.nn.functional as F
 from .selection import KeyBias, mask_from_indices
 
 
+DECODE_ROWS = 16
+"""Query rows up to which an SDPA call counts as a decode call (see :func:`sdpa`)."""
+
+
+def _decode_order():
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+
+
+@contextlib.contextmanager
+def decode_backends():
+    """Prefer SDPA's flash and memory-efficient kernels over cuDNN's (then cuDNN, then MATH).
+
+    Measured on an H200 (torch 2.11 + CUDA 13, Llama-3.1-8B shape, bf16, decode at 32K): SDPA picks
+    cuDNN attention for a one-query call, and cuDNN builds an execution plan for every new key length,
+    i.e. on every decode step: 1.35 ms of host time per call, 43 of the 64 ms of a dense decode step
+    (docs/results/gpu/README.md). Flash reads the same bytes without it. Every SDPA call of the engine
+    with at most :data:`DECODE_ROWS` query rows on CUDA runs under this order (:func:`sdpa`); wrap a
+    plain transformers decode loop in it for the same effect on dense decoding. Calls the preferred
+    kernels cannot take (a boolean mask with GQA in bf16) still reach cuDNN. No effect on CPU."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(_decode_order(), set_priority=True):
+        yield
+
+
+def sdpa(q, k, v, **kw):
+    """``F.scaled_dot_product_attention``; decode-sized calls on CUDA under :func:`decode_backends`."""
+    if q.is_cuda and q.shape[-2] <= DECODE_ROWS:
+        with decode_backends():
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 _SOFTCAP: contextvars.ContextVar[float | None] = contextvars.ContextVar("tokensparse_softcap", default=None)
 
 
@@ -114,7 +152,7 @@ def _sdpa(q, k, v, *, mask=None, is_causal=False, scale, bias=None, key_pos=None
     if bias is not None:
         q, k, v = with_key_bias(q, k, v, bias, scale, key_pos)
     g = q.shape[1] // k.shape[1]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=g > 1)
+    out = sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=g > 1)
     return out if bias is None else out[..., :dv]
 
 
@@ -168,13 +206,13 @@ def dense_attention(q, k, v, mask=None, scale=None, bias: KeyBias | None = None)
         return _sdpa(q, k, v, mask=_expand_heads(mask, hq), is_causal=mask is None and lq > 1, scale=scale, bias=bias)
     if mask is None and lq == 1:
         # one query: fold the G query heads of a group into the query axis (no K/V copy, no mask)
-        out = F.scaled_dot_product_attention(q.reshape(b, hkv, g, d), k, v, scale=scale)
+        out = sdpa(q.reshape(b, hkv, g, d), k, v, scale=scale)
         return out.reshape(b, hq, 1, v.shape[-1])
     if mask is None and lq != lk:
         mask = causal_mask(lq, lk, q.device)[None, None]
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=lq > 1, scale=scale, enable_gqa=g > 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_expand_heads(mask, hq), scale=scale, enable_gqa=g > 1)
+        return sdpa(q, k, v, is_causal=lq > 1, scale=scale, enable_gqa=g > 1)
+    return sdpa(q, k, v, attn_mask=_expand_heads(mask, hq), scale=scale, enable_gqa=g > 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,9 +330,9 @@ def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str 
         o = _sdpa(qs, ks, vs, mask=_expand_heads(mask, hq), is_causal=mask is None, scale=d**-0.5 if scale is None else scale,
                   bias=bias, key_pos=idx)
     elif mask is None:
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=ks.shape[1] != hq)
+        o = sdpa(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=ks.shape[1] != hq)
     else:
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_expand_heads(mask, hq), scale=scale, enable_gqa=ks.shape[1] != hq)
+        o = sdpa(qs, ks, vs, attn_mask=_expand_heads(mask, hq), scale=scale, enable_gqa=ks.shape[1] != hq)
     return scatter_rows(o, sel_idx, q_valid, lq)
 
 
@@ -371,11 +409,11 @@ def gather_attend(q, k, v, idx, scale=None, mask=None, impl: str = "fast", bias:
     if bias is not None:
         return _sdpa(q, ks, vs, mask=_expand_heads(mask, hq), scale=d**-0.5 if scale is None else scale, bias=bias, key_pos=idx)
     if lq == 1 and mask is None:
-        out = F.scaled_dot_product_attention(q.reshape(b, hkv, g, d), ks, vs, scale=scale)
+        out = sdpa(q.reshape(b, hkv, g, d), ks, vs, scale=scale)
         return out.reshape(b, hq, 1, v.shape[-1])
     if mask is None:
-        return F.scaled_dot_product_attention(q, ks, vs, scale=scale, enable_gqa=g > 1)
-    return F.scaled_dot_product_attention(q, ks, vs, attn_mask=_expand_heads(mask, hq), scale=scale, enable_gqa=g > 1)
+        return sdpa(q, ks, vs, scale=scale, enable_gqa=g > 1)
+    return sdpa(q, ks, vs, attn_mask=_expand_heads(mask, hq), scale=scale, enable_gqa=g > 1)
 
 
 # --------------------------------------------------------------------------------------------------

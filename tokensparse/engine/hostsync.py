@@ -242,9 +242,15 @@ def classify(name: str, args: tuple, kwargs: dict) -> str | None:
 
 
 class _SyncMode(TorchFunctionMode):
-    def __init__(self, on_sync):
+    """``caught``: the list a ``warnings.catch_warnings(record=True)`` fills (CUDA's sync debug
+    warnings). A warning raised inside an op this mode recorded is the same synchronisation and is
+    dropped; one raised inside an op it did not classify (e.g. ``x.topk(t)`` with a tensor ``t``,
+    converted in C++) becomes a ``"cuda"`` event at the caller's line."""
+
+    def __init__(self, on_sync, caught: list | None = None):
         super().__init__()
         self.on_sync = on_sync
+        self.caught = caught
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -252,7 +258,21 @@ class _SyncMode(TorchFunctionMode):
         kind = classify(name, args, kwargs)
         if kind is not None:
             self.on_sync(HostSync(kind, name, *_locate()))
-        return func(*args, **kwargs)
+        if self.caught is None:
+            return func(*args, **kwargs)
+        before = len(self.caught)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            new = [w for w in self.caught[before:] if _is_sync_warning(w)]
+            for w in new:
+                self.caught.remove(w)
+            if new and kind is None:
+                self.on_sync(HostSync("cuda", name, *_locate()))
+
+
+def _is_sync_warning(w) -> bool:
+    return "synchronizing" in str(w.message)
 
 
 @contextlib.contextmanager
@@ -286,11 +306,11 @@ def count_host_syncs(cuda: bool | None = None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with _cuda_debug("warn", cuda), _SyncMode(log.events.append):
+            with _cuda_debug("warn", cuda), _SyncMode(log.events.append, caught):
                 yield log
         finally:
             for w in caught:
-                if "synchronizing" in str(w.message):
+                if _is_sync_warning(w):
                     where = f"{_rel(w.filename)}:{w.lineno}"
                     log.events.append(HostSync("cuda", str(w.message).split(" (")[0], where, where))
                 else:
