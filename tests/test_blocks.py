@@ -357,3 +357,20 @@ def test_flex_tiles_divide_the_blocks_on_cuda_and_are_left_to_inductor_on_cpu():
     assert flex_kernel_options("cuda", 256, 128) == {"BLOCK_M": 128, "BLOCK_N": 64}
     assert flex_kernel_options("cuda", 48, 32) == {"BLOCK_M": 16, "BLOCK_N": 32}
     assert flex_block_ok("cuda", 64, 16) and not flex_block_ok("cuda", 64, 8) and flex_block_ok("cpu", 3, 8)
+
+
+def test_flex_counts_and_indices_list_each_rows_blocks_in_order_then_repeat_heads():
+    from tokensparse.engine.blocks import _counts_and_indices
+
+    g = torch.Generator().manual_seed(3)
+    sel = torch.rand(2, 3, 5, 9, generator=g) < 0.4
+    sel[0, 0, 0] = False  # a row with no block
+    num, idx = _counts_and_indices(sel, repeat=2)
+    assert num.dtype == idx.dtype == torch.int32 and idx.shape == (2, 6, 5, 9) and idx.is_contiguous()
+    for b in range(2):
+        for h in range(6):
+            for i in range(5):
+                want = sel[b, h // 2, i].nonzero().flatten().tolist()
+                assert num[b, h, i] == len(want)
+                assert idx[b, h, i, : len(want)].tolist() == want
+                assert idx[b, h, i, len(want):].eq(0).all()

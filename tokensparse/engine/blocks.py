@@ -508,14 +508,14 @@ def _flex(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     nqb_p, nkb_p = lq_p // bq, lk_p // bk
     sel = torch.zeros(b, h, nqb_p, nkb_p, dtype=torch.bool, device=q.device)
     sel[:, :, :nqb] = _blockset(idx, valid, nkb_p)
-    if h != hq:  # the mask names query heads (always Hq: one compiled kernel for every selection width)
-        sel = sel.repeat_interleave(hq // h, dim=1)
     # a block is "full" when every key in it is real and before the block's first query
     first_q = off + torch.arange(nqb_p, device=q.device) * bq
     last_k = torch.arange(nkb_p, device=q.device) * bk + bk - 1
     full = (last_k[None, :] <= first_q[:, None]) & (last_k[None, :] < lk)
-    kv_num, kv_idx = _counts_and_indices(sel & ~full)
-    full_num, full_idx = _counts_and_indices(sel & full)
+    # counts and indices at the selection's own heads, then repeated to the query heads (the mask
+    # always names Hq heads: one compiled kernel for every selection width)
+    kv_num, kv_idx = _counts_and_indices(sel & ~full, hq // h)
+    full_num, full_idx = _counts_and_indices(sel & full, hq // h)
     limits = torch.tensor([off, lk], device=q.device)  # tensors, not ints: no recompile per length
 
     def mask_mod(bb, hh, q_idx, kv_idx_):
@@ -539,11 +539,22 @@ def _blockset(idx: torch.Tensor, valid: torch.Tensor | None, nkb: int) -> torch.
     return mask_from_indices(idx.clamp(0, nkb), nkb + 1, valid)[..., :nkb]
 
 
-def _counts_and_indices(sel: torch.Tensor):
-    """``(num (B, H, nQB) int32, idx (B, H, nQB, nKB) int32)`` for ``BlockMask.from_kv_blocks``."""
+def _counts_and_indices(sel: torch.Tensor, repeat: int = 1):
+    """``(num (B, H·repeat, nQB) int32, idx (B, H·repeat, nQB, nKB) int32)`` for
+    ``BlockMask.from_kv_blocks``: each row's selected blocks first, ascending (entries past ``num``
+    are 0), each head repeated ``repeat`` times. One cumulative sum and one scatter at the
+    selection's heads, no sort: a stable argsort of the head-repeated ``(1, 32, 2048, 2048)`` mask of
+    a 128K prefill, twice per layer, cost DHSA 0.21 s of a 4.46 s prefill on an H200 (now 4.25 s)."""
+    nkb = sel.shape[-1]
     num = sel.sum(-1, dtype=torch.int32)
-    order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)  # selected blocks first, ascending
-    return num, order.to(torch.int32)
+    pos = sel.cumsum(-1, dtype=torch.int32) - 1  # slot of each selected block among its row's
+    slot = torch.where(sel, pos, nkb).long()  # unselected blocks go to a spare column, then dropped
+    idx = torch.zeros(*sel.shape[:-1], nkb + 1, dtype=torch.int32, device=sel.device)
+    idx.scatter_(-1, slot, torch.arange(nkb, dtype=torch.int32, device=sel.device).expand_as(slot))
+    idx = idx[..., :nkb]
+    if repeat > 1:
+        num, idx = num.repeat_interleave(repeat, dim=1), idx.repeat_interleave(repeat, dim=1)
+    return num, idx.contiguous()
 
 
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
