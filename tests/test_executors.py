@@ -209,3 +209,16 @@ def test_decode_backends_is_a_no_op_without_cuda_and_sdpa_equals_torch():
     with decode_backends():
         out = sdpa(q, k, v, scale=0.3)
     assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3))
+
+
+def test_gather_kv_rows_equals_two_gathers_with_shared_or_different_layouts():
+    from tokensparse.engine.executors import gather_kv_rows, gather_rows
+
+    g = torch.Generator().manual_seed(0)
+    buf_k = torch.randn(2, 3, 20, 8, generator=g)
+    buf_v = torch.randn(2, 3, 20, 8, generator=g)
+    idx = torch.randint(0, 12, (2, 3, 5), generator=g)
+    for k, v in ((buf_k[:, :, :12], buf_v[:, :, :12]),  # cache views: same layout, one index
+                 (buf_k[:, :, :12], buf_v[:, :, :12].transpose(0, 1).contiguous().transpose(0, 1))):  # different strides
+        ks, vs = gather_kv_rows(k, v, idx)
+        assert torch.equal(ks, gather_rows(k, idx)) and torch.equal(vs, gather_rows(v, idx))

@@ -31,7 +31,7 @@ import torch
 
 from .blocks import block_attend
 from .compressed import compress_blocks_attend_scatter
-from .executors import compress_attend_scatter, gather_attend, gather_pages, gather_rows, segments_attend
+from .executors import compress_attend_scatter, gather_attend, gather_kv_rows, gather_pages, segments_attend
 from .selection import (Selection, indices_from_mask, mask_from_indices, resolve_budget, resolve_budget_rows,
                         select_topk)
 
@@ -370,13 +370,16 @@ def _attend_keys(call, sel: Selection, impl: str, bias) -> torch.Tensor:
     if impl == "fast" and structured and lq == 1 and q.dtype == torch.float32 and call.mask is None and sel.valid is None:
         lo, hi = sel.prefix, length - sel.suffix
         segments = [(k[:, :, :lo], v[:, :, :lo])]
-        positions = [torch.arange(0, lo, device=q.device)[None, None]]
         if sel.idx.shape[-1]:
             segments.append(_gathered(call, sel.idx, sel.page))
-            positions.append(sel.idx)
         segments.append((k[:, :, hi:], v[:, :, hi:]))
-        positions.append(torch.arange(hi, length, device=q.device)[None, None])
-        return segments_attend(q, segments, call.scale, bias=bias, positions=positions if bias is not None else None)
+        positions = None
+        if bias is not None:  # key positions of the segments, only where a bias needs them
+            positions = [torch.arange(0, lo, device=q.device)[None, None]]
+            if sel.idx.shape[-1]:
+                positions.append(sel.idx)
+            positions.append(torch.arange(hi, length, device=q.device)[None, None])
+        return segments_attend(q, segments, call.scale, bias=bias, positions=positions)
     idx, valid = sel.full_idx(length)
     if idx.shape[1] == 1:
         idx = idx.expand(call.batch, call.n_kv_heads, idx.shape[-1])
@@ -406,6 +409,6 @@ def _gathered(call, idx: torch.Tensor, page: int = 0):
         pages = sel[..., ::page] // page
         rows = (gather_pages(call.key, pages, page), gather_pages(call.value, pages, page))
     else:
-        rows = (gather_rows(call.key, sel), gather_rows(call.value, sel))
+        rows = gather_kv_rows(call.key, call.value, sel)
     call.layer.gathered = (key, rows)
     return rows

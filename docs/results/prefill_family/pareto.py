@@ -33,8 +33,9 @@ def _key(config: dict) -> str:
 
 
 def accuracy() -> tuple[dict, dict]:
-    """``(passkey, suite)``: per configuration key, pass key ``(correct, n, mean Δ log-lik)`` and
-    suite ``(n, Δ accuracy in points, wins, losses)`` paired with dense on the same samples."""
+    """``(passkey, suite)``: per configuration key, pass key ``(correct, n, mean Δ log-lik)``; per
+    (configuration key, prompt length), suite ``(n, Δ accuracy in points, wins, losses)`` paired with
+    dense on the same samples."""
     rows = []
     for path in sorted(glob.glob(os.path.join(HERE, "*.jsonl"))):
         rows += [r for r in (json.loads(line) for line in open(path)) if "error" not in r]
@@ -55,7 +56,7 @@ def accuracy() -> tuple[dict, dict]:
         if r["task"] == "passkey" and r["length"] == 4096:
             passkey.setdefault(k, []).append((bool(r["correct"]), r["answer_loglik"] - d["answer_loglik"]))
         elif r["task"] != "passkey":
-            suite.setdefault(k, []).append(float(r["score"]) - float(d["score"]))
+            suite.setdefault((k, r["length"]), []).append(float(r["score"]) - float(d["score"]))
     pk = {k: (sum(c for c, _ in v), len(v), statistics.fmean(x for _, x in v)) for k, v in passkey.items()}
     st = {k: (len(v), 100 * statistics.fmean(v), sum(x > 0 for x in v), sum(x < 0 for x in v)) for k, v in suite.items()}
     return pk, st
@@ -89,7 +90,7 @@ def main(plot: bool = True) -> None:
             continue
         p = pk.get(k)
         rows.append({
-            "label": a["variant"], "passkey": p, "suite": st.get(k), "kept": a.get("mean_kept_share_in_sparse_layers"),
+            "label": a["variant"], "passkey": p, "suite": st.get((k, 2048)), "suite4k": st.get((k, 4096)), "kept": a.get("mean_kept_share_in_sparse_layers"),
             "att": a["speedup_vs_dense"], "sel_share": a["selection_s"] / a["executor_s"] if a.get("executor_s") else None,
             "e2e": e2e[k]["speedup_vs_dense"] if k in e2e else None,
             "e2e32": e2e32[k]["speedup_vs_dense"] if k in e2e32 else None,
@@ -100,13 +101,14 @@ def main(plot: bool = True) -> None:
     front = pareto([(r["att"], r["passkey"][0] / r["passkey"][1] + 1e-3 * r["passkey"][2]) for r in scored])
     for r, f in zip(scored, front):
         r["front"] = f
-    print("| configuration | pass key 4K | Δ answer log-lik | suite 2K Δ acc (wins/losses of n) | kept share (sparse layers) "
+    print("| configuration | pass key 4K | Δ answer log-lik | suite 2K Δ acc (wins/losses of n) | suite 4K Δ acc | kept share (sparse layers) "
           "| attention-only ×, 8K | selection / executor | end to end ×, 8K | end to end ×, 32K | Pareto |")
-    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|")
     for r in sorted(rows, key=lambda r: -r["att"]):
-        p, s = r["passkey"], r["suite"]
+        p, s, s4 = r["passkey"], r["suite"], r["suite4k"]
         cells = [r["label"], f"{p[0]}/{p[1]}" if p else "—", f"{p[2]:+.2f}" if p else "—",
-                 f"{s[1]:+.1f} pt ({s[2]}/{s[3]} of {s[0]})" if s else "—", f"{r['kept']:.2f}", f"{r['att']:.2f}",
+                 f"{s[1]:+.1f} pt ({s[2]}/{s[3]} of {s[0]})" if s else "—",
+                 f"{s4[1]:+.1f} pt ({s4[2]}/{s4[3]} of {s4[0]})" if s4 else "—", f"{r['kept']:.2f}", f"{r['att']:.2f}",
                  f"{100 * r['sel_share']:.0f}%" if r["sel_share"] is not None else "—",
                  f"{r['e2e']:.2f}" if r["e2e"] else "—", f"{r['e2e32']:.2f}" if r["e2e32"] else "—",
                  "●" if r.get("front") else ""]
