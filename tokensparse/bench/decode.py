@@ -32,9 +32,8 @@ import time
 
 import torch
 
-from tokensparse.engine.executors import decode_backends
-
 import tokensparse as ts
+from tokensparse.engine.executors import decode_backends
 
 from . import (MEMORY_NOTE, bench_prompt, bundled_rope, check_fits, environment, load_bench_model, max_or_none, peak_memory_bytes,
                reset_peak_memory, spread, sync, timed)

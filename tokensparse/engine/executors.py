@@ -423,7 +423,7 @@ def gather_attend(q, k, v, idx, scale=None, mask=None, impl: str = "fast", bias:
         idx = idx.expand(b, hkv, n)
         if mask is not None and mask.shape[1] == 1:
             mask = mask.expand(b, hkv, lq, n)
-    ks, vs = gather_kv_rows(k, idx=idx, v=v)  # (B, Hkv, n, D)
+    ks, vs = gather_kv_rows(k, v, idx)  # (B, Hkv, n, D)
     if bias is not None:
         return _sdpa(q, ks, vs, mask=_expand_heads(mask, hq), scale=d**-0.5 if scale is None else scale, bias=bias, key_pos=idx)
     if lq == 1 and mask is None:
