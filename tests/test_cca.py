@@ -5,17 +5,15 @@ alone, the observed selection, config errors, tiny models."""
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 import tokensparse as ts
-from tokensparse.engine import exercise_sparse_paths
 from tokensparse.engine.blocks import band_attend
 from tokensparse.engine.executors import logit_softcap
 from tokensparse.methods.cca import core_tokens
-from tokensparse.testing import max_diff, tiny_inputs, tiny_model
+from tokensparse.testing import full_budget_runs, max_diff, padded_row_and_alone, tiny_inputs, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -186,30 +184,18 @@ def test_a_window_covering_everything_is_dense_attention():
 
 
 def test_full_budget_equals_dense():
-    model = tiny_model("llama")
-    ids, mask = tiny_inputs(2, 41, pad=5, seed=3)
-    with torch.no_grad():
-        dense_logits = model(input_ids=ids, attention_mask=mask).logits
-        for forced in (False, True):
-            with exercise_sparse_paths() if forced else contextlib.nullcontext():
-                with ts.sparsify(model, M.at_full_budget()) as s:
-                    full = model(input_ids=ids, attention_mask=mask, cache=s.new_cache()).logits
-            assert max_diff(full[0, 5:], dense_logits[0, 5:]) < 1e-4 and max_diff(full[1], dense_logits[1]) < 1e-4
-            assert s.stats.get("sparse_calls", 0) == (2 if forced else 0)
+    dense_logits, runs = full_budget_runs(tiny_model("llama"), M.at_full_budget())
+    for forced, full, stats in runs:
+        assert max_diff(full[0, 5:], dense_logits[0, 5:]) < 1e-4 and max_diff(full[1], dense_logits[1]) < 1e-4
+        assert stats.get("sparse_calls", 0) == (2 if forced else 0)
 
 
 @pytest.mark.parametrize("probe", ["query_head", "kv_head"])
 def test_padded_row_equals_the_prompt_alone(probe):
     model = tiny_model("llama")
     pad = 7
-    ids, mask = tiny_inputs(2, 50, pad=pad, seed=5)
     method = M(group=3, window=5, dense_layers=0, dense_tail=0, probe=probe)
-    with torch.no_grad():
-        with ts.sparsify(model, method) as s:
-            batched = model(input_ids=ids, attention_mask=mask, cache=s.new_cache()).logits
-        with ts.sparsify(model, method) as s:
-            alone = model(input_ids=ids[:1, pad:], attention_mask=mask[:1, pad:], cache=s.new_cache()).logits
-        dense_logits = model(input_ids=ids[:1, pad:], attention_mask=mask[:1, pad:]).logits
+    batched, alone, dense_logits = padded_row_and_alone(model, method, 50, pad)
     assert max_diff(batched[0, pad:], alone[0]) < 1e-4
     assert max_diff(alone, dense_logits) > 1e-2, "the method did not act"
 

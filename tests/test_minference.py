@@ -3,17 +3,15 @@ lines, the block mapping, full budget = dense, padded rows = the prompt alone, c
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
 import torch
 
 import tokensparse as ts
-from tokensparse.engine import exercise_sparse_paths
 from tokensparse.engine.blocks import n_blocks
 from tokensparse.methods.minference import keep_lines, vertical_slash_blocks, vertical_slash_scores
-from tokensparse.testing import TOLERANCE, max_diff, tiny_inputs, tiny_model
+from tokensparse.testing import TOLERANCE, full_budget_runs, max_diff, padded_row_and_alone, tiny_inputs, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -130,30 +128,18 @@ def test_engine_executes_the_brute_force_choice():
 
 
 def test_full_budget_equals_dense():
-    model = tiny_model("llama")
-    ids, mask = tiny_inputs(2, 41, pad=5, seed=3)
-    with torch.no_grad():
-        dense = model(input_ids=ids, attention_mask=mask).logits
-        for forced in (False, True):
-            with exercise_sparse_paths() if forced else contextlib.nullcontext():
-                with ts.sparsify(model, ts.methods.get("minference").at_full_budget()) as s:
-                    full = model(input_ids=ids, attention_mask=mask, cache=s.new_cache()).logits
-            assert max(max_diff(full[0, 5:], dense[0, 5:]), max_diff(full[1], dense[1])) <= TOLERANCE[torch.float32]
+    dense, runs = full_budget_runs(tiny_model("llama"), ts.methods.get("minference").at_full_budget())
+    for _, full, _ in runs:
+        assert max(max_diff(full[0, 5:], dense[0, 5:]), max_diff(full[1], dense[1])) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("select_per", ["kv_head", "query_head"])
 def test_padded_row_equals_the_prompt_alone(select_per):
     model = tiny_model("llama")
     pad = 7
-    ids, mask = tiny_inputs(2, 60, pad=pad, seed=5)
     method = ts.methods.get("minference")(vertical=0.1, slash=3, last_q=8, n_sink=2, n_local=2, block=8,
                                           dense_layers=0, dense_tail=0, select_per=select_per)
-    with torch.no_grad():
-        with ts.sparsify(model, method) as s:
-            batched = model(input_ids=ids, attention_mask=mask, cache=s.new_cache()).logits
-        with ts.sparsify(model, method) as s:
-            alone = model(input_ids=ids[:1, pad:], attention_mask=mask[:1, pad:], cache=s.new_cache()).logits
-        dense = model(input_ids=ids[:1, pad:], attention_mask=mask[:1, pad:]).logits
+    batched, alone, dense = padded_row_and_alone(model, method, 60, pad)
     assert max_diff(batched[0, pad:], alone[0]) <= TOLERANCE[torch.float32]
     assert max_diff(alone, dense) > 1e-4, "the method did not act"
 

@@ -3,16 +3,14 @@ span choice, full budget = dense, padded rows = the prompt alone, config errors.
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 import tokensparse as ts
-from tokensparse.engine import exercise_sparse_paths
 from tokensparse.engine.blocks import n_blocks
 from tokensparse.methods.superlinear import span_scores
-from tokensparse.testing import max_diff, tiny_inputs, tiny_model
+from tokensparse.testing import full_budget_runs, max_diff, padded_row_and_alone, tiny_inputs, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -113,15 +111,9 @@ def test_engine_runs_the_brute_force_choice():
 
 
 def test_full_budget_equals_dense():
-    model = tiny_model("llama")
-    ids, mask = tiny_inputs(2, 41, pad=5, seed=3)
-    with torch.no_grad():
-        dense = model(input_ids=ids, attention_mask=mask).logits
-        for forced in (False, True):
-            with exercise_sparse_paths() if forced else contextlib.nullcontext():
-                with ts.sparsify(model, M.at_full_budget()) as s:
-                    full = model(input_ids=ids, attention_mask=mask, cache=s.new_cache()).logits
-            assert max_diff(full[0, 5:], dense[0, 5:]) < 1e-5 and max_diff(full[1], dense[1]) < 1e-5
+    dense, runs = full_budget_runs(tiny_model("llama"), M.at_full_budget())
+    for _, full, _ in runs:
+        assert max_diff(full[0, 5:], dense[0, 5:]) < 1e-5 and max_diff(full[1], dense[1]) < 1e-5
 
 
 @pytest.mark.parametrize("span", [None, 12])
@@ -129,14 +121,8 @@ def test_padded_row_equals_the_prompt_alone(span):
     """The span size follows each row's real length (√L), so a padded row splits as it does alone."""
     model = tiny_model("llama")
     pad = 7
-    ids, mask = tiny_inputs(2, 60, pad=pad, seed=5)
     method = M(spans=1, span=span, block=4, n_sink=4, window=4, dense_layers=0, dense_tail=0)
-    with torch.no_grad():
-        with ts.sparsify(model, method) as s:
-            batched = model(input_ids=ids, attention_mask=mask, cache=s.new_cache()).logits
-        with ts.sparsify(model, method) as s:
-            alone = model(input_ids=ids[:1, pad:], attention_mask=mask[:1, pad:], cache=s.new_cache()).logits
-        dense = model(input_ids=ids[:1, pad:], attention_mask=mask[:1, pad:]).logits
+    batched, alone, dense = padded_row_and_alone(model, method, 60, pad)
     # fp32 rounding of batched vs single-row matmuls: dense attention itself differs by ~2e-5 here
     assert max_diff(batched[0, pad:], alone[0]) < 1e-4
     assert max_diff(alone, dense) > 1e-2, "the method did not act"

@@ -103,3 +103,40 @@ def max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
     if mask is not None:
         d = d[mask.bool()]
     return float(d.max()) if d.numel() else 0.0
+
+
+def full_budget_runs(model, method, length: int = 41, pad: int = 5, seed: int = 3):
+    """``(dense, runs)`` for a left-padded batch of 2 (row 0 has ``pad`` pads): dense logits, and for
+    ``forced`` in (False, True) (``exercise_sparse_paths``) ``(forced, logits, session stats)`` of the
+    prefill under ``method`` (typically ``at_full_budget()``)."""
+    import contextlib
+
+    import tokensparse as ts
+    from tokensparse.engine import exercise_sparse_paths
+
+    ids, mask = tiny_inputs(2, length, pad=pad, seed=seed)
+    runs = []
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+        for forced in (False, True):
+            with exercise_sparse_paths() if forced else contextlib.nullcontext():
+                with ts.sparsify(model, method) as s:
+                    logits = model(input_ids=ids, attention_mask=mask, cache=s.new_cache()).logits
+            runs.append((forced, logits, dict(s.stats)))
+    return dense, runs
+
+
+def padded_row_and_alone(model, method, length: int, pad: int = 7, seed: int = 5):
+    """``(batched, alone, dense)`` logits: a batch of 2 whose row 0 has ``pad`` left pads under
+    ``method``, row 0's real tokens run alone under ``method``, and the same alone densely (to check
+    that the method acted). Compare ``batched[0, pad:]`` with ``alone[0]``."""
+    import tokensparse as ts
+
+    ids, mask = tiny_inputs(2, length, pad=pad, seed=seed)
+    with torch.no_grad():
+        with ts.sparsify(model, method) as s:
+            batched = model(input_ids=ids, attention_mask=mask, cache=s.new_cache()).logits
+        with ts.sparsify(model, method) as s:
+            alone = model(input_ids=ids[:1, pad:], attention_mask=mask[:1, pad:], cache=s.new_cache()).logits
+        dense = model(input_ids=ids[:1, pad:], attention_mask=mask[:1, pad:]).logits
+    return batched, alone, dense

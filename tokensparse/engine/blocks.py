@@ -73,6 +73,12 @@ def n_blocks(length: int, block: int) -> int:
     return -(-length // block)
 
 
+def spread_blocks(x: torch.Tensor, ratio: int, n: int) -> torch.Tensor:
+    """``(…, m)`` per-group values spread to the ``ratio`` finer blocks of each group, the first ``n``
+    of them (a group of blocks → its blocks; the last group may be partial)."""
+    return x.repeat_interleave(ratio, dim=-1)[..., :n]
+
+
 def row_starts(key_valid: torch.Tensor | None, batch: int) -> list[int]:
     """First real key of each row (0 for an unpadded call). Refuses masks that are not left padding:
     the block grid assumes each row's real tokens are contiguous and end at the last position."""

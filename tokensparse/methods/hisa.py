@@ -88,7 +88,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.blocks import forced_blocks, n_blocks, pool_blocks, prefill_blocksets, route_blocks, top_blocks
+from ..engine.blocks import (forced_blocks, n_blocks, pool_blocks, prefill_blocksets, route_blocks, spread_blocks,
+                             top_blocks)
 from ..engine.config import param
 from ..engine.executors import gather_rows
 from ..engine.method import Method, Phase
@@ -96,11 +97,6 @@ from ..engine.selection import indices_from_mask
 
 SCORE_CHUNK_ELEMS = 1 << 22
 """Refinement logits per chunk of query blocks (16 MiB of fp32)."""
-
-
-def _to_fine(x: torch.Tensor, ratio: int, n: int) -> torch.Tensor:
-    """``(…, nb)`` per-block flags spread to the ``ratio`` fine groups of each block, ``n`` of them."""
-    return x.repeat_interleave(ratio, dim=-1)[..., :n]
 
 
 @dataclass(eq=False)
@@ -174,8 +170,8 @@ class HISA(Method):
         keep = forced.sum(-1) + self._candidate_count(nb, dev)
         routed = route_blocks(pool_blocks(q, self.block), pool_blocks(k, self.block), 0, keep=keep, **grid)
         cand = routed & ~forced  # (b, Hkv, nb, nb)
-        causal_f = _to_fine(causal, ratio, nf)
-        out = _to_fine(forced, ratio, nf).expand(b, hkv, nb, nf)
+        causal_f = spread_blocks(causal, ratio, nf)
+        out = spread_blocks(forced, ratio, nf).expand(b, hkv, nb, nf)
         width = int(cand.sum(-1).max()) if cand.numel() else 0
         if width:
             # 2. refine: exact scores of the candidate keys, the best fine groups among them

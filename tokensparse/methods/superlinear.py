@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.blocks import forced_blocks, n_blocks, pool_blocks, prefill_blocksets, top_blocks
+from ..engine.blocks import forced_blocks, n_blocks, pool_blocks, prefill_blocksets, spread_blocks, top_blocks
 from ..engine.config import param
 from ..engine.method import Method, Phase
 
@@ -72,11 +72,6 @@ def span_scores(q: torch.Tensor, k: torch.Tensor, block: int, span_blocks: int) 
     qp = pool_blocks(q, block)  # (B, Hq, nb, D)
     kp = pool_blocks(k, block * span_blocks)  # (B, Hkv, nS, D)
     return (qp.view(b, hkv, hq // hkv, -1, d) @ kp[:, :, None].transpose(-1, -2)).amax(2)
-
-
-def expand_spans(chosen: torch.Tensor, span_blocks: int, nb: int) -> torch.Tensor:
-    """``(…, nb)`` bool key blocks from ``(…, nS)`` chosen spans of ``span_blocks`` blocks each."""
-    return chosen.repeat_interleave(span_blocks, dim=-1)[..., :nb]
 
 
 @dataclass(eq=False)
@@ -135,4 +130,4 @@ class Superlinear(Method):
         before = torch.arange(ns, device=dev)[None, :] < qi // m
         candidates = before & ~covered
         chosen = top_blocks(span_scores(q, k, self.block, m), self.spans, candidates)  # (B, Hkv, nb, nS)
-        return (expand_spans(chosen, m, nb) | forced) & causal
+        return (spread_blocks(chosen, m, nb) | forced) & causal  # chosen spans → their key blocks
