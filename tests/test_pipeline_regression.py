@@ -33,7 +33,10 @@ def test_same_selections_and_logits_as_before_the_port(key):
     ref = _REF[key]
     logits = run_case(model, ts.methods.get(name)(**cfg), mode, ids, mask, False)
     assert logits.shape == ref["logits"].shape
-    assert (logits - ref["logits"]).abs().max().item() <= 1e-5
+    # fp32 round-off: the fixture was recorded on an AMD EPYC; an Intel Xeon's kernels differ by up
+    # to 1.1e-5 (llama/b1/token_sparse-qhead/decode). A changed selection moves logits by far more,
+    # and the selections themselves are compared exactly below.
+    assert (logits - ref["logits"]).abs().max().item() <= 5e-5
     tele = RecordingTelemetry()
     run_case(model, ts.methods.get(name)(**cfg), mode, ids, mask, tele)
     assert len(tele.selections) == len(ref["selections"])

@@ -285,6 +285,10 @@ def main(args) -> int:
             kw["dynamic"] = not getattr(args, "no_dynamic", False)
         else:  # prefill/attention: the variants replace CONFIGS (dense SDPA always runs)
             kw["configs"] = variants
+    if getattr(args, "static", None):
+        if args.what != "decode":
+            raise SystemExit("--static applies to bench decode")
+        kw["static"] = args.static
     if args.what == "prefill":
         from .prefill import run
     elif args.what == "decode":

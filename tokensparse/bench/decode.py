@@ -22,6 +22,13 @@ asynchronous launches, so the selection share is measured instead in one extra, 
 method with the device synchronised around every selection (which serialises it: that round's step
 times are not reported, only the share). Each variant's peak device memory over its timed runs is
 recorded (CUDA only); it includes the weights, the shared prefilled cache and the variant's copy.
+
+``static`` (``--static eager|compile|reduce-overhead``) adds static-shape variants
+(:mod:`tokensparse.engine.static`): dense and every variant that has a fixed-shape form, a share
+budget resolved to a token count at the prompt length. Each prefills its own
+:class:`~transformers.StaticCache` once (untimed) and every run restores that state in place (so
+a captured CUDA graph keeps its addresses); the first, untimed round includes the compile
+(``compile_s`` in the row). Their cache is ``max_cache_len`` rows whatever the method.
 """
 
 from __future__ import annotations
@@ -119,7 +126,7 @@ def load_variants(path: str) -> list[tuple[str, str, dict]]:
 def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = None,
         variants: list[tuple[str, str, dict]] | None = None, dynamic: bool = True, *,
         device="cpu", dtype: torch.dtype = torch.float32, model_config: str | None = None,
-        layers: int | None = None, seed: int = 0) -> dict:
+        layers: int | None = None, seed: int = 0, static: str | None = None) -> dict:
     """Decode ms/token per variant and length (see the module docstring). ``model_config`` (with
     ``layers``) benchmarks that shape with random weights instead of the bundled model."""
     from tqdm.auto import tqdm
@@ -159,6 +166,9 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
                     logits = model(input_ids=ids, cache=own, logits_to_keep=1).logits
                 start[label] = (own, logits[:, -1].argmax(-1, keepdim=True))
                 del logits
+        statics = _static_variants(model, ids, runs, steps, static) if static else []
+        runs += [(label, None) for label, _ in statics]
+        statics = dict(statics)
         times = {label: [] for label, _ in runs}
         hits = {label: [0, 0] for label, _ in runs}
         selection_s = {label: 0.0 for label, _ in runs}
@@ -168,7 +178,10 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
             for label, method in runs:
                 n = 2 if warm else steps
                 reset_peak_memory(device)
-                if method is None:
+                if label in statics:
+                    dec, snapshot, work = statics[label]
+                    t = dec.decode(work.copy_from(snapshot), n)[2]
+                elif method is None:
                     cache = _dynamic_copy(model, kv) if "Dynamic" in label else kv.clone()
                     t = _decode(model, cache, first, n, device)
                     del cache
@@ -209,8 +222,14 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
                 "fill_prefill_s": fill_s, "fill_threads": fill_threads,
                 "peak_device_bytes": peaks[label],
                 # K/V bytes a step starts from: the whole prompt's, or what an eviction method kept of it
-                "kv_bytes_at_start": int(start[label][0].bytes_held()),
+                "kv_bytes_at_start": (int(start[label][0].bytes_held()) if label not in statics
+                                      else _static_bytes(statics[label][2])),
             }
+            if label in statics:
+                row["static"] = static
+                row["compile_s"] = statics[label][0].compile_seconds
+                if statics[label][0].method is not None:
+                    row["config"] = statics[label][0].method.config_dict()
             if method is not None:
                 row["config"] = method.config_dict()
                 if method.name == "token_select":
@@ -230,6 +249,35 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
             del model
             model = None
     return out
+
+
+def _static_variants(model, ids, runs, steps: int, mode: str):
+    """``[(label, (decoder, snapshot, work))]``: static-shape dense and every method of ``runs`` with
+    a static form (share budgets resolved at the prompt length); others are skipped with a note."""
+    import dataclasses
+
+    from tokensparse.engine.static import StaticDecoder
+
+    compile = {"eager": False, "compile": True}.get(mode, mode)
+    length = ids.shape[1]
+    out = []
+    for label, method in [("dense", None)] + [(lb, m) for lb, m in runs if m is not None]:
+        if method is not None and isinstance(getattr(method, "budget", None), float):
+            method = dataclasses.replace(method, budget=max(1, round(method.budget * length)))
+        try:
+            dec = StaticDecoder(model, method, max_cache_len=length + steps + 4, compile=compile)
+        except NotImplementedError as e:
+            print(f"static decode: {label} skipped ({e})")
+            continue
+        snapshot = dec.prefill(ids, max_new_tokens=steps + 2)
+        work = dec.prefill(ids, max_new_tokens=steps + 2)
+        out.append((f"static {label} [{mode}]", (dec, snapshot, work)))
+    return out
+
+
+def _static_bytes(state) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in state.cache.layers)
 
 
 def os_cpus() -> int:

@@ -1,0 +1,330 @@
+"""Static-shape decoding: fixed-budget decode that ``torch.compile`` (and CUDA graphs) can capture.
+
+The engine's own decode path (:func:`~tokensparse.engine.integration.sparsify` with
+``session.new_cache()``) reads the context length on the host, grows its views of the cache and
+picks executors per step: right for a CPU, where a step is bandwidth-bound, but every step is a new
+shape for ``torch.compile`` and a few thousand small launches on a GPU (measured on an H200: 1,494
+kernel launches in a 29.7 ms dense step at 32K of which 15 ms is kernel time; see
+``docs/results/gpu/README.md``). Here every tensor of a decode step has a shape fixed at
+construction:
+
+* the cache is transformers' :class:`~transformers.StaticCache` (``max_cache_len`` preallocated
+  rows, written in place at a device-side position);
+* the 2-D attention mask is ``max_cache_len`` wide (left padding zeros, then ones; unwritten slots
+  are excluded by causality), position ids and the cache position are device tensors;
+* a fixed-budget method selects exactly ``k`` rows per KV head with ``torch.topk`` over the whole
+  preallocated length (unwritten and padding rows score ``-1`` and are masked out after the
+  gather), so the gathered keys/values are ``(B, Hkv, k, D)`` whatever the context length.
+
+No decode step reads a value on the host, so ``torch.compile(fullgraph=True)`` captures the whole
+model step (tested), and ``mode="reduce-overhead"`` replays it as a CUDA graph on a GPU.
+
+Supported methods (the ones with a fixed number of attended rows per step), each equal to the
+engine's path for the same config (tested step by step):
+
+* ``None``: dense attention;
+* :class:`~tokensparse.methods.token_select.TokenSelect` with an integer budget, no Selection
+  Cache, no shadow keys, no pooling: the same soft vote (per-head softmax over the candidates
+  ``[n_sink, L - n_local)``, summed over the query group or over all heads) and the same
+  ``n_sink`` + ``n_local`` + top-k set;
+* :class:`~tokensparse.methods.streaming_llm.StreamingLLM` with an integer budget: the rows its
+  eviction keeps (``n_sink`` first, then the most recent), attended over the full cache instead of
+  evicted. Outputs equal the evicting cache's; KV memory is the full ``max_cache_len`` (the point
+  here is a fixed-shape step, not the memory).
+
+Prefill runs dense (as both methods' prefill does) under the same attention function.
+Anything else raises :class:`NotImplementedError` naming what is supported: Quest's page bounds,
+TidalDecode's cross-layer reuse and eviction policies that score rows would need a fixed-shape
+form of their cache state, which is not built yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models import check_supported
+from .attach import attached, attention_modules
+
+STATIC_ATTN = "tokensparse_static"
+_registered = False
+_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, StaticPlan]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class StaticPlan:
+    """What a decode step attends to, with every count fixed.
+
+    ``kind``: ``"dense"``, ``"vote"`` (TokenSelect's soft vote picks ``n_top`` rows besides the
+    ``n_sink`` first and ``n_local`` last) or ``"recent"`` (the ``n_sink`` first and ``n_local``
+    last rows only). ``scale``: multiplier of q·k in the vote (``None``: the attention scale).
+    ``per_kv_head``: one set per KV head (else one per layer).
+    """
+
+    kind: str = "dense"
+    n_sink: int = 0
+    n_local: int = 0
+    n_top: int = 0
+    scale: float | None = None
+    per_kv_head: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.n_sink + self.n_local + self.n_top
+
+
+def plan_for(method) -> StaticPlan:
+    """The :class:`StaticPlan` of a method config; ``NotImplementedError`` for what has none."""
+    if method is None:
+        return StaticPlan()
+    name = getattr(method, "name", type(method).__name__)
+    if name == "token_select":
+        problems = []
+        if not isinstance(method.budget, int):
+            problems.append(f"budget={method.budget!r} (a share of the context is not a fixed count; give an int)")
+        if method.reuse_threshold is not None:
+            problems.append("reuse_threshold (the Selection Cache branches on the host)")
+        if method.shadow is not None:
+            problems.append(f"shadow={method.shadow!r}")
+        if method.pool_kernel > 1:
+            problems.append(f"pool_kernel={method.pool_kernel}")
+        if problems:
+            raise NotImplementedError("static-shape token_select does not support " + "; ".join(problems))
+        return StaticPlan("vote", method.n_sink, method.n_local, method.budget - method.n_sink - method.n_local,
+                          method.logit_scale, method.select_per == "kv_head")
+    if name == "streaming_llm":
+        if not isinstance(method.budget, int):
+            raise NotImplementedError(
+                f"static-shape streaming_llm needs an integer budget, got {method.budget!r} (a share of the prompt "
+                "is fixed only once the prompt is seen; give an int)")
+        # the evicting cache holds `budget` rows before a step and attends to them plus the new token
+        return StaticPlan("recent", method.n_sink, method.budget - method.n_sink + 1)
+    raise NotImplementedError(
+        f"no static-shape decode for {name!r}; supported: dense (method=None), token_select (int budget, no "
+        "Selection Cache/shadow/pooling), streaming_llm (int budget)")
+
+
+def _valid_rows(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``(B, L)``: the rows the step's (last) query may attend to: written, real, causal."""
+    if attention_mask is None:  # a static cache always has unwritten rows, so transformers builds a mask
+        raise RuntimeError("static decode needs the attention mask of the static cache (got None)")
+    if attention_mask.dtype != torch.bool:
+        raise TypeError(f"static decode expects a boolean attention mask, got {attention_mask.dtype}")
+    return attention_mask[:, 0, -1, :].expand(query.shape[0], key.shape[2])
+
+
+def select_rows(plan: StaticPlan, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx, ok)``, each ``(B, h, plan.rows)`` (``h`` = 1 or ``Hkv``): the rows a one-token step
+    attends to and which of them are real (fewer real rows than ``plan.rows`` leave picks that
+    ``ok`` masks out). Fixed shapes, no host reads."""
+    b, hq, _, d = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    n = valid.sum(-1, keepdim=True)  # (B, 1) real rows, the current token included
+    rank = valid.long().cumsum(-1) - 1  # position among the real rows
+    keep = valid & ((rank < plan.n_sink) | (rank >= n - plan.n_local))  # (B, L)
+    if plan.kind == "recent":
+        score = keep.float().unsqueeze(1)
+    elif plan.kind == "vote":
+        cand = valid & ~keep
+        s = scale if plan.scale is None else plan.scale
+        q = (query[:, :, -1].float() * s).reshape(b, hkv, hq // hkv, d).to(key.dtype)
+        logits = torch.matmul(q, key.transpose(-1, -2)).float()  # (B, Hkv, G, L)
+        logits = logits.masked_fill(~cand[:, None, None, :], torch.finfo(torch.float32).min)
+        p = logits.softmax(-1)
+        vote = p.sum(2) if plan.per_kv_head else p.sum((1, 2)).unsqueeze(1)  # (B, h, L), each in [0, hq]
+        vote = vote.masked_fill(~cand[:, None, :], -1.0)
+        score = torch.where(keep[:, None, :], torch.full_like(vote, float(hq + 1)), vote)
+    else:
+        raise ValueError(f"unknown static plan kind {plan.kind!r}")
+    k = min(plan.rows, length)
+    top, idx = score.topk(k, dim=-1)
+    return idx, top > (0.5 if plan.kind == "recent" else -0.5)
+
+
+def static_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention function registered as ``"tokensparse_static"``: dense for prompts and for the
+    dense plan, else the plan's fixed-size row set gathered per KV head and attended with SDPA
+    (the query group as rows of one call per KV head: no repeated keys)."""
+    plan = _MODULES.get(module)
+    if plan is None:
+        raise RuntimeError(f"attention implementation {STATIC_ATTN!r} is active outside tokensparse's StaticDecoder")
+    if dropout and dropout > 0:
+        raise RuntimeError("tokensparse methods are for inference; call model.eval() (attention dropout is on)")
+    scale = module.scaling if scaling is None else scaling
+    b, hq, lq, d = query.shape
+    hkv = key.shape[1]
+    if plan.kind == "dense" or lq > 1:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
+                                             enable_gqa=hkv != hq)
+        return out.transpose(1, 2).contiguous(), None
+    valid = _valid_rows(attention_mask, query, key)
+    idx, ok = select_rows(plan, query, key, valid, scale)
+    idx = idx.expand(b, hkv, idx.shape[-1])
+    ok = ok.expand(b, hkv, ok.shape[-1])
+    k_sel = key.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1]))
+    v_sel = value.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, value.shape[-1]))
+    q = query.reshape(b, hkv, hq // hkv, d)  # one token: the group's heads are the rows
+    out = F.scaled_dot_product_attention(q, k_sel, v_sel, attn_mask=ok.unsqueeze(2), scale=scale)
+    return out.reshape(b, hq, 1, -1).transpose(1, 2).contiguous(), None
+
+
+def _ensure_registered() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(STATIC_ATTN, static_attention)
+    AttentionMaskInterface.register(STATIC_ATTN, sdpa_mask)
+    _registered = True
+
+
+@dataclass(eq=False)
+class StaticState:
+    """A sequence mid-generation: the static cache, the fixed-width 2-D mask, the next position id
+    ``(B, 1)`` and cache position ``(1,)`` (device tensors), and the last step's token and logits."""
+
+    cache: object
+    mask: torch.Tensor
+    pos: torch.Tensor
+    cpos: torch.Tensor
+    token: torch.Tensor
+    logits: torch.Tensor
+
+    def copy_from(self, other: "StaticState") -> "StaticState":
+        """Overwrite this state with ``other`` in place (same shapes; every tensor keeps its address,
+        as a captured CUDA graph needs)."""
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys.copy_(theirs.keys)
+            mine.values.copy_(theirs.values)
+            mine.cumulative_length.copy_(theirs.cumulative_length)
+        for name in ("mask", "pos", "cpos", "token", "logits"):
+            getattr(self, name).copy_(getattr(other, name))
+        return self
+
+
+class StaticDecoder:
+    """Greedy generation with fixed-shape decode steps, optionally compiled.
+
+    ``decoder = StaticDecoder(model, method, max_cache_len=4096, compile=True)`` then
+    ``decoder.generate(input_ids, attention_mask, max_new_tokens=32)`` returns
+    ``(tokens (B, max_new_tokens), step_logits list, step_seconds list)`` (entry 0: the prefill;
+    every step runs to ``max_new_tokens``: no EOS stop, the point is a fixed-shape loop).
+    :meth:`prefill` and :meth:`decode` are the two halves (a benchmark prefills once and restores
+    the state with :meth:`StaticState.copy_from` before each timed run). ``compile``: ``False``
+    (eager), ``True`` (``torch.compile(fullgraph=True, dynamic=False)``) or a ``torch.compile``
+    mode string (``"reduce-overhead"``: CUDA graphs on a GPU). The first compiled step includes the
+    compile time (``compile_seconds``). Left padding only.
+    """
+
+    def __init__(self, model, method=None, *, max_cache_len: int, compile: bool | str = False):
+        check_supported(model)
+        cfg = model.config
+        if getattr(cfg, "attn_logit_softcapping", None) or any(
+                t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
+            raise NotImplementedError("static decode supports models with global attention and no logit soft-cap")
+        if not isinstance(max_cache_len, int) or max_cache_len < 2:
+            raise ValueError(f"max_cache_len must be an int >= 2, got {max_cache_len!r}")
+        if compile not in (False, True) and not isinstance(compile, str):
+            raise ValueError(f"compile must be a bool or a torch.compile mode, got {compile!r}")
+        self.model = model
+        self.method = method
+        self.plan = plan_for(method)
+        self.max_cache_len = max_cache_len
+        self.compile = compile
+        self.compile_seconds: float | None = None
+        self._step = None
+
+    def _forward(self, ids, mask, positions, cache_position, cache):
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache_position=cache_position,
+                          cache=cache, use_cache=True).logits[:, -1].float()
+
+    def _compiled(self):
+        if self._step is None:
+            if self.compile is False:
+                self._step = self._forward
+            else:
+                mode = None if self.compile is True else self.compile
+                self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, mode=mode)
+        return self._step
+
+    @contextlib.contextmanager
+    def _attached(self):
+        _ensure_registered()
+        with attached(self.model, list(attention_modules(self.model)), _MODULES, self.plan, STATIC_ATTN):
+            yield
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                max_new_tokens: int = 16) -> StaticState:
+        """Dense prefill into a new static cache; the state holds the first generated token."""
+        from transformers import StaticCache
+
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        b, lp = input_ids.shape
+        if lp + max_new_tokens > self.max_cache_len:
+            raise ValueError(f"prompt ({lp}) + max_new_tokens ({max_new_tokens}) exceed max_cache_len "
+                             f"({self.max_cache_len})")
+        dev = input_ids.device
+        am = torch.ones(b, lp, dtype=torch.long, device=dev) if attention_mask is None else attention_mask.long()
+        if am.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(am.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if not bool(am[:, -1].all()):
+            raise ValueError("static decode supports left padding only (the last token of a row is padding)")
+        mask = torch.ones(b, self.max_cache_len, dtype=torch.long, device=dev)
+        mask[:, :lp] = am  # future slots: ones (causality hides them until written)
+        positions = (am.cumsum(-1) - 1).clamp(min=0)
+        cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+        with self._attached():
+            logits = self._forward(input_ids, mask, positions, torch.arange(lp, device=dev), cache)
+        return StaticState(cache, mask, positions[:, -1:] + 1, torch.full((1,), lp, dtype=torch.long, device=dev),
+                           logits.argmax(-1), logits)
+
+    @torch.no_grad()
+    def decode(self, state: StaticState, steps: int):
+        """``steps`` greedy steps from ``state`` (advanced in place): ``(tokens (B, steps), logits
+        list, seconds list)``, each step timed between two device synchronisations."""
+        step = self._compiled()
+        tokens, logits_out, seconds = [], [], []
+        with self._attached():
+            for _ in range(steps):
+                t0 = _sync_time(state.token.device)
+                logits = step(state.token[:, None], state.mask, state.pos, state.cpos, state.cache)
+                seconds.append(_sync_time(state.token.device) - t0)
+                if isinstance(self.compile, str):  # a CUDA-graph replay reuses its output buffer
+                    logits = logits.clone()
+                if self.compile is not False and self.compile_seconds is None:
+                    self.compile_seconds = seconds[-1]
+                state.logits, state.token = logits, logits.argmax(-1)
+                state.pos.add_(1)
+                state.cpos.add_(1)
+                tokens.append(state.token)
+                logits_out.append(logits)
+        return (torch.stack(tokens, 1) if tokens else state.token[:, :0]), logits_out, seconds
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 16):
+        """Prefill and ``max_new_tokens - 1`` decode steps: ``(tokens, logits, seconds)``, entry 0
+        of each from the prefill."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        t0 = _sync_time(input_ids.device)
+        state = self.prefill(input_ids, attention_mask, max_new_tokens=max_new_tokens)
+        first_s = _sync_time(input_ids.device) - t0
+        first = (state.token, state.logits)
+        tokens, logits, seconds = self.decode(state, max_new_tokens - 1)
+        return (torch.cat([first[0][:, None], tokens], 1), [first[1], *logits], [first_s, *seconds])
+
+
+def _sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
