@@ -269,6 +269,8 @@ def test_bench_decode_static_variants(tmp_path, capsys):
     assert st["ms_per_token"]["n"] == 2 and st["kv_bytes_at_start"] > rows["dense KVCache (prealloc)"]["kv_bytes_at_start"]
     with pytest.raises(SystemExit, match="--static applies to bench decode"):
         main(["bench", "prefill", "--static", "eager"])
+    with pytest.raises(SystemExit, match="unknown mode"):
+        main(["bench", "decode", "--static", "eager,fast"])
 
 
 def test_bench_prefill_bf16_random_model_writes_json(tmp_path, monkeypatch):

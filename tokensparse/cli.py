@@ -367,10 +367,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--variants", help="decode, prefill, attention: a JSON file listing {label, method, config} "
                                       "objects to time instead of the default configurations")
     s.add_argument("--no-dynamic", action="store_true", help="decode with --variants: leave out dense DynamicCache")
-    s.add_argument("--static", choices=("eager", "compile", "reduce-overhead"),
+    s.add_argument("--static", metavar="MODES",
                    help="decode only: also time static-shape decode (tokensparse.engine.static) for dense and every "
-                        "variant it supports (share budgets resolved at the prompt length), eager, compiled "
-                        "(fullgraph) or compiled with CUDA graphs")
+                        "variant it supports (share budgets resolved at the prompt length); comma-separated modes "
+                        "of eager, compile (fullgraph) and reduce-overhead (compiled with CUDA graphs)")
     s.add_argument("--ranks", type=int, default=2, help="context-parallel only: gloo ranks on this machine, one "
                                                          "thread each (default 2)")
     s.add_argument("--block", type=int, default=64, help="context-parallel only: block size of the sparse variants")

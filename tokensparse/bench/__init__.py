@@ -288,7 +288,11 @@ def main(args) -> int:
     if getattr(args, "static", None):
         if args.what != "decode":
             raise SystemExit("--static applies to bench decode")
-        kw["static"] = args.static
+        modes = [m.strip() for m in args.static.split(",") if m.strip()]
+        bad = [m for m in modes if m not in ("eager", "compile", "reduce-overhead")]
+        if bad or not modes:
+            raise SystemExit(f"--static: unknown mode(s) {bad or args.static!r}; modes: eager, compile, reduce-overhead")
+        kw["static"] = modes
     if args.what == "prefill":
         from .prefill import run
     elif args.what == "decode":

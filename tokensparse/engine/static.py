@@ -159,9 +159,11 @@ def static_attention(module, query, key, value, attention_mask, scaling=None, dr
     scale = module.scaling if scaling is None else scaling
     b, hq, lq, d = query.shape
     hkv = key.shape[1]
+    if lq > 1 and not torch.compiler.is_compiling():  # a prompt (eager): only the rows written so far
+        key, value, attention_mask = _written(key, value, attention_mask)
     if plan.kind == "dense" or lq > 1:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
-                                             enable_gqa=hkv != hq)
+                                             enable_gqa=hkv != hq, is_causal=attention_mask is None)
         return out.transpose(1, 2).contiguous(), None
     valid = _valid_rows(attention_mask, query, key)
     idx, ok = select_rows(plan, query, key, valid, scale)
@@ -172,6 +174,21 @@ def static_attention(module, query, key, value, attention_mask, scaling=None, dr
     q = query.reshape(b, hkv, hq // hkv, d)  # one token: the group's heads are the rows
     out = F.scaled_dot_product_attention(q, k_sel, v_sel, attn_mask=ok.unsqueeze(2), scale=scale)
     return out.reshape(b, hq, 1, -1).transpose(1, 2).contiguous(), None
+
+
+def _written(key, value, attention_mask):
+    """A prompt call on a static cache: the keys/values up to the last row any query sees (one host
+    read; prompts are not captured), and no mask at all when the call's queries are all its rows
+    and nothing is padded (causal SDPA then needs neither the L x L mask nor the unwritten rows)."""
+    if attention_mask is None:
+        return key, value, attention_mask
+    seen = attention_mask.any(-2).any(1).any(0)  # (L,) the columns some query sees
+    end = int(seen.nonzero().max()) + 1 if bool(seen.any()) else key.shape[2]
+    key, value, mask = key[:, :, :end], value[:, :, :end], attention_mask[..., :end]
+    lq = mask.shape[-2]
+    if lq == end and bool((mask == torch.ones(lq, end, dtype=torch.bool, device=mask.device).tril()).all()):
+        return key, value, None
+    return key, value, mask
 
 
 def _ensure_registered() -> None:
@@ -244,7 +261,7 @@ class StaticDecoder:
 
     def _forward(self, ids, mask, positions, cache_position, cache):
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache_position=cache_position,
-                          cache=cache, use_cache=True).logits[:, -1].float()
+                          cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
 
     def _compiled(self):
         if self._step is None:
