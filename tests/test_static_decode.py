@@ -62,6 +62,8 @@ CASES = [
     TokenSelect(budget=14, n_sink=2, n_local=4),
     TokenSelect(budget=14, n_sink=2, n_local=4, select_per="kv_head", logit_scale=None),
     StreamingLLM(budget=12, n_sink=2),
+    ts.methods.get("quest")(budget=12, page=4, dense_layers=1),
+    ts.methods.get("quest")(budget=8, page=3, dense_layers=0),
 ]
 
 
@@ -122,7 +124,9 @@ def test_prefill_once_and_restore_the_state():
     (TokenSelect(budget=20, n_sink=2, n_local=4, reuse_threshold=0.9), "Selection Cache"),
     (TokenSelect(budget=20, n_sink=2, n_local=4, pool_kernel=3), "pool_kernel"),
     (StreamingLLM(budget=0.5), "integer budget"),
-    (ts.methods.get("quest")(), "no static-shape decode for 'quest'"),
+    (ts.methods.get("quest")(budget=0.25), "integer budget"),
+    (ts.methods.get("quest")(bound="int8"), "bound='minmax'"),
+    (ts.methods.get("tidal_decode")(), "no static-shape decode for 'tidal_decode'"),
 ])
 def test_unsupported_configs_are_refused(method, match):
     with pytest.raises(NotImplementedError, match=match):
@@ -154,14 +158,16 @@ def test_attention_outside_the_decoder_is_refused():
         static_attention(model.model.layers[0].self_attn, q, q[:, :2], q[:, :2], None)
 
 
-def test_compiled_step_is_one_graph_equal_to_eager_and_not_recompiled():
+@pytest.mark.parametrize("method", [TokenSelect(budget=14, n_sink=2, n_local=4, select_per="kv_head"),
+                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=1)],
+                         ids=["token_select", "quest"])
+def test_compiled_step_is_one_graph_equal_to_eager_and_not_recompiled(method):
     """fullgraph=True fails on any graph break (a host read such as ``.item()`` included); a second
     prompt of another length reuses the compiled step (the decode step's shapes do not depend on it)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    model = tiny_model("llama")
-    method = TokenSelect(budget=14, n_sink=2, n_local=4, select_per="kv_head")
+    model = _model("llama")
     ids, mask = tiny_inputs(2, 29, pad=4, seed=1)
     dec = StaticDecoder(model, method, max_cache_len=48, compile=True)
     tok_c, log_c, _ = dec.generate(ids, mask, max_new_tokens=STEPS)

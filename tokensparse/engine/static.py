@@ -30,12 +30,17 @@ engine's path for the same config (tested step by step):
 * :class:`~tokensparse.methods.streaming_llm.StreamingLLM` with an integer budget: the rows its
   eviction keeps (``n_sink`` first, then the most recent), attended over the full cache instead of
   evicted. Outputs equal the evicting cache's; KV memory is the full ``max_cache_len`` (the point
-  here is a fixed-shape step, not the memory).
+  here is a fixed-shape step, not the memory);
+* :class:`~tokensparse.methods.quest.Quest` with an integer budget and the min/max bound: per-page
+  min/max keys in fixed-size buffers (``(B, Hkv, ⌈max_cache_len / page⌉, D)`` per layer, built at
+  the prompt, the current token folded into its page each step, in place), the same bound, the
+  current page plus the ``n_pages - 1`` best full pages, pages counted from each row's first real
+  token; the first ``dense_layers`` layers dense.
 
-Prefill runs dense (as both methods' prefill does) under the same attention function.
-Anything else raises :class:`NotImplementedError` naming what is supported: Quest's page bounds,
-TidalDecode's cross-layer reuse and eviction policies that score rows would need a fixed-shape
-form of their cache state, which is not built yet.
+Prefill runs dense (as every supported method's prefill does) under the same attention function.
+Anything else raises :class:`NotImplementedError` naming what is supported: TidalDecode's
+cross-layer reuse and eviction policies that score rows would need a fixed-shape form of their
+state, which is not built yet.
 """
 
 from __future__ import annotations
@@ -61,8 +66,9 @@ class StaticPlan:
     """What a decode step attends to, with every count fixed.
 
     ``kind``: ``"dense"``, ``"vote"`` (TokenSelect's soft vote picks ``n_top`` rows besides the
-    ``n_sink`` first and ``n_local`` last) or ``"recent"`` (the ``n_sink`` first and ``n_local``
-    last rows only). ``scale``: multiplier of q·k in the vote (``None``: the attention scale).
+    ``n_sink`` first and ``n_local`` last), ``"recent"`` (the ``n_sink`` first and ``n_local``
+    last rows only) or ``"pages"`` (Quest: the current page and the ``n_pages - 1`` full pages with
+    the highest min/max bound, from page summaries kept in fixed-size buffers). ``scale``: multiplier of q·k in the vote (``None``: the attention scale).
     ``per_kv_head``: one set per KV head (else one per layer).
     """
 
@@ -72,9 +78,14 @@ class StaticPlan:
     n_top: int = 0
     scale: float | None = None
     per_kv_head: bool = False
+    page: int = 0  # "pages": tokens per page
+    n_pages: int = 0  # "pages": pages attended, the current one included
+    dense_layers: int = 0  # the first layers run dense
 
     @property
     def rows(self) -> int:
+        if self.kind == "pages":
+            return self.n_pages * self.page
         return self.n_sink + self.n_local + self.n_top
 
 
@@ -104,9 +115,16 @@ def plan_for(method) -> StaticPlan:
                 "is fixed only once the prompt is seen; give an int)")
         # the evicting cache holds `budget` rows before a step and attends to them plus the new token
         return StaticPlan("recent", method.n_sink, method.budget - method.n_sink + 1)
+    if name == "quest":
+        if not isinstance(method.budget, int) or method.bound != "minmax":
+            raise NotImplementedError(
+                f"static-shape quest needs an integer budget and bound='minmax', got budget={method.budget!r}, "
+                f"bound={method.bound!r}")
+        return StaticPlan("pages", page=method.page, n_pages=method.n_pages(method.budget),
+                          dense_layers=method.dense_layers)
     raise NotImplementedError(
         f"no static-shape decode for {name!r}; supported: dense (method=None), token_select (int budget, no "
-        "Selection Cache/shadow/pooling), streaming_llm (int budget)")
+        "Selection Cache/shadow/pooling), streaming_llm (int budget), quest (int budget, min/max bound)")
 
 
 def _valid_rows(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -147,6 +165,62 @@ def select_rows(plan: StaticPlan, query: torch.Tensor, key: torch.Tensor, valid:
     return idx, top > (0.5 if plan.kind == "recent" else -0.5)
 
 
+def _init_pages(key: torch.Tensor, valid: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-page min/max keys ``(B, Hkv, ⌈L / page⌉, D)`` of each row's real tokens, pages counted
+    from the row's first real token (as the engine's Quest does in a padded batch); the buffers the
+    decode steps then update in place. A prompt call: reads the mask on the host."""
+    from .cache import summarize_pages
+
+    b, hkv, length, d = key.shape
+    kmin = key.new_zeros(b, hkv, -(-length // page), d)
+    kmax = torch.zeros_like(kmin)
+    for r in range(b):
+        cols = valid[r].nonzero()[:, 0]
+        start, n = int(cols[0]), cols.numel()
+        lo, hi = summarize_pages(key[r : r + 1, :, start : start + n], page)
+        kmin[r, :, : lo.shape[2]] = lo[0]
+        kmax[r, :, : hi.shape[2]] = hi[0]
+    if not torch.compiler.is_compiling():  # fixed addresses: a CUDA graph updates them in place
+        torch._dynamo.mark_static_address(kmin)
+        torch._dynamo.mark_static_address(kmax)
+    return kmin, kmax
+
+
+def _update_pages(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, page: int) -> None:
+    """Fold the current token's key into its page's min/max, in place (a page's first token resets
+    it). Fixed shapes, no host reads."""
+    b, hkv, _, d = key.shape
+    n = valid.sum(-1)  # (B,) real tokens, the current one included
+    cur = valid.long().argmax(-1) + n - 1  # its column: the first real one + n - 1
+    k_new = key.gather(2, cur.view(b, 1, 1, 1).expand(b, hkv, 1, d))
+    at = ((n - 1) // page).view(b, 1, 1, 1).expand(b, hkv, 1, d)
+    first = ((n - 1) % page == 0).view(b, 1, 1, 1)
+    kmin.scatter_(2, at, torch.where(first, k_new, torch.minimum(kmin.gather(2, at), k_new)))
+    kmax.scatter_(2, at, torch.where(first, k_new, torch.maximum(kmax.gather(2, at), k_new)))
+
+
+def select_pages(plan: StaticPlan, query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                 valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest's choice with fixed shapes: ``(idx, ok)``, each ``(B, Hkv, n_pages · page)``: the
+    current (last) page and the ``n_pages - 1`` full pages with the largest bound
+    ``Σ_d max(q_d·M_d, q_d·m_d)`` (maximised over the query group), as cache columns."""
+    b, hq, _, d = query.shape
+    hkv, n_p = kmin.shape[1], kmin.shape[2]
+    page = plan.page
+    n = valid.sum(-1, keepdim=True)  # (B, 1)
+    pad = valid.long().argmax(-1, keepdim=True)  # the first real column
+    last = (n - 1) // page  # the current page
+    qg = query[:, :, -1].float().reshape(b, hkv, hq // hkv, d)
+    bound = (qg.clamp_min(0) @ kmax.float().transpose(-1, -2) + qg.clamp_max(0) @ kmin.float().transpose(-1, -2)).amax(2)
+    p_idx = torch.arange(n_p, device=query.device)
+    score = bound.masked_fill(~(p_idx < last)[:, None, :], float("-inf"))
+    score = torch.where((p_idx == last)[:, None, :], torch.full_like(score, float("inf")), score)
+    top, chosen = score.topk(min(plan.n_pages, n_p), dim=-1)
+    rank = (chosen[..., None] * page + torch.arange(page, device=query.device)).flatten(-2)  # (B, Hkv, k·page)
+    ok = (top > float("-inf")).repeat_interleave(page, -1) & (rank < n[:, :, None])
+    return (pad[:, :, None] + rank).clamp_max(valid.shape[-1] - 1), ok
+
+
 def static_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention function registered as ``"tokensparse_static"``: dense for prompts and for the
     dense plan, else the plan's fixed-size row set gathered per KV head and attended with SDPA
@@ -159,14 +233,27 @@ def static_attention(module, query, key, value, attention_mask, scaling=None, dr
     scale = module.scaling if scaling is None else scaling
     b, hq, lq, d = query.shape
     hkv = key.shape[1]
+    dense = plan.kind == "dense" or module.layer_idx < plan.dense_layers
+    pages = kwargs.get("ts_pages")
+    if plan.kind == "pages" and not dense:
+        if pages is None:
+            raise RuntimeError("static quest needs the page summaries (ts_pages), which StaticDecoder passes")
+        valid = _valid_rows(attention_mask, query, key)
+        if lq > 1:  # the prompt: summarise its pages (eager)
+            pages[module.layer_idx] = _init_pages(key, valid, plan.page)
+        else:
+            _update_pages(*pages[module.layer_idx], key, valid, plan.page)
     if lq > 1 and not torch.compiler.is_compiling():  # a prompt (eager): only the rows written so far
         key, value, attention_mask = _written(key, value, attention_mask)
-    if plan.kind == "dense" or lq > 1:
+    if dense or lq > 1:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
                                              enable_gqa=hkv != hq, is_causal=attention_mask is None)
         return out.transpose(1, 2).contiguous(), None
     valid = _valid_rows(attention_mask, query, key)
-    idx, ok = select_rows(plan, query, key, valid, scale)
+    if plan.kind == "pages":
+        idx, ok = select_pages(plan, query, *pages[module.layer_idx], valid)
+    else:
+        idx, ok = select_rows(plan, query, key, valid, scale)
     idx = idx.expand(b, hkv, idx.shape[-1])
     ok = ok.expand(b, hkv, ok.shape[-1])
     k_sel = key.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1]))
@@ -214,6 +301,7 @@ class StaticState:
     cpos: torch.Tensor
     token: torch.Tensor
     logits: torch.Tensor
+    pages: dict  # Quest: layer -> (min, max) page summaries, updated in place
 
     def copy_from(self, other: "StaticState") -> "StaticState":
         """Overwrite this state with ``other`` in place (same shapes; every tensor keeps its address,
@@ -224,6 +312,9 @@ class StaticState:
             mine.cumulative_length.copy_(theirs.cumulative_length)
         for name in ("mask", "pos", "cpos", "token", "logits"):
             getattr(self, name).copy_(getattr(other, name))
+        for layer, parts in other.pages.items():
+            for mine, theirs in zip(self.pages[layer], parts):
+                mine.copy_(theirs)
         return self
 
 
@@ -259,9 +350,9 @@ class StaticDecoder:
         self.compile_seconds: float | None = None
         self._step = None
 
-    def _forward(self, ids, mask, positions, cache_position, cache):
+    def _forward(self, ids, mask, positions, cache_position, cache, pages):
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache_position=cache_position,
-                          cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                          cache=cache, use_cache=True, logits_to_keep=1, ts_pages=pages).logits[:, -1].float()
 
     def _compiled(self):
         if self._step is None:
@@ -300,10 +391,11 @@ class StaticDecoder:
         mask[:, :lp] = am  # future slots: ones (causality hides them until written)
         positions = (am.cumsum(-1) - 1).clamp(min=0)
         cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+        pages: dict = {}
         with self._attached():
-            logits = self._forward(input_ids, mask, positions, torch.arange(lp, device=dev), cache)
+            logits = self._forward(input_ids, mask, positions, torch.arange(lp, device=dev), cache, pages)
         return StaticState(cache, mask, positions[:, -1:] + 1, torch.full((1,), lp, dtype=torch.long, device=dev),
-                           logits.argmax(-1), logits)
+                           logits.argmax(-1), logits, pages)
 
     @torch.no_grad()
     def decode(self, state: StaticState, steps: int):
@@ -314,7 +406,7 @@ class StaticDecoder:
         with self._attached():
             for _ in range(steps):
                 t0 = _sync_time(state.token.device)
-                logits = step(state.token[:, None], state.mask, state.pos, state.cpos, state.cache)
+                logits = step(state.token[:, None], state.mask, state.pos, state.cpos, state.cache, state.pages)
                 seconds.append(_sync_time(state.token.device) - t0)
                 if isinstance(self.compile, str):  # a CUDA-graph replay reuses its output buffer
                     logits = logits.clone()
