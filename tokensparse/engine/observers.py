@@ -27,13 +27,15 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from .method import Method, Phase
 
 if TYPE_CHECKING:
     from .call import AttentionCall
     from .selection import Selection
 
-__all__ = ["Observer", "observe"]
+__all__ = ["Observer", "observe", "observe_prompt"]
 
 
 class Observer:
@@ -95,3 +97,12 @@ def observe(model, *observers: Observer):
         yield session
     finally:
         session.remove_observers(observers)
+
+
+def observe_prompt(model, input_ids, *observers: Observer) -> None:
+    """One dense forward pass of ``input_ids`` (no cache, the last logit only) with ``observers``
+    attached: how calibrations and prompt scorers measure attention on a prompt."""
+    dev = next(model.parameters()).device
+    with torch.no_grad(), observe(model, *observers):
+        model(input_ids=input_ids.to(dev), use_cache=False, logits_to_keep=1)
+

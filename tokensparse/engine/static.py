@@ -234,11 +234,11 @@ def static_attention(module, query, key, value, attention_mask, scaling=None, dr
     b, hq, lq, d = query.shape
     hkv = key.shape[1]
     dense = plan.kind == "dense" or module.layer_idx < plan.dense_layers
+    valid = None if dense else _valid_rows(attention_mask, query, key)  # the last query's rows, all N wide
     pages = kwargs.get("ts_pages")
     if plan.kind == "pages" and not dense:
         if pages is None:
             raise RuntimeError("static quest needs the page summaries (ts_pages), which StaticDecoder passes")
-        valid = _valid_rows(attention_mask, query, key)
         if lq > 1:  # the prompt: summarise its pages (eager)
             pages[module.layer_idx] = _init_pages(key, valid, plan.page)
         else:
@@ -249,7 +249,6 @@ def static_attention(module, query, key, value, attention_mask, scaling=None, dr
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
                                              enable_gqa=hkv != hq, is_causal=attention_mask is None)
         return out.transpose(1, 2).contiguous(), None
-    valid = _valid_rows(attention_mask, query, key)
     if plan.kind == "pages":
         idx, ok = select_pages(plan, query, *pages[module.layer_idx], valid)
     else:

@@ -63,7 +63,7 @@ from ..engine.cache import CacheState, row_buffer
 from ..engine.calibration import Profile, find_kind_profile
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.observers import Observer, observe
+from ..engine.observers import Observer, observe_prompt
 from ..engine.pipeline import KeyPlan, everything
 from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, resolve_budget_rows, select_topk
 
@@ -120,9 +120,7 @@ class _Agreement(Observer):
 def measure_agreement(model, input_ids: torch.Tensor, queries: int = 32) -> dict:
     """The ``fasa_fc`` payload: agreement ``[layout][budget][layer][query head][FC]``."""
     obs = _Agreement(queries)
-    dev = next(model.parameters()).device
-    with torch.no_grad(), observe(model, obs):
-        model(input_ids=input_ids.to(dev), use_cache=False, logits_to_keep=1)
+    observe_prompt(model, input_ids, obs)
     layers = sorted(obs.scores)
     return {
         "tokens": int(input_ids.shape[1]), "queries": queries, "budgets": list(PROFILE_BUDGETS),

@@ -39,7 +39,7 @@ import torch
 from ..analysis.sinks import sink_scores
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.observers import Observer, observe
+from ..engine.observers import Observer, observe_prompt
 from ..engine.selection import select_topk
 
 
@@ -94,9 +94,7 @@ class FrugalPrompt(Method):
         """``(n,)`` fp32: each context token's attention received, averaged over the scored layers."""
         n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         obs = _Salience(set(self.scored_layers(n_layers)))
-        dev = next(model.parameters()).device
-        with torch.no_grad(), observe(model, obs):
-            model(input_ids=context_ids.to(dev), use_cache=False, logits_to_keep=1)
+        observe_prompt(model, context_ids, obs)
         return obs.total.float().cpu() / obs.n
 
     def compress_prompt(self, model, context_ids: torch.Tensor) -> torch.Tensor:

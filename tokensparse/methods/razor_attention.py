@@ -59,7 +59,7 @@ from ..engine.cache import SyntheticRows, synthetic_count
 from ..engine.calibration import Profile, find_kind_profile
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.observers import Observer, observe
+from ..engine.observers import Observer, observe_prompt
 from ..engine.pipeline import everything
 from ..engine.selection import KeyBias, Selection, grouped_logits, resolve_budget_rows, select_topk
 
@@ -109,9 +109,7 @@ def measure_heads(model, tokens: int, seed: int = 0) -> dict:
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else int(block[0])
     ids = torch.cat([torch.tensor([bos]), block.repeat(4)])[None]
     obs = _EchoInduction(r)
-    dev = next(model.parameters()).device
-    with torch.no_grad(), observe(model, obs):
-        model(input_ids=ids.to(dev), use_cache=False, logits_to_keep=1)
+    observe_prompt(model, ids, obs)
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     layers = sorted(obs.echo)  # sliding-window layers are observed too (the profile covers every layer)
 

@@ -84,7 +84,7 @@ from ..engine.blocks import forced_blocks, n_blocks, prefill_blocksets, top_bloc
 from ..engine.calibration import Profile, find_kind_profile
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.observers import Observer, observe
+from ..engine.observers import Observer, observe_prompt
 
 KIND = "sparsifiner_pca"
 KIND_VERSION = 1
@@ -160,9 +160,7 @@ def measure_basis(model, input_ids: torch.Tensor) -> dict:
     """The ``sparsifiner_pca`` payload: ``basis[layer][KV head][i]`` the ``i``-th principal direction
     (length ``D``) of that layer's and head's keys on ``input_ids``, largest variance first."""
     obs = _KeyCovariance()
-    dev = next(model.parameters()).device
-    with torch.no_grad(), observe(model, obs):
-        model(input_ids=input_ids.to(dev), use_cache=False, logits_to_keep=1)
+    observe_prompt(model, input_ids, obs)
     layers = sorted(obs.cov)
     basis = []
     for i in layers:
