@@ -141,7 +141,7 @@ def test_model_load_errors_become_one_line(monkeypatch):
 
 @pytest.mark.parametrize("argv, match", [
     (["--method", "snapkvv"], "unknown method 'snapkvv'"),
-    (["--method", "snapkv"], "method 'snapkv' needs no calibration; methods with a profile: fasa, razor_attention, sparsifiner, token_sparse"),
+    (["--method", "snapkv"], "method 'snapkv' needs no calibration; methods with a profile: fasa, razor_attention, sparsifiner, tca, token_sparse"),
     (["--tokens", "8"], "--tokens must be >= 16, got 8"),
     (["--text", "/nonexistent/text.txt"], "cannot read --text '/nonexistent/text.txt'"),
     (["--threads", "-1"], "--threads must be >= 1, got -1"),

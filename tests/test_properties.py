@@ -113,6 +113,19 @@ def snapkv_configs(draw):
 
 
 @st.composite
+def tca_configs(draw):
+    return dict(
+        block=draw(st.integers(1, 8)),
+        window=draw(st.integers(1, 12)),
+        alpha=draw(st.sampled_from([0.0, 0.5, 1.0])),
+        budgets="uniform",
+        mu=draw(st.sampled_from([-1.0, 0.0, 1.0, 2.0, 5.0])),
+        sigma=draw(st.sampled_from([0.5, 1.0, 2.0])),
+        n_query=draw(st.integers(1, 4)),
+    )
+
+
+@st.composite
 def pyramid_kv_configs(draw):
     return dict(**draw(snapkv_configs()), beta=draw(st.integers(1, 30)))
 
@@ -392,6 +405,24 @@ def _kept_by_head(m, r: Record):
         assert set(range(real - w + 1, real + 1)) <= _ranks(r, i, pos), f"row {i}, head {j}: window not kept"
         out.setdefault(i, (w, [], max(min(_resolve(m.budget, real), real), w)))[1].append(len(pos))
     return out
+
+
+def check_tca(m, r: Record, sc: Scenario) -> None:
+    """Once at the prefill: every head keeps its row's window and at least one token of every block
+    of candidates before it (each block's count is at least 1), never more than the real tokens."""
+    assert r.call_kind == "prefill"
+    if r.kind == "dense":
+        return
+    assert r.kind == "keep" and r.slots is not None
+    for i, j, pos in _rows(r):
+        real = int(r.n_real[i])
+        w = min(m.window, real)
+        ranks = _ranks(r, i, pos)
+        assert set(range(real - w + 1, real + 1)) <= ranks, f"row {i}, head {j}: window not kept"
+        n_cand = real - w
+        blocks = {(rank - 1) // m.block for rank in ranks if rank <= n_cand}
+        assert blocks == set(range((n_cand + m.block - 1) // m.block)), f"row {i}, head {j}: a block kept nothing"
+        assert len(pos) <= real
 
 
 def check_pyramid_kv(m, r: Record, sc: Scenario) -> None:
@@ -1031,6 +1062,7 @@ METHODS = {
     "frugal_prompt": (frugal_prompt_configs(), check_frugal_prompt),
     "pyramid_kv": (pyramid_kv_configs(), check_pyramid_kv),
     "ada_kv": (ada_kv_configs(), check_ada_kv),
+    "tca": (tca_configs(), check_tca),
     "fast_v": (fast_v_configs(), None),
     "recycled_attention": (recycled_attention_configs(), check_recycled_attention),
     "landmark": (landmark_configs(), check_landmark),

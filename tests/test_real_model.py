@@ -40,6 +40,7 @@ CONFIGS = {
     "h2o": {"budget": 0.5},
     "pyramid_kv": {"budget": 0.5},
     "ada_kv": {"budget": 0.5},
+    "tca": {},  # the shipped tca_budgets profile of SmolLM2
     "frugal_prompt": {"keep": 0.8},
     # the paper's K=2 ranks the context with layer 1's attention and loses the pass key on text
     # (docs/results/fast_v: 0/9 at 4K); layer 7's attention finds it (7/9)

@@ -11,7 +11,7 @@ import importlib
 
 from ..engine.method import Method, Phase
 
-_MODULES = ("token_sparse", "token_select", "tidal_decode", "recycled_attention", "landmark", "spatten", "fasa", "hip", "biformer", "xattention", "rectified", "dhsa", "sparsifiner", "superlinear", "minference", "cca", "hisa", "snapkv", "pyramid_kv", "ada_kv", "streaming_llm", "tova", "h2o", "quest", "zero_tuning", "frugal_prompt", "fast_v", "razor_attention")
+_MODULES = ("token_sparse", "token_select", "tidal_decode", "recycled_attention", "landmark", "spatten", "fasa", "hip", "biformer", "xattention", "rectified", "dhsa", "sparsifiner", "superlinear", "minference", "cca", "hisa", "snapkv", "pyramid_kv", "ada_kv", "tca", "streaming_llm", "tova", "h2o", "quest", "zero_tuning", "frugal_prompt", "fast_v", "razor_attention")
 _REGISTRY: dict[str, type[Method]] = {}
 
 #: the values ``Method.phase`` may take (when it acts is the free-text ``Method.schedule``)

@@ -10,10 +10,10 @@
 #   prefill_128k.json   bench prefill: dense vs DHSA defaults and BiFormer 1/16 at 128K
 #   profile_32k.json    profile_decode.py: host vs device time of one decode step at 32K
 #   executors.json      bench executors: 8K / 32K at 5 % and 10 % of the keys
-#   decode_static.json  bench decode --static reduce-overhead: static-shape dense and TokenSelect 2048
-#                       compiled with CUDA graphs, next to the engine's dense and TokenSelect, at 128K
-#                       (needs an H200's memory: weights, the engine's cache and its copy, the static
-#                       snapshot and two working caches; ~4 compiles)
+#   decode_static.json  bench decode --static reduce-overhead: static-shape dense, TokenSelect 2048 and
+#                       Quest 2048 compiled with CUDA graphs, next to the engine's, at 128K (needs an
+#                       H200's memory: weights, the engine's cache and its copy, the static snapshot
+#                       and three working caches; ~6 compiles)
 # On the lent machine (transformers 5.24 carried as a wheel in .whl/, as ../shared/notes/gpu-h200.md says):
 #   RES=$OUT bash docs/results/gpu/run_h200.sh
 # ONLY="decode prefill" runs those steps alone; DECODE_LENGTHS=32768,131072 changes the decode lengths.
@@ -53,7 +53,8 @@ cat > /tmp/gpu_decode_variants.json <<'EOF'
 EOF
 cat > /tmp/gpu_static_variants.json <<'EOF'
 [
- {"label": "token_select 2048", "method": "token_select", "config": {"budget": 2048, "n_sink": 128, "n_local": 256}}
+ {"label": "token_select 2048", "method": "token_select", "config": {"budget": 2048, "n_sink": 128, "n_local": 256}},
+ {"label": "quest 2048", "method": "quest", "config": {"budget": 2048}}
 ]
 EOF
 cat > /tmp/gpu_prefill_variants.json <<'EOF'
@@ -66,7 +67,7 @@ EOF
 step pytest 100 $PY -m pytest -p no:cacheprovider -q -rfE tests/test_cuda.py -o console_output_style=classic \
     --junit-xml=/tmp/junit.xml
 cp /tmp/junit.xml "$RES/pytest.xml" 2>/dev/null
-step static 240 $TS bench decode $COMMON --lengths ${STATIC_LENGTHS:-131072} --variants /tmp/gpu_static_variants.json \
+step static 300 $TS bench decode $COMMON --lengths ${STATIC_LENGTHS:-131072} --variants /tmp/gpu_static_variants.json \
     --no-dynamic --static reduce-overhead --repeats 2 --steps 16 --json "$RES/decode_static.json"
 step decode 170 $TS bench decode $COMMON --lengths $DECODE_LENGTHS --variants /tmp/gpu_decode_variants.json \
     --repeats 2 --steps 16 --json "$RES/decode.json"
