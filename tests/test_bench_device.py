@@ -255,14 +255,14 @@ def test_bench_decode_static_variants(tmp_path, capsys):
     budget resolved at the prompt length); the others are skipped with a note."""
     variants = tmp_path / "v.json"
     variants.write_text('[{"label": "ts 50%", "method": "token_select", "config": {"budget": 0.5, "n_sink": 4, '
-                        '"n_local": 8}}, {"label": "quest 50%", "method": "quest", "config": {"budget": 0.5}}]')
+                        '"n_local": 8}}, {"label": "tidal 50%", "method": "tidal_decode", "config": {"budget": 0.5}}]')
     out = tmp_path / "decode.json"
     assert main(["bench", "decode", "--model-config", "smollm2-135m", "--layers", "2", "--lengths", "128",
                  "--repeats", "1", "--steps", "2", "--variants", str(variants), "--no-dynamic", "--static", "eager",
                  "--json", str(out)]) == 0
-    assert "static decode: quest 50% skipped" in capsys.readouterr().out
+    assert "static decode: tidal 50% skipped" in capsys.readouterr().out
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"dense KVCache (prealloc)", "ts 50%", "quest 50%", "static dense [eager]",
+    assert set(rows) == {"dense KVCache (prealloc)", "ts 50%", "tidal 50%", "static dense [eager]",
                          "static ts 50% [eager]"}
     st = rows["static ts 50% [eager]"]
     assert st["static"] == "eager" and st["config"]["budget"] == 64 and st["compile_s"] is None
