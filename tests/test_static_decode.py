@@ -102,15 +102,30 @@ def test_padded_row_equals_alone():
     assert max(max_diff(a[0], b[0]) for a, b in zip(log_b, log_a)) < 1e-4
 
 
-def test_prefill_once_and_restore_the_state():
-    """What the benchmark does: one prefill, then every run restores that state in place."""
+@pytest.mark.parametrize("method", [TokenSelect(budget=13, n_sink=2, n_local=3),
+                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=0)],
+                         ids=["token_select", "quest"])
+def test_one_token_prompt(method):
+    """A one-token prompt is a prompt (the page summaries are built), not a decode step."""
+    model = _model("llama")
+    ids, mask = tiny_inputs(1, 1, seed=3)
+    ref = _engine_steps(model, method, ids, mask, steps=14)
+    _, logits, _ = StaticDecoder(model, method, max_cache_len=20).generate(ids, mask, max_new_tokens=14)
+    assert max(max_diff(a, b) for a, b in zip(logits, ref)) < 1e-4
+
+
+@pytest.mark.parametrize("method", [TokenSelect(budget=13, n_sink=2, n_local=3),
+                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=0)],
+                         ids=["token_select", "quest"])
+def test_prefill_once_and_restore_the_state(method):
+    """What the benchmark does: one prefill, then every run restores that state in place (the page
+    summaries included)."""
     model = _model("llama")
     ids, mask = tiny_inputs(2, 30, pad=3, seed=2)
-    method = TokenSelect(budget=13, n_sink=2, n_local=3)
     tokens, logits, _ = _static(model, method, ids, mask)
     dec = StaticDecoder(model, method, max_cache_len=ids.shape[1] + STEPS + 3)
     snapshot = dec.prefill(ids, mask, max_new_tokens=STEPS)
-    work = dec.prefill(ids, mask, max_new_tokens=STEPS)
+    work = dec.prefill(ids[:, -1:], mask[:, -1:], max_new_tokens=STEPS)  # as the benchmark builds it
     for _ in range(2):
         before = work.cache.layers[0].keys.data_ptr()
         t, lg, sec = dec.decode(work.copy_from(snapshot), STEPS - 1)

@@ -234,18 +234,21 @@ def static_attention(module, query, key, value, attention_mask, scaling=None, dr
     b, hq, lq, d = query.shape
     hkv = key.shape[1]
     dense = plan.kind == "dense" or module.layer_idx < plan.dense_layers
+    prompt = bool(kwargs.get("ts_prompt", False))  # StaticDecoder.prefill says so: a prompt may be one token
+    if not prompt and lq != 1:
+        raise ValueError(f"static decode steps take one token per sequence, got {lq}")
     valid = None if dense else _valid_rows(attention_mask, query, key)  # the last query's rows, all N wide
     pages = kwargs.get("ts_pages")
     if plan.kind == "pages" and not dense:
         if pages is None:
             raise RuntimeError("static quest needs the page summaries (ts_pages), which StaticDecoder passes")
-        if lq > 1:  # the prompt: summarise its pages (eager)
+        if prompt:  # summarise the prompt's pages (eager)
             pages[module.layer_idx] = _init_pages(key, valid, plan.page)
         else:
             _update_pages(*pages[module.layer_idx], key, valid, plan.page)
-    if lq > 1 and not torch.compiler.is_compiling():  # a prompt (eager): only the rows written so far
+    if prompt and not torch.compiler.is_compiling():  # only the rows written so far
         key, value, attention_mask = _written(key, value, attention_mask)
-    if dense or lq > 1:
+    if dense or prompt:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
                                              enable_gqa=hkv != hq, is_causal=attention_mask is None)
         return out.transpose(1, 2).contiguous(), None
@@ -349,9 +352,10 @@ class StaticDecoder:
         self.compile_seconds: float | None = None
         self._step = None
 
-    def _forward(self, ids, mask, positions, cache_position, cache, pages):
+    def _forward(self, ids, mask, positions, cache_position, cache, pages, prompt=False):
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache_position=cache_position,
-                          cache=cache, use_cache=True, logits_to_keep=1, ts_pages=pages).logits[:, -1].float()
+                          cache=cache, use_cache=True, logits_to_keep=1, ts_pages=pages,
+                          ts_prompt=prompt).logits[:, -1].float()
 
     def _compiled(self):
         if self._step is None:
@@ -392,7 +396,7 @@ class StaticDecoder:
         cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
         pages: dict = {}
         with self._attached():
-            logits = self._forward(input_ids, mask, positions, torch.arange(lp, device=dev), cache, pages)
+            logits = self._forward(input_ids, mask, positions, torch.arange(lp, device=dev), cache, pages, prompt=True)
         return StaticState(cache, mask, positions[:, -1:] + 1, torch.full((1,), lp, dtype=torch.long, device=dev),
                            logits.argmax(-1), logits, pages)
 
