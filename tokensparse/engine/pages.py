@@ -100,6 +100,17 @@ def page_token_scores(call, page: int, kind: str, score: PageScores, layer=None)
     return out
 
 
+def minmax_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, P)``: Quest's upper bound of ``q·key`` over each page's keys from the page's
+    elementwise min ``kmin`` and max ``kmax`` (``(B, Hkv, P, D)``), maximised over the query heads of
+    each KV head: ``Σ_d max(q_d·M_d, q_d·m_d) = q⁺·M + q⁻·m``. ``q (B, Hq, 1, D)``, one token."""
+    b, hq, _, d = q.shape
+    hkv = kmin.shape[1]
+    qg = q.float().reshape(b, hkv, hq // hkv, d)
+    bound = qg.clamp_min(0) @ kmax.float().transpose(-1, -2) + qg.clamp_max(0) @ kmin.float().transpose(-1, -2)
+    return bound.amax(2)
+
+
 def page_maxima(scores: torch.Tensor, page: int) -> torch.Tensor:
     """``scores (B, H, n)`` → ``(B, H, ceil(n / page))``: the maximum over each page (a partial last
     page over the rows it has)."""

@@ -55,6 +55,8 @@ import torch.nn.functional as F
 
 from ..models import check_supported
 from .attach import attached, attention_modules
+from .cache import summarize_pages
+from .pages import minmax_bound
 
 STATIC_ATTN = "tokensparse_static"
 _registered = False
@@ -169,8 +171,6 @@ def _init_pages(key: torch.Tensor, valid: torch.Tensor, page: int) -> tuple[torc
     """Per-page min/max keys ``(B, Hkv, ⌈L / page⌉, D)`` of each row's real tokens, pages counted
     from the row's first real token (as the engine's Quest does in a padded batch); the buffers the
     decode steps then update in place. A prompt call: reads the mask on the host."""
-    from .cache import summarize_pages
-
     b, hkv, length, d = key.shape
     kmin = key.new_zeros(b, hkv, -(-length // page), d)
     kmax = torch.zeros_like(kmin)
@@ -204,14 +204,12 @@ def select_pages(plan: StaticPlan, query: torch.Tensor, kmin: torch.Tensor, kmax
     """Quest's choice with fixed shapes: ``(idx, ok)``, each ``(B, Hkv, n_pages · page)``: the
     current (last) page and the ``n_pages - 1`` full pages with the largest bound
     ``Σ_d max(q_d·M_d, q_d·m_d)`` (maximised over the query group), as cache columns."""
-    b, hq, _, d = query.shape
-    hkv, n_p = kmin.shape[1], kmin.shape[2]
+    n_p = kmin.shape[2]
     page = plan.page
     n = valid.sum(-1, keepdim=True)  # (B, 1)
     pad = valid.long().argmax(-1, keepdim=True)  # the first real column
     last = (n - 1) // page  # the current page
-    qg = query[:, :, -1].float().reshape(b, hkv, hq // hkv, d)
-    bound = (qg.clamp_min(0) @ kmax.float().transpose(-1, -2) + qg.clamp_max(0) @ kmin.float().transpose(-1, -2)).amax(2)
+    bound = minmax_bound(query[:, :, -1:], kmin, kmax)  # (B, Hkv, P), as the engine's Quest
     p_idx = torch.arange(n_p, device=query.device)
     score = bound.masked_fill(~(p_idx < last)[:, None, :], float("-inf"))
     score = torch.where((p_idx == last)[:, None, :], torch.full_like(score, float("inf")), score)

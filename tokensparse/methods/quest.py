@@ -47,7 +47,7 @@ import torch
 
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pages import page_select, page_select_by_max, page_token_scores
+from ..engine.pages import minmax_bound, page_select, page_select_by_max, page_token_scores
 from ..engine.shadow import SHADOW_DTYPES, shadow_token_scores
 from ..engine.selection import Selection, resolve_budget, select_topk
 
@@ -101,12 +101,8 @@ class Quest(Method):
     @staticmethod
     def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
         """``(B, Hkv, P)``: the upper bound of ``q·key`` over each page's keys, maximised over the
-        query heads of each KV head: ``Σ_d max(q_d·M_d, q_d·m_d) = q⁺·M + q⁻·m``."""
-        b, hq, _, d = q.shape
-        hkv = kmin.shape[1]
-        qg = q.float().reshape(b, hkv, hq // hkv, d)
-        bound = qg.clamp_min(0) @ kmax.float().transpose(-1, -2) + qg.clamp_max(0) @ kmin.float().transpose(-1, -2)
-        return bound.amax(2)
+        query heads of each KV head (:func:`~tokensparse.engine.pages.minmax_bound`)."""
+        return minmax_bound(q, kmin, kmax)
 
     @classmethod
     def top_pages(cls, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, k: int) -> torch.Tensor:
