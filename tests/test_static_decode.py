@@ -61,6 +61,8 @@ CASES = [
     None,
     TokenSelect(budget=14, n_sink=2, n_local=4),
     TokenSelect(budget=14, n_sink=2, n_local=4, select_per="kv_head", logit_scale=None),
+    TokenSelect(budget=14, n_sink=2, n_local=4, shadow="int8"),
+    TokenSelect(budget=14, n_sink=2, n_local=4, select_per="kv_head", shadow="int8"),
     StreamingLLM(budget=12, n_sink=2),
     ts.methods.get("quest")(budget=12, page=4, dense_layers=1),
     ts.methods.get("quest")(budget=8, page=3, dense_layers=0),
@@ -92,10 +94,11 @@ def test_full_budget_equals_dense(method):
     assert max(max_diff(a, b) for a, b in zip(got, dense)) < 1e-5
 
 
-def test_padded_row_equals_alone():
+@pytest.mark.parametrize("shadow", [None, "int8"])
+def test_padded_row_equals_alone(shadow):
     model = tiny_model("llama")
     ids, mask = tiny_inputs(2, 33, pad=6, seed=7)
-    method = TokenSelect(budget=13, n_sink=2, n_local=3)
+    method = TokenSelect(budget=13, n_sink=2, n_local=3, shadow=shadow)
     tok_b, log_b, _ = _static(model, method, ids, mask)
     tok_a, log_a, _ = _static(model, method, ids[:1, 6:], mask[:1, 6:])
     assert torch.equal(tok_b[:1], tok_a)
@@ -103,10 +106,13 @@ def test_padded_row_equals_alone():
 
 
 @pytest.mark.parametrize("method", [TokenSelect(budget=13, n_sink=2, n_local=3),
+                                    TokenSelect(budget=13, n_sink=2, n_local=3, shadow="int8"),
+                                    StreamingLLM(budget=9, n_sink=2),
                                     ts.methods.get("quest")(budget=8, page=3, dense_layers=0)],
-                         ids=["token_select", "quest"])
+                         ids=["token_select", "token_select-int8", "streaming_llm", "quest"])
 def test_one_token_prompt(method):
-    """A one-token prompt is a prompt (the page summaries are built), not a decode step."""
+    """A one-token prompt is a prompt (the page summaries / shadow are built), not a decode step;
+    the first steps have fewer rows than the budget (every row attended once)."""
     model = _model("llama")
     ids, mask = tiny_inputs(1, 1, seed=3)
     ref = _engine_steps(model, method, ids, mask, steps=14)
@@ -115,8 +121,9 @@ def test_one_token_prompt(method):
 
 
 @pytest.mark.parametrize("method", [TokenSelect(budget=13, n_sink=2, n_local=3),
+                                    TokenSelect(budget=13, n_sink=2, n_local=3, shadow="int8"),
                                     ts.methods.get("quest")(budget=8, page=3, dense_layers=0)],
-                         ids=["token_select", "quest"])
+                         ids=["token_select", "token_select-int8", "quest"])
 def test_prefill_once_and_restore_the_state(method):
     """What the benchmark does: one prefill, then every run restores that state in place (the page
     summaries included)."""
@@ -134,10 +141,33 @@ def test_prefill_once_and_restore_the_state(method):
         assert max(max_diff(a, b) for a, b in zip(lg, logits[1:])) < 1e-5
 
 
+@pytest.mark.parametrize("method", [TokenSelect(budget=13, n_sink=2, n_local=3, shadow="int8"),
+                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=1)],
+                         ids=["token_select-int8", "quest"])
+def test_a_dense_snapshot_with_rebuilt_buffers_decodes_as_the_method(method):
+    """The benchmark's path: one dense prefill shared by every variant; a method with buffers (page
+    summaries, key shadow) rebuilds them from the snapshot's keys (with_buffers) and then decodes
+    exactly as after its own prefill."""
+    model = _model("llama")
+    ids, mask = tiny_inputs(2, 30, pad=3, seed=2)
+    tokens, logits, _ = _static(model, method, ids, mask)
+    shared = StaticDecoder(model, None, max_cache_len=ids.shape[1] + STEPS + 3).prefill(ids, mask, max_new_tokens=STEPS)
+    dec = StaticDecoder(model, method, max_cache_len=ids.shape[1] + STEPS + 3)
+    snapshot = dec.with_buffers(shared)
+    assert snapshot.cache is shared.cache and snapshot.buffers and not shared.buffers
+    work = dec.prefill(ids[:, -1:], mask[:, -1:], max_new_tokens=STEPS)
+    for _ in range(2):
+        t, lg, _ = dec.decode(work.copy_from(snapshot), STEPS - 1)
+        assert torch.equal(t, tokens[:, 1:])
+        assert max(max_diff(a, b) for a, b in zip(lg, logits[1:])) < 1e-5
+    assert StaticDecoder(model, None, max_cache_len=40).with_buffers(shared) is shared
+
+
 @pytest.mark.parametrize("method, match", [
     (TokenSelect(budget=0.5, n_sink=2, n_local=4), "share"),
     (TokenSelect(budget=20, n_sink=2, n_local=4, reuse_threshold=0.9), "Selection Cache"),
     (TokenSelect(budget=20, n_sink=2, n_local=4, pool_kernel=3), "pool_kernel"),
+    (TokenSelect(budget=20, n_sink=2, n_local=4, shadow="bf16"), "int8 only"),
     (StreamingLLM(budget=0.5), "integer budget"),
     (ts.methods.get("quest")(budget=0.25), "integer budget"),
     (ts.methods.get("quest")(bound="int8"), "bound='minmax'"),
@@ -174,8 +204,9 @@ def test_attention_outside_the_decoder_is_refused():
 
 
 @pytest.mark.parametrize("method", [TokenSelect(budget=14, n_sink=2, n_local=4, select_per="kv_head"),
+                                    TokenSelect(budget=14, n_sink=2, n_local=4, shadow="int8"),
                                     ts.methods.get("quest")(budget=8, page=3, dense_layers=1)],
-                         ids=["token_select", "quest"])
+                         ids=["token_select", "token_select-int8", "quest"])
 def test_compiled_step_is_one_graph_equal_to_eager_and_not_recompiled(method):
     """fullgraph=True fails on any graph break (a host read such as ``.item()`` included); a second
     prompt of another length reuses the compiled step (the decode step's shapes do not depend on it)."""

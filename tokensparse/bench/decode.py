@@ -260,7 +260,8 @@ def _static_variants(model, ids, runs, steps: int, mode: str, shared: dict):
     """``[(label, (decoder, snapshot, work))]``: static-shape dense and every method of ``runs`` with
     a static form (share budgets resolved at the prompt length); others are skipped with a note.
     The dense prefill is the same for all of them: one snapshot (``shared``) serves every variant,
-    each of which gets its own working cache (filled from a one-token prompt, then overwritten)."""
+    each of which gets its own working cache (filled from a one-token prompt, then overwritten) and
+    its own method buffers built from the snapshot's keys (:meth:`StaticDecoder.with_buffers`)."""
     import dataclasses
 
     from tokensparse.engine.static import StaticDecoder
@@ -278,8 +279,9 @@ def _static_variants(model, ids, runs, steps: int, mode: str, shared: dict):
             continue
         if "snapshot" not in shared:
             shared["snapshot"] = dec.prefill(ids, max_new_tokens=steps + 2)
-        work = dec.prefill(ids[:, -1:], max_new_tokens=steps + 2).copy_from(shared["snapshot"])
-        out.append((f"static {label} [{mode}]", (dec, shared["snapshot"], work)))
+        snapshot = dec.with_buffers(shared["snapshot"])  # its own page summaries / key shadow of the prompt
+        work = dec.prefill(ids[:, -1:], max_new_tokens=steps + 2).copy_from(snapshot)
+        out.append((f"static {label} [{mode}]", (dec, snapshot, work)))
     return out
 
 

@@ -24,9 +24,14 @@ engine's path for the same config (tested step by step):
 
 * ``None``: dense attention;
 * :class:`~tokensparse.methods.token_select.TokenSelect` with an integer budget, no Selection
-  Cache, no shadow keys, no pooling: the same soft vote (per-head softmax over the candidates
+  Cache, no pooling: the same soft vote (per-head softmax over the candidates
   ``[n_sink, L - n_local)``, summed over the query group or over all heads) and the same
-  ``n_sink`` + ``n_local`` + top-k set;
+  ``n_sink`` + ``n_local`` + top-k set. Without a shadow the vote's ``q·k`` are reused as the
+  attention logits of the chosen rows (only the values are gathered); with ``shadow="int8"``
+  the vote reads a low-precision copy of K kept in fixed-size buffers (built at the prompt, the
+  current token's row written each step, the same per-row quantisation as the engine's
+  :class:`~tokensparse.engine.shadow.ShadowKeys`) and the chosen keys are gathered in full
+  precision for the attention;
 * :class:`~tokensparse.methods.streaming_llm.StreamingLLM` with an integer budget: the rows its
   eviction keeps (``n_sink`` first, then the most recent), attended over the full cache instead of
   evicted. Outputs equal the evicting cache's; KV memory is the full ``max_cache_len`` (the point
@@ -57,6 +62,7 @@ from ..models import check_supported
 from .attach import attached, attention_modules
 from .cache import summarize_pages
 from .pages import minmax_bound
+from .shadow import quantize_rows
 
 STATIC_ATTN = "tokensparse_static"
 _registered = False
@@ -83,6 +89,7 @@ class StaticPlan:
     page: int = 0  # "pages": tokens per page
     n_pages: int = 0  # "pages": pages attended, the current one included
     dense_layers: int = 0  # the first layers run dense
+    shadow: str | None = None  # "vote": rank on an "int8" copy of K kept in fixed-size buffers
 
     @property
     def rows(self) -> int:
@@ -102,14 +109,16 @@ def plan_for(method) -> StaticPlan:
             problems.append(f"budget={method.budget!r} (a share of the context is not a fixed count; give an int)")
         if method.reuse_threshold is not None:
             problems.append("reuse_threshold (the Selection Cache branches on the host)")
-        if method.shadow is not None:
-            problems.append(f"shadow={method.shadow!r}")
+        if method.shadow not in (None, "int8"):
+            # a bf16 product is rounded to bf16 by whichever kernel the shapes pick, so two equal
+            # votes can break ties differently; int8 products are exact integers on every path
+            problems.append(f"shadow={method.shadow!r} (int8 only: bf16 products are rounded kernel-dependently)")
         if method.pool_kernel > 1:
             problems.append(f"pool_kernel={method.pool_kernel}")
         if problems:
             raise NotImplementedError("static-shape token_select does not support " + "; ".join(problems))
         return StaticPlan("vote", method.n_sink, method.n_local, method.budget - method.n_sink - method.n_local,
-                          method.logit_scale, method.select_per == "kv_head")
+                          method.logit_scale, method.select_per == "kv_head", shadow=method.shadow)
     if name == "streaming_llm":
         if not isinstance(method.budget, int):
             raise NotImplementedError(
@@ -126,7 +135,7 @@ def plan_for(method) -> StaticPlan:
                           dense_layers=method.dense_layers)
     raise NotImplementedError(
         f"no static-shape decode for {name!r}; supported: dense (method=None), token_select (int budget, no "
-        "Selection Cache/shadow/pooling), streaming_llm (int budget), quest (int budget, min/max bound)")
+        "Selection Cache/pooling), streaming_llm (int budget), quest (int budget, min/max bound)")
 
 
 def _valid_rows(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -139,32 +148,88 @@ def _valid_rows(attention_mask: torch.Tensor | None, query: torch.Tensor, key: t
 
 
 def select_rows(plan: StaticPlan, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(idx, ok)``, each ``(B, h, plan.rows)`` (``h`` = 1 or ``Hkv``): the rows a one-token step
-    attends to and which of them are real (fewer real rows than ``plan.rows`` leave picks that
-    ``ok`` masks out). Fixed shapes, no host reads."""
+                scale: float, shadow: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(idx, ok, logits)``: ``idx`` and ``ok`` each ``(B, h, plan.rows)`` (``h`` = 1 or ``Hkv``),
+    the rows a one-token step attends to and which of them are real (fewer real rows than
+    ``plan.rows`` leave picks that ``ok`` masks out), in no particular order; ``logits``: for the
+    vote, its ``q·k`` over all ``L`` rows ``(B, Hkv, G, L)`` in fp32 *without* any scale (the
+    attention reuses them instead of gathering the keys and multiplying again), else ``None`` (also
+    when the vote reads ``shadow``, the buffers of :func:`_init_shadow`: its products only rank).
+    Fixed shapes, no host reads."""
     b, hq, _, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
+    k = min(plan.rows, length)
     n = valid.sum(-1, keepdim=True)  # (B, 1) real rows, the current token included
+    first = valid.long().argmax(-1, keepdim=True)  # (B, 1) the first real column (left padding)
+    if plan.kind == "recent":  # the n_sink first and the n_local last real rows: arithmetic, no top-k
+        j = torch.arange(k, device=key.device)
+        n_sink = min(plan.n_sink, k)
+        # a row with fewer than k real rows takes each of its rows once, in order
+        rank = torch.where(n >= k, torch.where(j < n_sink, j, n - k + j), j)  # (B, k)
+        return (first + rank).clamp_max(length - 1).unsqueeze(1), (rank < n).unsqueeze(1), None
+    if plan.kind != "vote":
+        raise ValueError(f"unknown static plan kind {plan.kind!r}")
     rank = valid.long().cumsum(-1) - 1  # position among the real rows
     keep = valid & ((rank < plan.n_sink) | (rank >= n - plan.n_local))  # (B, L)
-    if plan.kind == "recent":
-        score = keep.float().unsqueeze(1)
-    elif plan.kind == "vote":
-        cand = valid & ~keep
-        s = scale if plan.scale is None else plan.scale
-        q = (query[:, :, -1].float() * s).reshape(b, hkv, hq // hkv, d).to(key.dtype)
-        logits = torch.matmul(q, key.transpose(-1, -2)).float()  # (B, Hkv, G, L)
-        logits = logits.masked_fill(~cand[:, None, None, :], torch.finfo(torch.float32).min)
-        p = logits.softmax(-1)
-        vote = p.sum(2) if plan.per_kv_head else p.sum((1, 2)).unsqueeze(1)  # (B, h, L), each in [0, hq]
-        vote = vote.masked_fill(~cand[:, None, :], -1.0)
-        score = torch.where(keep[:, None, :], torch.full_like(vote, float(hq + 1)), vote)
+    cand = valid & ~keep
+    s = scale if plan.scale is None else plan.scale
+    if shadow is not None:  # the engine's shadow vote: q scaled first, then quantised like the keys
+        logits = shadow_products((query[:, :, -1].float() * s).reshape(b, hkv, hq // hkv, d), shadow)
+        p = logits.masked_fill(~cand[:, None, None, :], torch.finfo(torch.float32).min).softmax(-1)
+        logits = None
     else:
-        raise ValueError(f"unknown static plan kind {plan.kind!r}")
-    k = min(plan.rows, length)
-    top, idx = score.topk(k, dim=-1)
-    return idx, top > (0.5 if plan.kind == "recent" else -0.5)
+        q = query[:, :, -1].float().reshape(b, hkv, hq // hkv, d).to(key.dtype)
+        logits = torch.matmul(q, key.transpose(-1, -2)).float()  # (B, Hkv, G, L), unscaled
+        p = (logits * s).masked_fill(~cand[:, None, None, :], torch.finfo(torch.float32).min).softmax(-1)
+    vote = p.sum(2) if plan.per_kv_head else p.sum((1, 2)).unsqueeze(1)  # (B, h, L), each in [0, hq]
+    vote = vote.masked_fill(~cand[:, None, :], -1.0)
+    score = torch.where(keep[:, None, :], torch.full_like(vote, float(hq + 1)), vote)
+    # a set, not a ranking: the unsorted top-k is half the cost of the sorted one on a CPU
+    top, idx = score.topk(k, dim=-1, sorted=False)
+    return idx, top > -0.5, logits
+
+
+def _init_shadow(key: torch.Tensor, kind: str) -> tuple:
+    """The vote's shadow of a static cache's keys ``(B, Hkv, N, D)``: ``(int8 keys, fp32 row
+    scales)``, quantised per row as :class:`~tokensparse.engine.shadow.ShadowKeys` does (a row's
+    quantisation depends on that row only, so padding changes nothing)."""
+    if kind != "int8":
+        raise NotImplementedError(f"static shadow {kind!r}")
+    parts = quantize_rows(key)
+    if not torch.compiler.is_compiling():  # fixed addresses: a CUDA graph updates them in place
+        for t in parts:
+            torch._dynamo.mark_static_address(t)
+    return parts
+
+
+def _current_column(valid: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: the cache column of each row's current (last real) token."""
+    return valid.long().argmax(-1) + valid.sum(-1) - 1
+
+
+def _update_shadow(parts: tuple, key: torch.Tensor, valid: torch.Tensor) -> None:
+    """Write the current token's key into the shadow, in place. Fixed shapes, no host reads."""
+    b, hkv, _, d = key.shape
+    at = _current_column(valid).view(b, 1, 1, 1)
+    k_new = key.gather(2, at.expand(b, hkv, 1, d))
+    q8, sc = quantize_rows(k_new)
+    parts[0].scatter_(2, at.expand(b, hkv, 1, d), q8)
+    parts[1].scatter_(2, at.view(b, 1, 1).expand(b, hkv, 1), sc)
+
+
+def shadow_products(q: torch.Tensor, parts: tuple) -> torch.Tensor:
+    """``q (B, Hkv, G, D)`` against a shadow from :func:`_init_shadow`: ``(B, Hkv, G, N)`` fp32,
+    the same numbers as :func:`~tokensparse.engine.shadow.shadow_logits`: exact int32 products of
+    the per-row quantised query and keys, rescaled (``torch._int_mm`` per (row, KV head) on a CPU)."""
+    b, hkv, g, d = q.shape
+    k8, ks = parts
+    q8, qs = quantize_rows(q)
+    if q.device.type == "cpu":  # exact int32 products; CUDA's kernel needs shapes a query group lacks
+        prods = torch.stack([torch._int_mm(k8[i, j], q8[i, j].t().contiguous()).t()
+                             for i in range(b) for j in range(hkv)]).view(b, hkv, g, -1).float()
+    else:  # the same integers in fp32: |Σ| <= D · 127² < 2²⁴ for D <= 1040, so exact
+        prods = torch.matmul(q8.float(), k8.transpose(-1, -2).float())
+    return prods * qs[..., None] * ks[:, :, None, :]
 
 
 def _init_pages(key: torch.Tensor, valid: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,28 +301,43 @@ def static_attention(module, query, key, value, attention_mask, scaling=None, dr
     if not prompt and lq != 1:
         raise ValueError(f"static decode steps take one token per sequence, got {lq}")
     valid = None if dense else _valid_rows(attention_mask, query, key)  # the last query's rows, all N wide
-    pages = kwargs.get("ts_pages")
+    buffers = kwargs.get("ts_buffers")
     if plan.kind == "pages" and not dense:
-        if pages is None:
-            raise RuntimeError("static quest needs the page summaries (ts_pages), which StaticDecoder passes")
+        if buffers is None:
+            raise RuntimeError("static quest needs the page summaries (ts_buffers), which StaticDecoder passes")
         if prompt:  # summarise the prompt's pages (eager)
-            pages[module.layer_idx] = _init_pages(key, valid, plan.page)
+            buffers[module.layer_idx] = _init_pages(key, valid, plan.page)
         else:
-            _update_pages(*pages[module.layer_idx], key, valid, plan.page)
+            _update_pages(*buffers[module.layer_idx], key, valid, plan.page)
+    elif plan.shadow is not None and not dense:
+        if buffers is None:
+            raise RuntimeError("a static vote on a key shadow needs its buffers (ts_buffers), which StaticDecoder passes")
+        if prompt:  # every row of the static cache, unwritten ones (zeros) included: fixed size from here on
+            buffers[module.layer_idx] = _init_shadow(key, plan.shadow)
+        else:
+            _update_shadow(buffers[module.layer_idx], key, valid)
     if prompt and not torch.compiler.is_compiling():  # only the rows written so far
         key, value, attention_mask = _written(key, value, attention_mask)
     if dense or prompt:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
                                              enable_gqa=hkv != hq, is_causal=attention_mask is None)
         return out.transpose(1, 2).contiguous(), None
+    logits = None
     if plan.kind == "pages":
-        idx, ok = select_pages(plan, query, *pages[module.layer_idx], valid)
+        idx, ok = select_pages(plan, query, *buffers[module.layer_idx], valid)
     else:
-        idx, ok = select_rows(plan, query, key, valid, scale)
+        shadow = buffers[module.layer_idx] if plan.shadow is not None else None
+        idx, ok, logits = select_rows(plan, query, key, valid, scale, shadow)
     idx = idx.expand(b, hkv, idx.shape[-1])
     ok = ok.expand(b, hkv, ok.shape[-1])
-    k_sel = key.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1]))
     v_sel = value.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, value.shape[-1]))
+    if logits is not None:  # the vote's q·k of the chosen rows: no key gather, no second product
+        g = hq // hkv
+        s = logits.gather(3, idx.unsqueeze(2).expand(b, hkv, g, idx.shape[-1])) * scale
+        p = s.masked_fill(~ok.unsqueeze(2), float("-inf")).softmax(-1).to(value.dtype)
+        out = torch.matmul(p, v_sel)  # (B, Hkv, G, D)
+        return out.reshape(b, hq, 1, -1).transpose(1, 2).contiguous(), None
+    k_sel = key.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1]))
     q = query.reshape(b, hkv, hq // hkv, d)  # one token: the group's heads are the rows
     out = F.scaled_dot_product_attention(q, k_sel, v_sel, attn_mask=ok.unsqueeze(2), scale=scale)
     return out.reshape(b, hq, 1, -1).transpose(1, 2).contiguous(), None
@@ -301,7 +381,8 @@ class StaticState:
     cpos: torch.Tensor
     token: torch.Tensor
     logits: torch.Tensor
-    pages: dict  # Quest: layer -> (min, max) page summaries, updated in place
+    buffers: dict  # layer -> fixed-size method state, updated in place: Quest's (min, max) page
+    # summaries, or the vote's low-precision key shadow (keys[, row scales])
 
     def copy_from(self, other: "StaticState") -> "StaticState":
         """Overwrite this state with ``other`` in place (same shapes; every tensor keeps its address,
@@ -312,8 +393,8 @@ class StaticState:
             mine.cumulative_length.copy_(theirs.cumulative_length)
         for name in ("mask", "pos", "cpos", "token", "logits"):
             getattr(self, name).copy_(getattr(other, name))
-        for layer, parts in other.pages.items():
-            for mine, theirs in zip(self.pages[layer], parts):
+        for layer, parts in other.buffers.items():
+            for mine, theirs in zip(self.buffers[layer], parts):
                 mine.copy_(theirs)
         return self
 
@@ -350,9 +431,9 @@ class StaticDecoder:
         self.compile_seconds: float | None = None
         self._step = None
 
-    def _forward(self, ids, mask, positions, cache_position, cache, pages, prompt=False):
+    def _forward(self, ids, mask, positions, cache_position, cache, buffers, prompt=False):
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache_position=cache_position,
-                          cache=cache, use_cache=True, logits_to_keep=1, ts_pages=pages,
+                          cache=cache, use_cache=True, logits_to_keep=1, ts_buffers=buffers,
                           ts_prompt=prompt).logits[:, -1].float()
 
     def _compiled(self):
@@ -392,11 +473,29 @@ class StaticDecoder:
         mask[:, :lp] = am  # future slots: ones (causality hides them until written)
         positions = (am.cumsum(-1) - 1).clamp(min=0)
         cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
-        pages: dict = {}
+        buffers: dict = {}
         with self._attached():
-            logits = self._forward(input_ids, mask, positions, torch.arange(lp, device=dev), cache, pages, prompt=True)
+            logits = self._forward(input_ids, mask, positions, torch.arange(lp, device=dev), cache, buffers, prompt=True)
         return StaticState(cache, mask, positions[:, -1:] + 1, torch.full((1,), lp, dtype=torch.long, device=dev),
-                           logits.argmax(-1), logits, pages)
+                           logits.argmax(-1), logits, buffers)
+
+    @torch.no_grad()
+    def with_buffers(self, state: StaticState) -> StaticState:
+        """``state`` (its cache and positions shared, not copied) with this decoder's method buffers
+        rebuilt from the rows written so far: how a state prefilled by another decoder (a
+        benchmark's one dense snapshot) becomes a valid start for this one. No buffers: ``state``."""
+        import dataclasses
+
+        if self.plan.kind != "pages" and self.plan.shadow is None:
+            return state
+        n = int(state.cpos)  # rows written (host read: outside any step)
+        valid = state.mask.bool() & (torch.arange(state.mask.shape[1], device=state.mask.device) < n)
+        buffers = {}
+        for idx, layer in enumerate(state.cache.layers):
+            if idx >= self.plan.dense_layers:
+                buffers[idx] = (_init_pages(layer.keys, valid, self.plan.page) if self.plan.kind == "pages"
+                                else _init_shadow(layer.keys, self.plan.shadow))
+        return dataclasses.replace(state, buffers=buffers)
 
     @torch.no_grad()
     def decode(self, state: StaticState, steps: int):
@@ -407,7 +506,7 @@ class StaticDecoder:
         with self._attached():
             for _ in range(steps):
                 t0 = _sync_time(state.token.device)
-                logits = step(state.token[:, None], state.mask, state.pos, state.cpos, state.cache, state.pages)
+                logits = step(state.token[:, None], state.mask, state.pos, state.cpos, state.cache, state.buffers)
                 seconds.append(_sync_time(state.token.device) - t0)
                 if isinstance(self.compile, str):  # a CUDA-graph replay reuses its output buffer
                     logits = logits.clone()
