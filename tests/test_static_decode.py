@@ -66,6 +66,8 @@ CASES = [
     StreamingLLM(budget=12, n_sink=2),
     ts.methods.get("quest")(budget=12, page=4, dense_layers=1),
     ts.methods.get("quest")(budget=8, page=3, dense_layers=0),
+    ts.methods.get("quest")(budget=12, page=4, dense_layers=1, bound="int8"),
+    ts.methods.get("quest")(budget=8, page=3, dense_layers=0, bound="int8"),
 ]
 
 
@@ -108,8 +110,9 @@ def test_padded_row_equals_alone(shadow):
 @pytest.mark.parametrize("method", [TokenSelect(budget=13, n_sink=2, n_local=3),
                                     TokenSelect(budget=13, n_sink=2, n_local=3, shadow="int8"),
                                     StreamingLLM(budget=9, n_sink=2),
-                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=0)],
-                         ids=["token_select", "token_select-int8", "streaming_llm", "quest"])
+                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=0),
+                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=0, bound="int8")],
+                         ids=["token_select", "token_select-int8", "streaming_llm", "quest", "quest-int8"])
 def test_one_token_prompt(method):
     """A one-token prompt is a prompt (the page summaries / shadow are built), not a decode step;
     the first steps have fewer rows than the budget (every row attended once)."""
@@ -142,8 +145,9 @@ def test_prefill_once_and_restore_the_state(method):
 
 
 @pytest.mark.parametrize("method", [TokenSelect(budget=13, n_sink=2, n_local=3, shadow="int8"),
-                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=1)],
-                         ids=["token_select-int8", "quest"])
+                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=1),
+                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=1, bound="int8")],
+                         ids=["token_select-int8", "quest", "quest-int8"])
 def test_a_dense_snapshot_with_rebuilt_buffers_decodes_as_the_method(method):
     """The benchmark's path: one dense prefill shared by every variant; a method with buffers (page
     summaries, key shadow) rebuilds them from the snapshot's keys (with_buffers) and then decodes
@@ -170,7 +174,7 @@ def test_a_dense_snapshot_with_rebuilt_buffers_decodes_as_the_method(method):
     (TokenSelect(budget=20, n_sink=2, n_local=4, shadow="bf16"), "int8 only"),
     (StreamingLLM(budget=0.5), "integer budget"),
     (ts.methods.get("quest")(budget=0.25), "integer budget"),
-    (ts.methods.get("quest")(bound="int8"), "bound='minmax'"),
+    (ts.methods.get("quest")(bound="bf16"), "bound='minmax' or 'int8'"),
     (ts.methods.get("tidal_decode")(), "no static-shape decode for 'tidal_decode'"),
 ])
 def test_unsupported_configs_are_refused(method, match):
@@ -205,8 +209,9 @@ def test_attention_outside_the_decoder_is_refused():
 
 @pytest.mark.parametrize("method", [TokenSelect(budget=14, n_sink=2, n_local=4, select_per="kv_head"),
                                     TokenSelect(budget=14, n_sink=2, n_local=4, shadow="int8"),
-                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=1)],
-                         ids=["token_select", "token_select-int8", "quest"])
+                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=1),
+                                    ts.methods.get("quest")(budget=8, page=3, dense_layers=1, bound="int8")],
+                         ids=["token_select", "token_select-int8", "quest", "quest-int8"])
 def test_compiled_step_is_one_graph_equal_to_eager_and_not_recompiled(method):
     """fullgraph=True fails on any graph break (a host read such as ``.item()`` included); a second
     prompt of another length reuses the compiled step (the decode step's shapes do not depend on it)."""

@@ -89,7 +89,7 @@ class StaticPlan:
     page: int = 0  # "pages": tokens per page
     n_pages: int = 0  # "pages": pages attended, the current one included
     dense_layers: int = 0  # the first layers run dense
-    shadow: str | None = None  # "vote": rank on an "int8" copy of K kept in fixed-size buffers
+    shadow: str | None = None  # "vote" / "pages": score on an "int8" copy of K kept in fixed-size buffers
 
     @property
     def rows(self) -> int:
@@ -127,15 +127,15 @@ def plan_for(method) -> StaticPlan:
         # the evicting cache holds `budget` rows before a step and attends to them plus the new token
         return StaticPlan("recent", method.n_sink, method.budget - method.n_sink + 1)
     if name == "quest":
-        if not isinstance(method.budget, int) or method.bound != "minmax":
+        if not isinstance(method.budget, int) or method.bound not in ("minmax", "int8"):
             raise NotImplementedError(
-                f"static-shape quest needs an integer budget and bound='minmax', got budget={method.budget!r}, "
-                f"bound={method.bound!r}")
+                f"static-shape quest needs an integer budget and bound='minmax' or 'int8', got "
+                f"budget={method.budget!r}, bound={method.bound!r}")
         return StaticPlan("pages", page=method.page, n_pages=method.n_pages(method.budget),
-                          dense_layers=method.dense_layers)
+                          dense_layers=method.dense_layers, shadow=None if method.bound == "minmax" else "int8")
     raise NotImplementedError(
         f"no static-shape decode for {name!r}; supported: dense (method=None), token_select (int budget, no "
-        "Selection Cache/pooling), streaming_llm (int budget), quest (int budget, min/max bound)")
+        "Selection Cache/pooling), streaming_llm (int budget), quest (int budget, min/max or int8 bound)")
 
 
 def _valid_rows(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -208,13 +208,15 @@ def _current_column(valid: torch.Tensor) -> torch.Tensor:
 
 
 def _update_shadow(parts: tuple, key: torch.Tensor, valid: torch.Tensor) -> None:
-    """Write the current token's key into the shadow, in place. Fixed shapes, no host reads."""
+    """Write the current token's key into the shadow, in place, with ``index_copy_`` at one column
+    (as :class:`~transformers.StaticCache` writes its rows: a left-padded batch writes every row at
+    the same column, so row 0's says where; a ``scatter_`` with per-row positions made inductor copy
+    the whole buffer every step). Fixed shapes, no host reads."""
     b, hkv, _, d = key.shape
-    at = _current_column(valid).view(b, 1, 1, 1)
-    k_new = key.gather(2, at.expand(b, hkv, 1, d))
-    q8, sc = quantize_rows(k_new)
-    parts[0].scatter_(2, at.expand(b, hkv, 1, d), q8)
-    parts[1].scatter_(2, at.view(b, 1, 1).expand(b, hkv, 1), sc)
+    col = _current_column(valid[:1])  # (1,)
+    q8, sc = quantize_rows(key.index_select(2, col))  # (B, Hkv, 1, D), (B, Hkv, 1)
+    parts[0].index_copy_(2, col, q8)
+    parts[1].index_copy_(2, col, sc)
 
 
 def shadow_products(q: torch.Tensor, parts: tuple) -> torch.Tensor:
@@ -264,17 +266,22 @@ def _update_pages(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, val
     kmax.scatter_(2, at, torch.where(first, k_new, torch.maximum(kmax.gather(2, at), k_new)))
 
 
-def select_pages(plan: StaticPlan, query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+def select_pages(plan: StaticPlan, query: torch.Tensor, buffers: tuple,
                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quest's choice with fixed shapes: ``(idx, ok)``, each ``(B, Hkv, n_pages · page)``: the
-    current (last) page and the ``n_pages - 1`` full pages with the largest bound
-    ``Σ_d max(q_d·M_d, q_d·m_d)`` (maximised over the query group), as cache columns."""
-    n_p = kmin.shape[2]
+    current (last) page and the ``n_pages - 1`` full pages with the largest score, as cache columns.
+    The score: the min/max bound ``Σ_d max(q_d·M_d, q_d·m_d)`` from the page summaries
+    ``buffers = (kmin, kmax)``, or with ``plan.shadow`` the exact maximum over the page of ``q·k``
+    on the int8 key shadow ``buffers`` (both maximised over the query group, as the engine's Quest)."""
     page = plan.page
     n = valid.sum(-1, keepdim=True)  # (B, 1)
     pad = valid.long().argmax(-1, keepdim=True)  # the first real column
     last = (n - 1) // page  # the current page
-    bound = minmax_bound(query[:, :, -1:], kmin, kmax)  # (B, Hkv, P), as the engine's Quest
+    if plan.shadow is None:
+        bound = minmax_bound(query[:, :, -1:], *buffers)  # (B, Hkv, P)
+    else:
+        bound = _shadow_page_maxima(query, buffers, valid, pad, page)
+    n_p = bound.shape[-1]
     p_idx = torch.arange(n_p, device=query.device)
     score = bound.masked_fill(~(p_idx < last)[:, None, :], float("-inf"))
     score = torch.where((p_idx == last)[:, None, :], torch.full_like(score, float("inf")), score)
@@ -282,6 +289,22 @@ def select_pages(plan: StaticPlan, query: torch.Tensor, kmin: torch.Tensor, kmax
     rank = (chosen[..., None] * page + torch.arange(page, device=query.device)).flatten(-2)  # (B, Hkv, k·page)
     ok = (top > float("-inf")).repeat_interleave(page, -1) & (rank < n[:, :, None])
     return (pad[:, :, None] + rank).clamp_max(valid.shape[-1] - 1), ok
+
+
+def _shadow_page_maxima(query: torch.Tensor, parts: tuple, valid: torch.Tensor, pad: torch.Tensor,
+                        page: int) -> torch.Tensor:
+    """``(B, Hkv, ⌈N / page⌉)``: per page (counted from each row's first real column) the maximum
+    over its real keys and the query group of ``q·k`` on the int8 shadow (unscaled, the raw query as
+    the engine's ``shadow_token_scores``); ``-inf`` where a page has no real key."""
+    b, hq, _, d = query.shape
+    hkv, length = parts[0].shape[1], parts[0].shape[2]
+    s = shadow_products(query[:, :, -1].float().reshape(b, hkv, hq // hkv, d), parts).amax(2)  # (B, Hkv, N)
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    n_p = -(-length // page)
+    cols = pad + torch.arange(n_p * page, device=query.device)  # (B, P·page): each row's own page grid
+    g = s.gather(2, cols.clamp_max(length - 1)[:, None, :].expand(b, hkv, -1))
+    g = g.masked_fill(~(cols < length)[:, None, :], float("-inf"))
+    return g.view(b, hkv, n_p, page).amax(-1)
 
 
 def static_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -302,20 +325,20 @@ def static_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise ValueError(f"static decode steps take one token per sequence, got {lq}")
     valid = None if dense else _valid_rows(attention_mask, query, key)  # the last query's rows, all N wide
     buffers = kwargs.get("ts_buffers")
-    if plan.kind == "pages" and not dense:
+    if plan.shadow is not None and not dense:
+        if buffers is None:
+            raise RuntimeError("a static method on a key shadow needs its buffers (ts_buffers), which StaticDecoder passes")
+        if prompt:  # every row of the static cache, unwritten ones (zeros) included: fixed size from here on
+            buffers[module.layer_idx] = _init_shadow(key, plan.shadow)
+        else:
+            _update_shadow(buffers[module.layer_idx], key, valid)
+    elif plan.kind == "pages" and not dense:
         if buffers is None:
             raise RuntimeError("static quest needs the page summaries (ts_buffers), which StaticDecoder passes")
         if prompt:  # summarise the prompt's pages (eager)
             buffers[module.layer_idx] = _init_pages(key, valid, plan.page)
         else:
             _update_pages(*buffers[module.layer_idx], key, valid, plan.page)
-    elif plan.shadow is not None and not dense:
-        if buffers is None:
-            raise RuntimeError("a static vote on a key shadow needs its buffers (ts_buffers), which StaticDecoder passes")
-        if prompt:  # every row of the static cache, unwritten ones (zeros) included: fixed size from here on
-            buffers[module.layer_idx] = _init_shadow(key, plan.shadow)
-        else:
-            _update_shadow(buffers[module.layer_idx], key, valid)
     if prompt and not torch.compiler.is_compiling():  # only the rows written so far
         key, value, attention_mask = _written(key, value, attention_mask)
     if dense or prompt:
@@ -324,7 +347,7 @@ def static_attention(module, query, key, value, attention_mask, scaling=None, dr
         return out.transpose(1, 2).contiguous(), None
     logits = None
     if plan.kind == "pages":
-        idx, ok = select_pages(plan, query, *buffers[module.layer_idx], valid)
+        idx, ok = select_pages(plan, query, buffers[module.layer_idx], valid)
     else:
         shadow = buffers[module.layer_idx] if plan.shadow is not None else None
         idx, ok, logits = select_rows(plan, query, key, valid, scale, shadow)
@@ -493,8 +516,8 @@ class StaticDecoder:
         buffers = {}
         for idx, layer in enumerate(state.cache.layers):
             if idx >= self.plan.dense_layers:
-                buffers[idx] = (_init_pages(layer.keys, valid, self.plan.page) if self.plan.kind == "pages"
-                                else _init_shadow(layer.keys, self.plan.shadow))
+                buffers[idx] = (_init_shadow(layer.keys, self.plan.shadow) if self.plan.shadow is not None
+                                else _init_pages(layer.keys, valid, self.plan.page))
         return dataclasses.replace(state, buffers=buffers)
 
     @torch.no_grad()
