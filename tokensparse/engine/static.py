@@ -258,7 +258,7 @@ def _update_pages(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, val
     it). Fixed shapes, no host reads."""
     b, hkv, _, d = key.shape
     n = valid.sum(-1)  # (B,) real tokens, the current one included
-    cur = valid.long().argmax(-1) + n - 1  # its column: the first real one + n - 1
+    cur = _current_column(valid)
     k_new = key.gather(2, cur.view(b, 1, 1, 1).expand(b, hkv, 1, d))
     at = ((n - 1) // page).view(b, 1, 1, 1).expand(b, hkv, 1, d)
     first = ((n - 1) % page == 0).view(b, 1, 1, 1)
