@@ -8,7 +8,7 @@ import torch
 import tokensparse as ts
 from tokensparse.engine import PreallocLayer
 from tokensparse.engine.observers import Observer
-from tokensparse.engine.shadow import ShadowKeys, quantize_rows, shadow_logits
+from tokensparse.engine.shadow import ShadowKeys, int8_products, quantize_rows, shadow_logits
 from tokensparse.testing import tiny_inputs, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,6 +37,23 @@ def test_int8_shadow_follows_writes_and_scores_exactly():
     layer.crop(-3)
     layer.reorder_cache(torch.tensor([1, 0]))
     assert st.n == 32 and torch.equal(st.keys[:, :, :32], quantize_rows(layer.keys)[0])
+
+
+def test_int8_products_batched_path_equals_int_mm_exactly():
+    """The batched fp32 product (devices other than a CPU, and shapes ``torch._int_mm`` refuses)
+    gives the very integers of the CPU kernel: queries are quantised per row, so 17 rows (batched
+    path) equal 16 + 1 rows (``_int_mm`` path) bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    k8, ks = quantize_rows(torch.randn(2, 3, 40, 64, generator=g) * 3)
+    q = torch.randn(2, 3, 17, 64, generator=g)
+    batched = int8_products(q, k8, ks)
+    split = torch.cat([int8_products(q[:, :, :16], k8, ks), int8_products(q[:, :, 16:], k8, ks)], dim=2)
+    assert torch.equal(batched, split)
+    qq, qs = quantize_rows(q)
+    ints = torch.einsum("bhmd,bhnd->bhmn", qq.double(), k8.double())
+    assert torch.equal(batched, (ints.float() * qs[..., None] * ks[:, :, None, :]))
+    with pytest.raises(ValueError, match="head_dim"):
+        int8_products(torch.randn(1, 1, 1, 2048), *quantize_rows(torch.randn(1, 1, 20, 2048)))
 
 
 def test_bf16_shadow_scores_close_to_fp32():

@@ -5,16 +5,15 @@ vote, an exact per-page maximum) costs as much as a good part of the attention i
 :class:`ShadowKeys` keeps a copy of every key written, in ``bf16`` (half the bytes of fp32) or
 ``int8`` (a quarter; symmetric per-row quantisation: ``k ≈ scale · q8`` with ``scale = max|k| /
 127`` per row and KV head), maintained on write like any :class:`~tokensparse.engine.cache.CacheState`.
-:func:`shadow_logits` scores queries against it: bf16 with a grouped ``linear``; int8 with
-``torch._int_mm`` (queries quantised per row the same way, the int32 products rescaled), falling
-back to dequantised fp32 where that kernel is unavailable. The shadow only ranks keys; attention
+:func:`shadow_logits` scores queries against it: bf16 with one batched ``matmul``; int8 with
+:func:`int8_products` (queries quantised per row the same way, exact integer products rescaled:
+``torch._int_mm`` on a CPU, one batched fp32 ``matmul`` of the same integers elsewhere). The shadow only ranks keys; attention
 always reads the full-precision cache.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .cache import CacheState, row_buffer
 
@@ -74,44 +73,34 @@ def shadow_of(call, kind: str) -> ShadowKeys:
     return call.cache_layer.state(f"shadow.{kind}", lambda: ShadowKeys(kind))
 
 
-_INT_MM_OK: dict[str, bool] = {}
-
-
-def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    dev = a.device.type
-    if _INT_MM_OK.get(dev) is False:
-        return None
-    try:
-        out = torch._int_mm(a, b)
-    except (RuntimeError, AttributeError, NotImplementedError):
-        _INT_MM_OK[dev] = False
-        return None
-    _INT_MM_OK[dev] = True
-    return out
+def int8_products(q: torch.Tensor, k8: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """``q (B, Hkv, M, D)`` against int8 keys ``k8 (B, Hkv, n, D)`` with row scales ``ks (B, Hkv, n)``:
+    ``(B, Hkv, M, n)`` fp32, the exact integer products of the per-row quantised query and keys,
+    rescaled. On a CPU ``torch._int_mm`` per (row, KV head) (it is 2-D only); elsewhere, and for
+    shapes that kernel refuses (``n <= 16`` or ``M > 16``), one batched fp32 ``matmul`` over every
+    row and KV head: the same integers, exact because every partial sum is an integer with
+    ``|Σ| <= D · 127² < 2²⁴`` for ``D <= 1040``. Used by the engine's scorers and the static step."""
+    b, h, m, d = q.shape
+    if d > 1040:
+        raise ValueError(f"int8 products are exact in fp32 up to head_dim 1040, got {d}")
+    n = k8.shape[2]
+    q8, qs = quantize_rows(q)
+    if q.device.type == "cpu" and n > 16 and m <= 16:
+        prods = torch.stack([torch._int_mm(k8[i, j], q8[i, j].t().contiguous()).t()
+                             for i in range(b) for j in range(h)]).view(b, h, m, n).float()
+    else:
+        prods = torch.matmul(q8.float(), k8.transpose(-1, -2).float())
+    return prods * qs[..., None] * ks[:, :, None, :]
 
 
 def shadow_logits(q: torch.Tensor, shadow: ShadowKeys) -> torch.Tensor:
-    """``q (B, Hkv, M, D)`` · shadow keysᵀ → ``(B, Hkv, M, n)`` fp32 (unscaled dot products)."""
-    b, h, m, d = q.shape
+    """``q (B, Hkv, M, D)`` · shadow keysᵀ → ``(B, Hkv, M, n)`` fp32 (unscaled dot products); one
+    batched product over every row and KV head (bf16), or :func:`int8_products`."""
     n = shadow.n
-    out = torch.empty(b, h, m, n, dtype=torch.float32, device=q.device)
     keys = shadow.keys[:, :, :n]
     if shadow.kind == "bf16":
-        qb = q.to(torch.bfloat16)
-        for i in range(b):
-            for j in range(h):
-                out[i, j] = F.linear(qb[i, j], keys[i, j]).float()
-        return out
-    q8, qs = quantize_rows(q)  # (B, Hkv, M, D), (B, Hkv, M)
-    ks = shadow.scale[:, :, :n]
-    for i in range(b):
-        for j in range(h):
-            prod = _int_mm(keys[i, j], q8[i, j].t().contiguous()) if n > 16 and m <= 16 else None
-            if prod is None:
-                out[i, j] = q8[i, j].float() @ keys[i, j].float().t()
-            else:
-                out[i, j] = prod.t()
-    return out * qs[..., None] * ks[:, :, None, :]
+        return torch.matmul(q.to(torch.bfloat16), keys.transpose(-1, -2)).float()
+    return int8_products(q, keys, shadow.scale[:, :, :n])
 
 
 def shadow_token_scores(call, kind: str, query: torch.Tensor, start: int, rows: slice) -> torch.Tensor:

@@ -62,7 +62,7 @@ from ..models import check_supported
 from .attach import attached, attention_modules
 from .cache import summarize_pages
 from .pages import minmax_bound
-from .shadow import quantize_rows
+from .shadow import int8_products, quantize_rows
 
 STATIC_ATTN = "tokensparse_static"
 _registered = False
@@ -221,17 +221,9 @@ def _update_shadow(parts: tuple, key: torch.Tensor, valid: torch.Tensor) -> None
 
 def shadow_products(q: torch.Tensor, parts: tuple) -> torch.Tensor:
     """``q (B, Hkv, G, D)`` against a shadow from :func:`_init_shadow`: ``(B, Hkv, G, N)`` fp32,
-    the same numbers as :func:`~tokensparse.engine.shadow.shadow_logits`: exact int32 products of
-    the per-row quantised query and keys, rescaled (``torch._int_mm`` per (row, KV head) on a CPU)."""
-    b, hkv, g, d = q.shape
-    k8, ks = parts
-    q8, qs = quantize_rows(q)
-    if q.device.type == "cpu":  # exact int32 products; CUDA's kernel needs shapes a query group lacks
-        prods = torch.stack([torch._int_mm(k8[i, j], q8[i, j].t().contiguous()).t()
-                             for i in range(b) for j in range(hkv)]).view(b, hkv, g, -1).float()
-    else:  # the same integers in fp32: |Σ| <= D · 127² < 2²⁴ for D <= 1040, so exact
-        prods = torch.matmul(q8.float(), k8.transpose(-1, -2).float())
-    return prods * qs[..., None] * ks[:, :, None, :]
+    the same numbers as :func:`~tokensparse.engine.shadow.shadow_logits` (both are
+    :func:`~tokensparse.engine.shadow.int8_products`)."""
+    return int8_products(q, *parts)
 
 
 def _init_pages(key: torch.Tensor, valid: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
