@@ -404,7 +404,7 @@ def test_cli_skip_peers_and_dry_run(model, tok, fake, monkeypatch, tmp_path, cap
     args = _parser().parse_args(["eval", "--config", str(cfg), "--skip-peers", "--dry-run"])
     assert args.func(args) == 0
     assert "peers SKIPPED (--skip-peers or skip_peers)" in capsys.readouterr().out
-    monkeypatch.setattr(ts, "load_model", lambda path=None: (model, tok))
+    monkeypatch.setattr(ts, "load_model", lambda path=None, **kw: (model, tok))
     args = _parser().parse_args(["eval", "--config", str(cfg), "--skip-peers", "--out", str(tmp_path / "res"),
                                  "--threads", "1", "--no-progress"])
     assert args.func(args) == 0

@@ -151,7 +151,7 @@ def _parser():
 def test_commands_eval_and_report(model, tok, tmp_path, monkeypatch, capsys):
     cfg = tmp_path / "grid.json"
     cfg.write_text(json.dumps(CONFIG))
-    monkeypatch.setattr(ts, "load_model", lambda path=None: (model, tok))
+    monkeypatch.setattr(ts, "load_model", lambda path=None, **kw: (model, tok))
     args = _parser().parse_args(["eval", "--config", str(cfg), "--set", "seeds=[3]", "--out", str(tmp_path / "res"),
                                  "--threads", "1", "--no-progress"])
     assert args.func(args) == 0
@@ -217,3 +217,59 @@ def test_without_telemetry_the_score_shares_the_generation_prefill(model, tok, t
         assert len(r["answer_token_logprobs"]) == r["answer_tokens"]
         if r["method"] != "dense":
             assert r["fidelity"]["kl"] >= 0
+
+
+ROPE = {"rope_type": "yarn", "factor": 2.0}
+
+
+def _scaled(model):
+    import copy
+
+    m = copy.deepcopy(model)
+    m.config.rope_parameters = {**(m.config.rope_parameters or {}), **ROPE}
+    return m
+
+
+def test_rope_scaling_config_is_validated():
+    assert G.build_grid(CONFIG).rope_scaling is None
+    assert G.build_grid({**CONFIG, "rope_scaling": {"rope_type": "yarn", "factor": 4}}).rope_scaling == \
+        {"rope_type": "yarn", "factor": 4.0}
+    for bad, msg in [({"rope_type": "yarn"}, "exactly rope_type and factor"), ("yarn", "exactly rope_type"),
+                     ({"rope_type": "ntk", "factor": 2.0}, "rope_type must be one of"),
+                     ({"rope_type": "yarn", "factor": 1.0}, "factor must be a number > 1"),
+                     ({"rope_type": "yarn", "factor": True}, "factor must be a number > 1")]:
+        with pytest.raises(G.ConfigError, match=msg):
+            G.build_grid({**CONFIG, "rope_scaling": bad})
+    with pytest.raises(G.ConfigError, match="not passed to peer libraries"):
+        G.build_grid({**CONFIG, "rope_scaling": ROPE, "peers": [{"peer": "kvpress", "presses": [["snapkv", 0.5]]}]})
+
+
+def test_rope_scaling_keys_rows_apart_and_refuses_an_unscaled_model(model, tok, tmp_path):
+    plain, scaled = runner.model_id(model), runner.model_id(_scaled(model))
+    assert "rope" not in plain and scaled["rope"] == ROPE and scaled["fingerprint"] == plain["fingerprint"]
+    grid = G.build_grid({**CONFIG, "rope_scaling": ROPE})
+    sample = grid.sample_specs()[0]
+    spec = grid.methods[0]
+    assert runner.row_key(plain, sample, spec, spec.full_config(), 4) != \
+        runner.row_key(scaled, sample, spec, spec.full_config(), 4)
+    with pytest.raises(ValueError, match=r"rope_scaling .* the model's config carries none"):
+        runner.run_grid(model, tok, grid, tmp_path, progress=False)
+    assert not (tmp_path / "tiny.jsonl").exists()  # refused before anything ran
+
+
+def test_cli_eval_loads_the_model_with_the_grids_rope_scaling(model, tok, tmp_path, monkeypatch):
+    seen = {}
+
+    def load(path=None, **kw):
+        seen.update(kw)
+        return _scaled(model), tok
+
+    monkeypatch.setattr(ts, "load_model", load)
+    cfg = tmp_path / "grid.json"
+    cfg.write_text(json.dumps({**CONFIG, "methods": [], "rope_scaling": ROPE}))
+    args = _parser().parse_args(["eval", "--config", str(cfg), "--out", str(tmp_path / "res"), "--threads", "1",
+                                 "--no-progress"])
+    assert args.func(args) == 0
+    assert seen == {"rope_scaling": ROPE}
+    rows = runner.read_rows(tmp_path / "res" / "tiny.jsonl")
+    assert len(rows) == 1 and rows[0]["model"]["rope"] == ROPE

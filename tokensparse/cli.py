@@ -67,14 +67,14 @@ def check_model_arg(path: str | None, command: str) -> None:
         raise SystemExit(f"tokensparse {command}: --model: {_one_line(e)}") from None
 
 
-def load_model_or_exit(path: str | None, command: str):
-    """``tokensparse.load_model(path)``, with its errors (missing bundled package, unsupported family,
-    missing weights or tokenizer files) turned into a one-line ``SystemExit``."""
+def load_model_or_exit(path: str | None, command: str, rope_scaling: dict | None = None):
+    """``tokensparse.load_model(path, rope_scaling=...)``, with its errors (missing bundled package,
+    unsupported family, missing weights or tokenizer files) turned into a one-line ``SystemExit``."""
     import tokensparse as ts
     from tokensparse.models import ModelLoadError, UnsupportedModelError
 
     try:
-        return ts.load_model(path)
+        return ts.load_model(path, rope_scaling=rope_scaling)
     except (ModelLoadError, UnsupportedModelError, OSError) as e:
         where = f"--model {path}" if path is not None else "the bundled model"
         raise SystemExit(f"tokensparse {command}: cannot load {where}: {_one_line(e)}") from None

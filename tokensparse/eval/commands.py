@@ -150,14 +150,14 @@ def cmd_eval(args) -> int:
 
         try:
             import_ray()  # before anything starts
-            summary = run_grid_ray(LocalModel(args.model), grid, args.out,
+            summary = run_grid_ray(LocalModel(args.model, grid.rope_scaling), grid, args.out,
                                    address=None if args.ray == "local" else args.ray, workers=workers,
                                    threads_per_worker=threads, progress=not args.no_progress,
                                    command=_command_line(args), skip_peers=skip_peers)
         except (RayUnavailable, RayRunError, KvpressEnvMissing, PeerSetupError) as e:
             raise SystemExit(f"tokensparse eval: {e}") from None
     else:
-        model, tokenizer = load_model_or_exit(args.model, "eval")
+        model, tokenizer = load_model_or_exit(args.model, "eval", rope_scaling=grid.rope_scaling)
         try:
             summary = run_grid(model, tokenizer, grid, args.out, progress=not args.no_progress,
                                command=_command_line(args), skip_peers=skip_peers)

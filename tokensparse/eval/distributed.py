@@ -76,14 +76,16 @@ def import_ray():
 class LocalModel:
     """Loader of the bundled SmolLM2 (``path=None``) or a local Hugging Face model directory, through
     :func:`tokensparse.load_model`. Picklable, so it can be sent to Ray workers, which each call it
-    once; on a cluster, ``path`` must exist on every node."""
+    once; on a cluster, ``path`` must exist on every node. ``rope_scaling``: as
+    :func:`tokensparse.load_model`'s (the grid's ``rope_scaling``)."""
 
     path: str | None = None
+    rope_scaling: dict | None = None
 
     def __call__(self):
         import tokensparse as ts
 
-        return ts.load_model(self.path)
+        return ts.load_model(self.path, rope_scaling=self.rope_scaling)
 
 
 class _SampleWorker:
@@ -175,6 +177,9 @@ def run_grid_ray(loader, grid: Grid, out: str | Path, *, address: str | None = N
             if (info["model"]["fingerprint"], info["model"]["dtype"]) != (minfo["fingerprint"], minfo["dtype"]):
                 raise RayRunError(f"Ray worker {i} loaded other weights than worker 0 ({info['model']} vs {minfo}); "
                                    "every node must have the same model at the same path")
+        if grid.rope_scaling is not None and minfo.get("rope") != grid.rope_scaling:
+            raise RayRunError(f"the grid asks for rope_scaling {grid.rope_scaling} but the Ray workers' model carries "
+                              f"{minfo.get('rope') or 'none'}: give the loader the same rope_scaling")
 
         prep = runner.prepare_run(grid, out, minfo, skip_peers,
                                   f"{workers} Ray workers × {threads_per_worker} torch threads")

@@ -24,11 +24,18 @@ Config format (every key optional except ``tasks``; defaults shown)::
       "max_new_tokens": null,            # null: the task's own
       "threads": null,                   # torch threads (the CLI's --threads wins)
       "peers": [],                       # peer libraries run on the same samples (below)
-      "skip_peers": false                # true (or `tokensparse eval --skip-peers`): run no peer
-    }
+      "skip_peers": false,               # true (or `tokensparse eval --skip-peers`): run no peer
+      "rope_scaling": null               # e.g. {"rope_type": "yarn", "factor": 4.0}: prompts beyond the
+    }                                    # trained context (below)
 
 ``depths`` apply only to needle tasks (:data:`tasks.DEPTH_TASKS`); ``null`` means a random depth
 per sample, and is the default. ``options`` go to the task generator (e.g. ``{"haystack": "essay"}``).
+
+``rope_scaling`` runs prompts beyond the model's trained context (the bundled SmolLM2: 8192 tokens)
+with RoPE scaling set through the model config (:func:`tokensparse.load_model`'s ``rope_scaling``;
+the benchmarks use YaRN ×2 up to 16K, ×4 up to 32K). ``tokensparse eval`` loads the model with it;
+:func:`~tokensparse.eval.runner.run_grid` refuses a model whose config does not carry the same
+scaling, and the rows of a scaled model are keyed apart from unscaled ones (``model.rope``).
 
 Overrides are ``key=value`` strings with a dotted path (list items by index) and a JSON value; a
 value that is not JSON is taken as a string: ``lengths=[1024]``, ``telemetry=false``,
@@ -87,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "peers": [],
     "skip_peers": False,
+    "rope_scaling": None,
 }
 TASK_KEYS = ("task", "lengths", "depths", "options")
 METHOD_KEYS = ("method", "configs", "placements")
@@ -295,6 +303,7 @@ class Grid:
     config: dict  # the validated raw config (recorded with the results)
     peers: list[PeerSpec] = field(default_factory=list)
     skip_peers: bool = False
+    rope_scaling: dict | None = None
 
     def sample_specs(self) -> list[SampleSpec]:
         """Tasks outer, then lengths, depths, seeds, sample index."""
@@ -558,6 +567,10 @@ def build_grid(config: dict) -> Grid:
     for key in ("answer_loglik", "telemetry", "skip_peers"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
+    rope = _rope_scaling(cfg["rope_scaling"])
+    if rope is not None and cfg["peers"]:
+        raise ConfigError("rope_scaling is not passed to peer libraries: run the peers in a grid without it "
+                          "(their rows would come from an unscaled model)")
     if not isinstance(cfg["peers"], list):
         raise ConfigError("'peers' must be a list of objects, e.g. [{\"peer\": \"kvpress\", \"presses\": [[\"snapkv\", 0.5]]}]")
     peers, seen = [], set()
@@ -572,5 +585,23 @@ def build_grid(config: dict) -> Grid:
         tasks=task_specs, methods=list(unique.values()), answer_loglik=cfg["answer_loglik"],
         loglik_max_length=cfg["loglik_max_length"], telemetry=cfg["telemetry"],
         max_new_tokens=cfg["max_new_tokens"], threads=cfg["threads"], config=_jsonable(cfg),
-        peers=peers, skip_peers=cfg["skip_peers"],
+        peers=peers, skip_peers=cfg["skip_peers"], rope_scaling=rope,
     )
+
+
+def _rope_scaling(v) -> dict | None:
+    """The grid's ``rope_scaling``: null, or ``{"rope_type": "linear"|"dynamic"|"yarn", "factor": > 1}``."""
+    if v is None:
+        return None
+    from ..models import ROPE_SCALING_TYPES
+
+    example = '{"rope_type": "yarn", "factor": 4.0}'
+    if not isinstance(v, dict) or set(v) != {"rope_type", "factor"}:
+        raise ConfigError(f"rope_scaling must be null or an object with exactly rope_type and factor, e.g. {example}, "
+                          f"got {v!r}")
+    if v["rope_type"] not in ROPE_SCALING_TYPES:
+        raise ConfigError(f"rope_scaling.rope_type must be one of {list(ROPE_SCALING_TYPES)}, got {v['rope_type']!r}")
+    f = v["factor"]
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 1:
+        raise ConfigError(f"rope_scaling.factor must be a number > 1, got {f!r}")
+    return {"rope_type": v["rope_type"], "factor": float(f)}

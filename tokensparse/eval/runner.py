@@ -92,14 +92,40 @@ __all__ = ["PeerSetupError", "run_grid", "run_sample_runs", "prepare_run", "run_
 # keys and the results file
 
 
+def model_rope(model) -> dict | None:
+    """The RoPE scaling the model's config carries, ``{"rope_type", "factor"}``, or ``None`` (unscaled)."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rtype = params.get("rope_type", params.get("type"))
+    if rtype in (None, "default"):
+        return None
+    factor = params.get("factor")
+    return {"rope_type": rtype, "factor": None if factor is None else float(factor)}
+
+
 def model_id(model) -> dict:
-    """Fingerprint (weights and architecture), path and dtype: results of another model never match."""
+    """Fingerprint (weights and architecture), path and dtype: results of another model never match.
+    A model run with RoPE scaling adds ``rope`` (:func:`model_rope`), which enters the row keys."""
     dtype = next(model.parameters()).dtype
-    return {
+    info = {
         "fingerprint": ts.model_fingerprint(model),
         "path": getattr(model.config, "_name_or_path", None) or None,
         "dtype": str(dtype).replace("torch.", ""),
     }
+    rope = model_rope(model)
+    if rope is not None:
+        info["rope"] = rope
+    return info
+
+
+def check_rope(grid: Grid, model) -> None:
+    """A grid with ``rope_scaling`` runs only on a model loaded with that scaling (no silent mismatch)."""
+    if grid.rope_scaling is None:
+        return
+    have = model_rope(model)
+    if have != grid.rope_scaling:
+        raise ValueError(f"the grid asks for rope_scaling {grid.rope_scaling} but the model's config carries "
+                         f"{have or 'none'}: load it with tokensparse.load_model(..., rope_scaling=...)")
 
 
 def row_key(model_info: dict, sample: SampleSpec, spec: MethodSpec, full_config: dict,
@@ -111,6 +137,8 @@ def row_key(model_info: dict, sample: SampleSpec, spec: MethodSpec, full_config:
         "seed": sample.seed, "index": sample.index, "placement": spec.placement, "config": full_config,
         "max_new_tokens": max_new_tokens,
     }
+    if model_info.get("rope"):  # (absent for unscaled models: their stored keys do not change)
+        ident["rope"] = model_info["rope"]
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -350,6 +378,7 @@ def run_grid(model, tokenizer, grid: Grid, out: str | Path, *, progress: bool = 
     """
     from tqdm.auto import tqdm
 
+    check_rope(grid, model)
     minfo = model_id(model)
     env = environment(model, command)
     run_id = new_run_id()
