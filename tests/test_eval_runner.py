@@ -257,7 +257,7 @@ def test_rope_scaling_keys_rows_apart_and_refuses_an_unscaled_model(model, tok, 
     assert not (tmp_path / "tiny.jsonl").exists()  # refused before anything ran
 
 
-def test_cli_eval_loads_the_model_with_the_grids_rope_scaling(model, tok, tmp_path, monkeypatch):
+def test_cli_eval_loads_the_model_with_the_grids_rope_scaling(model, tok, tmp_path, monkeypatch, capsys):
     seen = {}
 
     def load(path=None, **kw):
@@ -271,5 +271,6 @@ def test_cli_eval_loads_the_model_with_the_grids_rope_scaling(model, tok, tmp_pa
                                  "--no-progress"])
     assert args.func(args) == 0
     assert seen == {"rope_scaling": ROPE}
+    assert 'model loaded with rope_scaling {"rope_type": "yarn", "factor": 2.0}' in capsys.readouterr().out
     rows = runner.read_rows(tmp_path / "res" / "tiny.jsonl")
     assert len(rows) == 1 and rows[0]["model"]["rope"] == ROPE

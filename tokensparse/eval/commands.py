@@ -22,6 +22,7 @@ order, and resume works the same way; peers run in the driver afterwards. Ray is
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 
@@ -122,6 +123,8 @@ def cmd_eval(args) -> int:
                if use_ray else f"{torch.get_num_threads()} torch threads")
     print(f"grid {grid.name!r}: {n_samples} samples × {len(grid.methods)} method runs = {n_runs} runs "
           f"-> {path} ({compute})")
+    if grid.rope_scaling is not None:
+        print(f"model loaded with rope_scaling {json.dumps(grid.rope_scaling)}")
     skip_peers = args.skip_peers or grid.skip_peers
     if grid.peers:
         names = ", ".join(dict.fromkeys(p.peer for p in grid.peers))
