@@ -192,7 +192,7 @@ def test_grouped_dot_matches_matmul_on_views():
 
 
 def test_gather_pages_equals_gather_rows_on_cache_views():
-    from tokensparse.engine.executors import gather_pages, gather_rows
+    from tokensparse.engine.executors import gather_pages, gather_rows, page_rows
 
     g = torch.Generator().manual_seed(0)
     buf = torch.randn(2, 3, 40, 8, generator=g)
@@ -200,6 +200,7 @@ def test_gather_pages_equals_gather_rows_on_cache_views():
     pages = torch.tensor([[[0, 2, 5], [1, 3, 4], [0, 1, 2]], [[5, 4, 3], [2, 3, 5], [0, 4, 5]]]).sort(-1).values
     rows = (pages[..., None] * 4 + torch.arange(4)).flatten(-2)
     assert torch.equal(gather_pages(x, pages, 4), gather_rows(x, rows))
+    assert torch.equal(page_rows(pages, 4), rows)  # (the path off a CPU: gather_rows(x, page_rows(...)))
 
 
 def test_decode_backends_is_a_no_op_without_cuda_and_sdpa_equals_torch():

@@ -275,7 +275,10 @@ def gather_pages(x: torch.Tensor, pages: torch.Tensor, page: int) -> torch.Tenso
     """Whole pages ``pages (B, H, k)`` (page ``j`` = rows ``[j·page, (j+1)·page)``) of ``x (B, H, L, D)``
     → ``(B, H, k·page, D)``: one ``index_select`` per (sequence, head) over a view of its rows as
     ``(L // page, page·D)`` pages, i.e. one contiguous copy per page instead of one per row (the
-    pages must lie below ``L``). Equals :func:`gather_rows` on the pages' rows."""
+    pages must lie below ``L``). Equals :func:`gather_rows` on the pages' rows, which is what runs
+    off a CPU: one flat ``index_select`` there instead of a kernel launch per (sequence, head)."""
+    if x.device.type != "cpu":
+        return gather_rows(x, page_rows(pages, page))
     b, h, k = pages.shape
     d = x.shape[-1]
     n_full = x.shape[2] // page
@@ -287,6 +290,13 @@ def gather_pages(x: torch.Tensor, pages: torch.Tensor, page: int) -> torch.Tenso
                 rows = rows.contiguous()
             torch.index_select(rows.view(n_full, page * d), 0, pages[i, j], out=out[i, j].view(k, page * d))
     return out
+
+
+def page_rows(pages: torch.Tensor, page: int) -> torch.Tensor:
+    """The rows ``(B, H, k·page)`` of pages ``(B, H, k)``, page by page in order."""
+    b, h, k = pages.shape
+    offs = torch.arange(page, device=pages.device, dtype=pages.dtype)
+    return (pages.unsqueeze(-1) * page + offs).reshape(b, h, k * page)
 
 
 def compress_attend_scatter(q, k, v, idx, scale=None, key_valid=None, impl: str = "fast", valid=None,
