@@ -177,9 +177,8 @@ def run_grid_ray(loader, grid: Grid, out: str | Path, *, address: str | None = N
             if (info["model"]["fingerprint"], info["model"]["dtype"]) != (minfo["fingerprint"], minfo["dtype"]):
                 raise RayRunError(f"Ray worker {i} loaded other weights than worker 0 ({info['model']} vs {minfo}); "
                                    "every node must have the same model at the same path")
-        if grid.rope_scaling is not None and minfo.get("rope") != grid.rope_scaling:
-            raise RayRunError(f"the grid asks for rope_scaling {grid.rope_scaling} but the Ray workers' model carries "
-                              f"{minfo.get('rope') or 'none'}: give the loader the same rope_scaling")
+        if (why := runner.rope_mismatch(grid, minfo)) is not None:
+            raise RayRunError(f"Ray workers: {why}")
 
         prep = runner.prepare_run(grid, out, minfo, skip_peers,
                                   f"{workers} Ray workers × {threads_per_worker} torch threads")

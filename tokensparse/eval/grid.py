@@ -33,7 +33,8 @@ per sample, and is the default. ``options`` go to the task generator (e.g. ``{"h
 
 ``rope_scaling`` runs prompts beyond the model's trained context (the bundled SmolLM2: 8192 tokens)
 with RoPE scaling set through the model config (:func:`tokensparse.load_model`'s ``rope_scaling``;
-the benchmarks use YaRN ×2 up to 16K, ×4 up to 32K). ``tokensparse eval`` loads the model with it;
+at 16K the bundled model keeps the pass key with YaRN ×4, not with the benchmarks' ×2:
+``docs/results/long_context``). ``tokensparse eval`` loads the model with it;
 :func:`~tokensparse.eval.runner.run_grid` refuses a model whose config does not carry the same
 scaling, and the rows of a scaled model are keyed apart from unscaled ones (``model.rope``).
 

@@ -118,14 +118,13 @@ def model_id(model) -> dict:
     return info
 
 
-def check_rope(grid: Grid, model) -> None:
-    """A grid with ``rope_scaling`` runs only on a model loaded with that scaling (no silent mismatch)."""
-    if grid.rope_scaling is None:
-        return
-    have = model_rope(model)
-    if have != grid.rope_scaling:
-        raise ValueError(f"the grid asks for rope_scaling {grid.rope_scaling} but the model's config carries "
-                         f"{have or 'none'}: load it with tokensparse.load_model(..., rope_scaling=...)")
+def rope_mismatch(grid: Grid, minfo: dict) -> str | None:
+    """Why a model (its :func:`model_id`) cannot run a grid with ``rope_scaling``, or ``None``: such a
+    grid runs only on a model loaded with that very scaling (no silent mismatch). Serial and Ray runs."""
+    if grid.rope_scaling is None or minfo.get("rope") == grid.rope_scaling:
+        return None
+    return (f"the grid asks for rope_scaling {grid.rope_scaling} but the model's config carries "
+            f"{minfo.get('rope') or 'none'}: load it with tokensparse.load_model(..., rope_scaling=...)")
 
 
 def row_key(model_info: dict, sample: SampleSpec, spec: MethodSpec, full_config: dict,
@@ -378,8 +377,9 @@ def run_grid(model, tokenizer, grid: Grid, out: str | Path, *, progress: bool = 
     """
     from tqdm.auto import tqdm
 
-    check_rope(grid, model)
     minfo = model_id(model)
+    if (why := rope_mismatch(grid, minfo)) is not None:
+        raise ValueError(why)
     env = environment(model, command)
     run_id = new_run_id()
     prep = prepare_run(grid, out, minfo, skip_peers, f"{torch.get_num_threads()} torch threads")
