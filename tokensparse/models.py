@@ -225,16 +225,23 @@ def load_model(
 ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
 
 
+def check_rope_scaling(rope_scaling: dict) -> None:
+    """``ValueError`` unless ``rope_type`` is one of :data:`ROPE_SCALING_TYPES` and ``factor`` a number
+    > 1 (:func:`load_model` and the evaluation grid's ``rope_scaling``)."""
+    rtype = rope_scaling.get("rope_type")
+    factor = rope_scaling.get("factor")
+    if rtype not in ROPE_SCALING_TYPES:
+        raise ValueError(f"rope_scaling.rope_type must be one of {list(ROPE_SCALING_TYPES)}, got {rtype!r}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+        raise ValueError(f"rope_scaling.factor must be a number > 1, got {factor!r}")
+
+
 def _scaled_config(src, kw: dict, rope_scaling: dict):
     """The model config with RoPE scaling set in ``rope_parameters`` (transformers 5.x layout)."""
     from transformers import AutoConfig
 
-    rtype = rope_scaling.get("rope_type")
-    factor = rope_scaling.get("factor")
-    if rtype not in ROPE_SCALING_TYPES:
-        raise ValueError(f"rope_scaling['rope_type'] must be one of {ROPE_SCALING_TYPES}, got {rtype!r}")
-    if not isinstance(factor, (int, float)) or factor <= 1.0:
-        raise ValueError(f"rope_scaling['factor'] must be a number > 1, got {factor!r}")
+    check_rope_scaling(rope_scaling)
+    factor = rope_scaling["factor"]
     config = AutoConfig.from_pretrained(str(src), local_files_only=True, **{k: v for k, v in kw.items() if k == "gguf_file"})
     original = config.max_position_embeddings
     params = dict(getattr(config, "rope_parameters", None) or {})

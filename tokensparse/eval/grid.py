@@ -594,15 +594,14 @@ def _rope_scaling(v) -> dict | None:
     """The grid's ``rope_scaling``: null, or ``{"rope_type": "linear"|"dynamic"|"yarn", "factor": > 1}``."""
     if v is None:
         return None
-    from ..models import ROPE_SCALING_TYPES
+    from ..models import check_rope_scaling
 
     example = '{"rope_type": "yarn", "factor": 4.0}'
     if not isinstance(v, dict) or set(v) != {"rope_type", "factor"}:
         raise ConfigError(f"rope_scaling must be null or an object with exactly rope_type and factor, e.g. {example}, "
                           f"got {v!r}")
-    if v["rope_type"] not in ROPE_SCALING_TYPES:
-        raise ConfigError(f"rope_scaling.rope_type must be one of {list(ROPE_SCALING_TYPES)}, got {v['rope_type']!r}")
-    f = v["factor"]
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 1:
-        raise ConfigError(f"rope_scaling.factor must be a number > 1, got {f!r}")
-    return {"rope_type": v["rope_type"], "factor": float(f)}
+    try:
+        check_rope_scaling(v)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {"rope_type": v["rope_type"], "factor": float(v["factor"])}
