@@ -103,6 +103,20 @@ def test_eviction_reduces_kv_bytes(bundled, sample):
     assert snap.kv_bytes < 0.6 * dense.kv_bytes
 
 
+@pytest.mark.parametrize("name", sorted(n for n in CONFIGS if ts.methods.get(n).dense_prefill is True) + ["tidal_decode"])
+def test_shared_prefill_equals_own_prefill_on_the_bundled_model(bundled, sample, name):
+    """A decode method started from a copy of dense's prefill (the runner's ``share_prefill``) gives
+    the tokens and answer scores of its own prefill (measured bit for bit at 2K)."""
+    model, tok = bundled
+    method = ts.methods.get(name)(**CONFIGS[name])
+    answer = torch.tensor([tok(" " + sample.answers[0], add_special_tokens=False).input_ids])
+    dense = run_sample(model, tok, sample, None, keep_prefill=True)
+    own = run_sample(model, tok, sample, method, teacher_ids=answer)
+    shared = run_sample(model, tok, sample, method, teacher_ids=answer, start=dense.prefilled)
+    assert shared.prediction == own.prediction
+    torch.testing.assert_close(shared.teacher.logits, own.teacher.logits, atol=1e-4, rtol=1e-4)
+
+
 # ---- correctness on the real model (issue: padded batches, short prompts, static caches) ------
 
 SPARSE_REAL = {

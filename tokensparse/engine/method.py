@@ -95,6 +95,11 @@ class Method:
     kv_layout: ClassVar[str] = "padded"
     #: the engine asks :meth:`keep_rows` after every decoder layer (decoder-layer hooks installed)
     prunes_rows: ClassVar[bool] = False
+    #: the method leaves a one-shot prefill of an empty cache dense and keeps nothing from it but the
+    #: cache rows (its cache states are built from the rows held when first asked for), so a run may
+    #: start from a copy of a dense prefill's cache instead of prefilling again (the evaluation
+    #: runner's ``share_prefill``); tests/test_shared_prefill.py checks every method declaring it
+    dense_prefill: ClassVar[bool] = False
     #: methods calibrated offline: the kind of :class:`~tokensparse.engine.calibration.Profile` that
     #: :meth:`calibrate` measures (``tokensparse calibrate --method NAME``) and its payload version
     profile_kind: ClassVar[str] = ""

@@ -95,7 +95,7 @@ def cmd_eval(args) -> int:
     from ..cli import check_model_arg, load_model_or_exit
     from .grid import ConfigError, apply_overrides, build_grid, load_config, load_suite
     from .peers.kvpress import KvpressEnvMissing
-    from .runner import PeerSetupError, results_path, run_grid
+    from .runner import PeerSetupError, results_path, run_grid, shares_prefill
 
     # arguments first (``--threads 0`` is an error, not "the config's threads"), then the grid
     if args.threads is not None and args.threads < 1:
@@ -125,6 +125,9 @@ def cmd_eval(args) -> int:
           f"-> {path} ({compute})")
     if grid.rope_scaling is not None:
         print(f"model loaded with rope_scaling {json.dumps(grid.rope_scaling)}")
+    if grid.share_prefill:
+        shared = [m.label for m in grid.methods if shares_prefill(m, grid)]
+        print(f"share_prefill: one dense prefill per sample, shared by {', '.join(shared) or 'no method'}")
     skip_peers = args.skip_peers or grid.skip_peers
     if grid.peers:
         names = ", ".join(dict.fromkeys(p.peer for p in grid.peers))

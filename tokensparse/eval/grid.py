@@ -25,11 +25,20 @@ Config format (every key optional except ``tasks``; defaults shown)::
       "threads": null,                   # torch threads (the CLI's --threads wins)
       "peers": [],                       # peer libraries run on the same samples (below)
       "skip_peers": false,               # true (or `tokensparse eval --skip-peers`): run no peer
+      "share_prefill": false,            # decode-time methods start from a copy of dense's prefill (below)
       "rope_scaling": null               # e.g. {"rope_type": "yarn", "factor": 4.0}: prompts beyond the
     }                                    # trained context (below)
 
 ``depths`` apply only to needle tasks (:data:`tasks.DEPTH_TASKS`); ``null`` means a random depth
 per sample, and is the default. ``options`` go to the task generator (e.g. ``{"haystack": "essay"}``).
+
+``share_prefill`` prefills each sample once, densely, and starts every method that leaves the
+prefill dense (``Method.dense_prefill``: the decode-time selection methods; placement ``"inside"``)
+from a copy of that cache, instead of prefilling again per method: the answers, log-likelihoods and
+decode times are what a run's own prefill gives (tests/test_shared_prefill.py), and a long-context
+sweep of decode methods costs one prefill per sample. Such rows say ``prefill_shared: true`` and
+carry the dense prefill's ``prefill_s``. It needs ``telemetry: false`` (the telemetry would count
+the prefill's calls apart from the generation's).
 
 ``rope_scaling`` runs prompts beyond the model's trained context (the bundled SmolLM2: 8192 tokens)
 with RoPE scaling set through the model config (:func:`tokensparse.load_model`'s ``rope_scaling``;
@@ -95,6 +104,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "peers": [],
     "skip_peers": False,
+    "share_prefill": False,
     "rope_scaling": None,
 }
 TASK_KEYS = ("task", "lengths", "depths", "options")
@@ -305,6 +315,7 @@ class Grid:
     peers: list[PeerSpec] = field(default_factory=list)
     skip_peers: bool = False
     rope_scaling: dict | None = None
+    share_prefill: bool = False
 
     def sample_specs(self) -> list[SampleSpec]:
         """Tasks outer, then lengths, depths, seeds, sample index."""
@@ -565,9 +576,11 @@ def build_grid(config: dict) -> Grid:
         v = cfg[key]
         if v is not None and not _is_int(v, 1):
             raise ConfigError(f"{key} must be null or an integer >= 1, got {v!r}")
-    for key in ("answer_loglik", "telemetry", "skip_peers"):
+    for key in ("answer_loglik", "telemetry", "skip_peers", "share_prefill"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
+    if cfg["share_prefill"] and cfg["telemetry"]:
+        raise ConfigError("share_prefill needs telemetry false: a run's telemetry would count its own prefill")
     rope = _rope_scaling(cfg["rope_scaling"])
     if rope is not None and cfg["peers"]:
         raise ConfigError("rope_scaling is not passed to peer libraries: run the peers in a grid without it "
@@ -586,7 +599,7 @@ def build_grid(config: dict) -> Grid:
         tasks=task_specs, methods=list(unique.values()), answer_loglik=cfg["answer_loglik"],
         loglik_max_length=cfg["loglik_max_length"], telemetry=cfg["telemetry"],
         max_new_tokens=cfg["max_new_tokens"], threads=cfg["threads"], config=_jsonable(cfg),
-        peers=peers, skip_peers=cfg["skip_peers"], rope_scaling=rope,
+        peers=peers, skip_peers=cfg["skip_peers"], rope_scaling=rope, share_prefill=cfg["share_prefill"],
     )
 
 

@@ -14,6 +14,11 @@ Used by ``tokensparse demo`` and the benchmark scripts, so every method is measu
   (:func:`tokensparse.eval.scoring.teacher_force`) from a copy of the cache and of the method's
   per-layer state taken right after the timed prefill, so generation and scoring share one
   prefill (the copy is made outside the timed regions);
+* ``keep_prefill=True`` (dense runs, ``placement="inside"``) also returns the dense prefill
+  (:class:`Prefilled`: a copy of its cache, its last logits and its times); ``start=`` that
+  prefill runs a method that leaves the prefill dense (``Method.dense_prefill``) from a copy of
+  it instead of prefilling again: the evaluation runner's ``share_prefill``. Its ``prefill_s`` is
+  then the dense prefill's (``prefill_shared`` says so); decode is timed per run as always;
 * ``measure=True`` also records the time spent inside attention (:func:`tokensparse.time_attention`,
   prefill seconds and decode ms/token, same split as the end-to-end times) and the process's peak
   resident memory over the run (:class:`tokensparse.eval.env.PeakMemory`).
@@ -57,6 +62,33 @@ class RunResult:
     memory: dict[str, Any] | None = None
     #: with ``teacher_ids``: the decode-path score of the gold answer (a ``scoring.AnswerScore``)
     teacher: Any = None
+    #: with ``keep_prefill``: the dense prefill, for other runs to start from
+    prefilled: Prefilled | None = None
+    #: the run started from a shared dense prefill (``start``); ``prefill_s`` is that prefill's
+    prefill_shared: bool = False
+
+
+@dataclass
+class Prefilled:
+    """A dense one-shot prefill (``placement="inside"``) kept for other runs of the same prompt:
+    ``cache`` right after it (never decoded on: every run continues from a copy), ``logits`` (1, V)
+    its last position's logits, ``ids`` (1, L) the prompt it ran, and its times."""
+
+    cache: Any
+    logits: torch.Tensor
+    ids: torch.Tensor
+    prefill_s: float
+    attention_prefill_s: float | None = None
+
+    def check(self, ids: torch.Tensor, method) -> None:
+        """Refuse to start a run of prompt ``ids`` under ``method`` from this prefill unless it is
+        what that run's own prefill would have computed."""
+        if method is not None and not getattr(method, "dense_prefill", False):
+            raise ValueError(f"{method.name} does not leave the prefill dense (Method.dense_prefill is False): "
+                             "it cannot start from a shared dense prefill")
+        if ids.shape != self.ids.shape or not torch.equal(ids, self.ids):
+            raise ValueError(f"the shared prefill ran another prompt ({self.ids.shape[1]} tokens, "
+                             f"this run has {ids.shape[1]})")
 
 
 def kept_positions(cache) -> list[list[torch.Tensor]] | None:
@@ -122,28 +154,37 @@ def prefill(model, context_ids, question_ids, cache, placement: str = "inside"):
 
 @torch.no_grad()
 def greedy(model, context_ids, question_ids, *, session=None, placement: str = "inside",
-           max_new_tokens: int = 8, cache: str = "prealloc", timer=None, after_prefill=None):
+           max_new_tokens: int = 8, cache: str = "prealloc", timer=None, after_prefill=None,
+           start: Prefilled | None = None):
     """Greedy decode; returns ``(new_token_ids, prefill_s, decode_s_list, cache)``.
 
     With ``timer`` (an :class:`tokensparse.engine.AttentionTimer` active on ``model``), its laps
     ``"prefill"`` and ``"decode"`` hold the attention time of the two timed regions.
     ``after_prefill(cache, last_logits)`` is called between the two timed regions.
+    ``start``: continue from a copy of this dense prefill's cache instead of prefilling (the caller
+    checks it is valid: :meth:`Prefilled.check`); ``prefill_s`` is then its time and no
+    ``"prefill"`` lap is taken.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    kv = _new_cache(model, session, cache)
-    if timer is not None:
-        timer.reset()
-    t0 = time.perf_counter()
-    logits = prefill(model, context_ids, question_ids, kv, placement).logits
-    prefill_s = time.perf_counter() - t0
-    if timer is not None:
-        timer.lap("prefill")
-    if after_prefill is not None:
-        after_prefill(kv, logits[:, -1])
+    if start is None:
+        kv = _new_cache(model, session, cache)
         if timer is not None:
             timer.reset()
-    tok = logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        last = prefill(model, context_ids, question_ids, kv, placement).logits[:, -1]
+        prefill_s = time.perf_counter() - t0
+        if timer is not None:
+            timer.lap("prefill")
+    else:
+        if placement != "inside":
+            raise ValueError(f"a shared prefill is one forward over the whole prompt (placement 'inside'), got {placement!r}")
+        kv, last, prefill_s = start.cache.clone(), start.logits, start.prefill_s
+    if after_prefill is not None:
+        after_prefill(kv, last)
+    if timer is not None:
+        timer.reset()
+    tok = last.argmax(-1, keepdim=True)
     out = [int(tok)]
     steps = []
     for _ in range(max_new_tokens - 1):
@@ -159,19 +200,27 @@ def greedy(model, context_ids, question_ids, *, session=None, placement: str = "
 
 def run_sample(model, tokenizer, sample, method=None, *, placement: str = "inside",
                max_new_tokens: int | None = None, telemetry: bool = False, cache: str = "prealloc",
-               measure: bool = False, teacher_ids: torch.Tensor | None = None) -> RunResult:
+               measure: bool = False, teacher_ids: torch.Tensor | None = None, keep_prefill: bool = False,
+               start: Prefilled | None = None) -> RunResult:
     """Run ``sample`` densely (``method=None``) or with a method config; score by exact match of
     every gold answer in the generated text. ``telemetry`` fills ``telemetry`` with
     :meth:`tokensparse.Telemetry.report` (overall and per layer); ``measure`` adds attention-only
     times and the peak memory of the run; ``teacher_ids`` ``(1, A)`` fills ``teacher`` with the
     decode-path score of those tokens from the same prefill (not with ``telemetry``, whose report
-    would then mix both passes)."""
+    would then mix both passes). ``keep_prefill`` (dense, ``placement="inside"``) fills ``prefilled``;
+    ``start`` runs from a copy of such a prefill (a method with ``dense_prefill``, no prompt step)."""
     from .env import PeakMemory
     from .scoring import teacher_force
 
     if teacher_ids is not None and telemetry:
         raise ValueError("teacher_ids and telemetry cannot be combined: the telemetry would count both passes")
     ctx, q, method, step = encode_for(model, tokenizer, sample, method)
+    if keep_prefill and (method is not None or step is not None or placement != "inside" or cache != "prealloc"):
+        raise ValueError("keep_prefill keeps a dense one-shot prefill: no method, placement 'inside', cache 'prealloc'")
+    if start is not None:
+        if step is not None or telemetry or cache != "prealloc":
+            raise ValueError("a run from a shared prefill takes no prompt step, telemetry or stock cache")
+        start.check(torch.cat([ctx, q], dim=1), method)
     n_new = max_new_tokens or sample.max_new_tokens
     mem = PeakMemory(next(model.parameters()).device).start() if measure else None
     ctxmgr = ts.sparsify(model, method, telemetry=telemetry) if method is not None else nullcontext()
@@ -182,14 +231,18 @@ def run_sample(model, tokenizer, sample, method=None, *, placement: str = "insid
         snap: dict[str, Any] = {}
 
         def keep(kv, last_logits):
-            snap["cache"] = kv.clone() if hasattr(kv, "clone") else copy.deepcopy(kv)
-            snap["logits"] = last_logits[0].detach().clone()
-            snap["scratch"] = [copy.deepcopy(layer.scratch) for layer in session.layers] if session else None
+            if teacher_ids is not None:
+                snap["cache"] = kv.clone() if hasattr(kv, "clone") else copy.deepcopy(kv)
+                snap["logits"] = last_logits[0].detach().clone()
+                snap["scratch"] = [copy.deepcopy(layer.scratch) for layer in session.layers] if session else None
+            if keep_prefill:
+                snap["prefilled"] = Prefilled(kv.clone(), last_logits.detach().clone(), torch.cat([ctx, q], dim=1),
+                                              float("nan"))
 
         with ts.time_attention(model) if measure else nullcontext() as timer:
             ids, prefill_s, steps, kv = greedy(
                 model, ctx, q, session=session, placement=placement, max_new_tokens=n_new, cache=cache, timer=timer,
-                after_prefill=keep if teacher_ids is not None else None,
+                after_prefill=keep if (teacher_ids is not None or keep_prefill) else None, start=start,
             )
         stats = dict(session.stats) if session is not None else {}
         if step is not None:
@@ -206,7 +259,7 @@ def run_sample(model, tokenizer, sample, method=None, *, placement: str = "insid
             teacher = teacher_force(model, snap["cache"], snap["logits"], teacher_ids)
     attn_prefill = attn_decode = None
     if timer is not None:
-        attn_prefill = timer.laps["prefill"][0]
+        attn_prefill = timer.laps["prefill"][0] if start is None else start.attention_prefill_s
         attn_decode = 1000 * timer.laps["decode"][0] / len(steps) if steps else float("nan")
     text = tokenizer.decode(ids, skip_special_tokens=True)
     correct = all(a in text for a in sample.answers)
@@ -226,4 +279,12 @@ def run_sample(model, tokenizer, sample, method=None, *, placement: str = "insid
         attention_decode_ms_per_token=attn_decode,
         memory=mem.stop() if mem is not None else None,
         teacher=teacher,
+        prefilled=_timed(snap.get("prefilled"), prefill_s, attn_prefill),
+        prefill_shared=start is not None,
     )
+
+
+def _timed(p: Prefilled | None, prefill_s: float, attention_prefill_s: float | None) -> Prefilled | None:
+    if p is not None:
+        p.prefill_s, p.attention_prefill_s = prefill_s, attention_prefill_s
+    return p

@@ -300,8 +300,17 @@ def needle_retention_of(result, sample, tokenizer) -> dict | None:
     return metrics.needle_retention(result.kept_positions, needles)
 
 
-def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: torch.Tensor | None = None):
-    """Measure one (sample, method, placement); returns ``(result fields, teacher-forced logits or None)``."""
+def shares_prefill(spec: MethodSpec | PeerRunSpec, grid: Grid) -> bool:
+    """Whether this run starts from the sample's shared dense prefill (``grid.share_prefill``)."""
+    if not grid.share_prefill or isinstance(spec, PeerRunSpec) or spec.name == DENSE or spec.placement != "inside":
+        return False
+    return bool(getattr(spec.build(), "dense_prefill", False))
+
+
+def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: torch.Tensor | None = None,
+            *, keep_prefill: bool = False, start=None):
+    """Measure one (sample, method, placement); returns ``(result fields, teacher-forced logits or
+    None, the dense prefill or None)``: ``keep_prefill`` (dense) keeps it, ``start`` runs from it."""
     method = spec.build()
     want_ll = grid.answer_loglik and (grid.loglik_max_length is None or
                                       _prompt_tokens(tokenizer, sample) <= grid.loglik_max_length)
@@ -316,7 +325,8 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
     shared = want_ll and tele is None
     teacher_ids = torch.tensor([tokenizer(target, add_special_tokens=False).input_ids]) if shared else None
     r = run_sample(model, tokenizer, sample, method, placement=spec.placement,
-                   max_new_tokens=grid.max_new_tokens, measure=True, teacher_ids=teacher_ids)
+                   max_new_tokens=grid.max_new_tokens, measure=True, teacher_ids=teacher_ids,
+                   keep_prefill=keep_prefill, start=start)
     metric = sample.metadata.get("metric", "all")
     score = metrics.score(r.prediction, sample.answers, metric)
     depths = sample.metadata.get("needle_depths")
@@ -324,7 +334,7 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
         "sample_id": sample.sample_id, "needle_depth": depths[0] if depths else None,
         "prompt_tokens": r.prompt_tokens, "answers": list(sample.answers), "prediction": r.prediction,
         "metric": metric, "score": score, "correct": score == 1.0, "new_tokens": r.new_tokens,
-        "prefill_s": r.prefill_s, "decode_ms_per_token": r.decode_ms_per_token,
+        "prefill_s": r.prefill_s, "prefill_shared": r.prefill_shared, "decode_ms_per_token": r.decode_ms_per_token,
         "attention_prefill_s": r.attention_prefill_s, "attention_decode_ms_per_token": r.attention_decode_ms_per_token,
         "memory": r.memory, "kv_bytes": r.kv_bytes, "kv_bytes_allocated": r.kv_bytes_allocated,
         "stats": dict(r.stats), "telemetry": r.telemetry,
@@ -343,7 +353,7 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
                       answer_token_logprobs=[round(float(x), 5) for x in scored.token_logprobs])
         if reference is not None and method is not None:
             fields["fidelity"] = metrics.logit_fidelity(reference, logits)
-    return fields, logits
+    return fields, logits, r.prefilled
 
 
 def _prompt_tokens(tokenizer, sample) -> int:
@@ -490,6 +500,7 @@ def run_sample_runs(model, tokenizer, sspec: SampleSpec, todo: list, grid: Grid,
     # a sample that cannot be made (a length too short for the task, ...) fails every run the same way
     sample, sample_error = _make_sample(sspec, tokenizer, {} if samples is None else samples)
     reference, ref_tried = None, False  # dense teacher-forced logits of this sample
+    shared = None  # the sample's dense prefill (grid.share_prefill), kept from dense or made once
     rows = []
     for spec, config, key in todo:
         if status is not None:
@@ -500,7 +511,16 @@ def run_sample_runs(model, tokenizer, sspec: SampleSpec, todo: list, grid: Grid,
                 raise RuntimeError(f"could not generate the sample: {sample_error}")
             if spec.name != DENSE and not ref_tried and grid.answer_loglik:
                 ref_tried, reference = True, _dense_reference(model, tokenizer, sample, grid)
-            fields, logits = run_one(model, tokenizer, sample, spec, grid, reference)
+            start = None
+            if shares_prefill(spec, grid):
+                if shared is None:  # no dense row ran in this call: prefill densely once for the others
+                    shared = run_sample(model, tokenizer, sample, None, max_new_tokens=1, measure=True,
+                                        keep_prefill=True).prefilled
+                start = shared
+            keep = grid.share_prefill and spec.name == DENSE and spec.placement == "inside" and shared is None
+            fields, logits, prefilled = run_one(model, tokenizer, sample, spec, grid, reference,
+                                                keep_prefill=keep, start=start)
+            shared = prefilled or shared
             if spec.name == DENSE and not ref_tried:
                 ref_tried, reference = True, logits
             row.update(fields)

@@ -166,6 +166,7 @@ class KeyDims(CacheState):
 class FASA(Method):
     name = "fasa"
     phase = Phase.DECODE
+    dense_prefill = True
     schedule = "every decode step, layers from dense_layers"
     kv_memory = "full cache (+2·chunks dims of K per row)"
     calibration = "an offline dominant-frequency-chunk profile (or data-free low/high frequencies)"

@@ -53,6 +53,7 @@ from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, resolve
 class Landmark(Method):
     name = "landmark"
     phase = Phase.DECODE
+    dense_prefill = True
     schedule = "every decode step, layers from dense_layers"
     kv_memory = "full cache (+D per block and KV head)"
     calibration = "no (the paper trains landmark tokens; here: mean or max-norm key per block)"

@@ -56,6 +56,7 @@ from ..engine.selection import Selection, resolve_budget, select_topk
 class Quest(Method):
     name = "quest"
     phase = Phase.DECODE
+    dense_prefill = True
     schedule = "every decode step, layers from dense_layers"
     kv_memory = "full cache (+2·D per page and KV head)"
     paper = "[Quest](https://arxiv.org/abs/2406.10774)"

@@ -82,6 +82,10 @@ class TidalDecode(Method):
     def needs_cache_state(self) -> bool:  # a page scorer keeps its summaries with the cache
         return self.scorer is not None and self._scorer().needs_cache_state
 
+    @property
+    def dense_prefill(self) -> bool:  # its own prefill is dense; a scorer's must be too
+        return self.scorer is None or self._scorer().dense_prefill
+
     def _scorer(self) -> Method:
         from . import get
 

@@ -75,6 +75,7 @@ from ..engine.shadow import SHADOW_DTYPES, ShadowKeys, quantize_rows, shadow_log
 class TokenSelect(Method):
     name = "token_select"
     phase = Phase.DECODE
+    dense_prefill = True
     schedule = "each decode step and cache chunk"
     kv_memory = "none (full cache; reads only selected rows)"
     calibration = "no"
