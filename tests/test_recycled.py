@@ -52,6 +52,10 @@ class ExpectedSets(Observer):
             valid = torch.ones(b, n, dtype=torch.bool) if call.key_valid is None else call.key_valid
             p = logits.masked_fill(~valid[:, None], float("-inf")).softmax(-1)
             w = p.view(b, hkv, hq // hkv, n).amax(2)
+            if self.m.pool_kernel > 1:  # the default (15): a key ranks with its neighbours' best
+                from tokensparse.engine.selection import pool1d
+
+                w = pool1d(w, self.m.pool_kernel, "max")
             keep = torch.zeros(b, hkv, n, dtype=torch.bool)
             for i in range(b):
                 real = valid[i].nonzero().flatten()
@@ -77,7 +81,7 @@ class ExpectedSets(Observer):
 
 
 @pytest.mark.parametrize("cfg", [dict(budget=7, stride=3), dict(budget=0.3, stride=4, n_sink=2, n_local=3),
-                                 dict(budget=9, stride=5, n_sink=1)])
+                                 dict(budget=9, stride=5, n_sink=1, pool_kernel=1), dict(budget=6, stride=2, pool_kernel=3)])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_recycled_set_is_the_top_of_the_full_steps_attention(model, cfg, batch):
     method = R(**cfg)
@@ -166,7 +170,8 @@ def test_pooled_scores_keep_neighbours(model):
             super().on_selection(call, selection)
 
     method = R(budget=8, stride=4, pool_kernel=5)
-    assert method.config_dict()["pool_kernel"] == 5 and "pool_kernel" not in R(budget=8).config_dict()
+    # always recorded (its default changed from 1 to 15, so stored rows without it meant 1)
+    assert method.config_dict()["pool_kernel"] == 5 and R(budget=8).config_dict()["pool_kernel"] == 15
     ids, mask = tiny_inputs(1, 30, seed=4)
     obs = Pooled(method)
     _generate(model, method, ids, mask, observers=[obs])
