@@ -141,15 +141,27 @@ def test_the_grid_option_gives_the_rows_of_separate_prefills(model, tok, tmp_pat
                 assert r["prefill_s"] == dense["prefill_s"]
 
 
-def test_a_resumed_grid_prefills_once_without_its_dense_row(model, tok, tmp_path):
-    """When dense's row is already done, the runner makes the shared prefill itself."""
+def test_a_resumed_grid_prefills_once_without_its_dense_row(model, tok, tmp_path, monkeypatch):
+    """When dense's row is already done, the runner makes the shared prefill itself, and the dense
+    reference logits (fidelity) come from that same pass: one dense prefill per sample."""
     grid = G.build_grid({**CONFIG, "share_prefill": True, "methods": CONFIG["methods"][:1]})
     first = runner.run_grid(model, tok, grid, tmp_path, progress=False)
     rows = runner.read_rows(first["path"])
     path = tmp_path / "shared.jsonl"
     path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows if r["method"] == "dense"))
+    dense_passes = []
+    real = runner.run_sample
+
+    def counted(model_, tok_, sample_, method=None, **kw):
+        if method is None:
+            dense_passes.append(sample_.sample_id)
+        return real(model_, tok_, sample_, method, **kw)
+
+    monkeypatch.setattr(runner, "run_sample", counted)
+    monkeypatch.setattr(runner, "_dense_reference", lambda *a, **k: pytest.fail("a second dense pass"))
     again = runner.run_grid(model, tok, grid, tmp_path, progress=False)
     assert again["ran"] == 2 and again["errors"] == 0
+    assert sorted(dense_passes) == sorted({r["sample_id"] for r in rows})  # one dense pass per sample
     redone = [r for r in runner.read_rows(path) if r["method"] == "quest"]
     _compare([r for r in rows if r["method"] == "quest"], redone)
-    assert all(r["prefill_shared"] and r["prefill_s"] > 0 for r in redone)
+    assert all(r["prefill_shared"] and r["prefill_s"] > 0 and r["fidelity"] is not None for r in redone)

@@ -509,14 +509,16 @@ def run_sample_runs(model, tokenizer, sspec: SampleSpec, todo: list, grid: Grid,
         try:
             if sample is None:
                 raise RuntimeError(f"could not generate the sample: {sample_error}")
-            if spec.name != DENSE and not ref_tried and grid.answer_loglik:
-                ref_tried, reference = True, _dense_reference(model, tokenizer, sample, grid)
             start = None
             if shares_prefill(spec, grid):
                 if shared is None:  # no dense row ran in this call: prefill densely once for the others
-                    shared = run_sample(model, tokenizer, sample, None, max_new_tokens=1, measure=True,
-                                        keep_prefill=True).prefilled
+                    want_ref = not ref_tried and grid.answer_loglik
+                    shared, ref = _dense_prefill_for_sharing(model, tokenizer, sample, grid, want_ref)
+                    if want_ref:
+                        ref_tried, reference = True, ref
                 start = shared
+            if spec.name != DENSE and not ref_tried and grid.answer_loglik:
+                ref_tried, reference = True, _dense_reference(model, tokenizer, sample, grid)
             keep = grid.share_prefill and spec.name == DENSE and spec.placement == "inside" and shared is None
             fields, logits, prefilled = run_one(model, tokenizer, sample, spec, grid, reference,
                                                 keep_prefill=keep, start=start)
@@ -575,6 +577,19 @@ def _plan(grid: Grid, minfo: dict, configs: list[dict], done: set[str]):
         if todo:
             plan.append((sspec, todo))
     return plan, total
+
+
+def _dense_prefill_for_sharing(model, tokenizer, sample, grid: Grid, reference: bool):
+    """``(the sample's dense prefill, dense teacher-forced logits or None)`` from one dense prefill:
+    when this call has no dense row, the shared prefill and (``reference``) the dense reference
+    logits come from the same pass, as they do in a dense row (:func:`run_one`)."""
+    ctx, q = encode_sample(tokenizer, sample)
+    if grid.loglik_max_length is not None and ctx.shape[1] + q.shape[1] > grid.loglik_max_length:
+        reference = False
+    ids = tokenizer(answer_target(sample), add_special_tokens=False).input_ids if reference else None
+    r = run_sample(model, tokenizer, sample, None, max_new_tokens=1, measure=True, keep_prefill=True,
+                   teacher_ids=torch.tensor([ids]) if ids else None)
+    return r.prefilled, (r.teacher.logits if r.teacher is not None else None)
 
 
 def _dense_reference(model, tokenizer, sample, grid: Grid) -> torch.Tensor | None:
