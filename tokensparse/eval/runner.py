@@ -312,8 +312,7 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
     """Measure one (sample, method, placement); returns ``(result fields, teacher-forced logits or
     None, the dense prefill or None)``: ``keep_prefill`` (dense) keeps it, ``start`` runs from it."""
     method = spec.build()
-    want_ll = grid.answer_loglik and (grid.loglik_max_length is None or
-                                      _prompt_tokens(tokenizer, sample) <= grid.loglik_max_length)
+    want_ll = grid.answer_loglik and _loglik_fits(tokenizer, sample, grid)
     # telemetry records attention calls a method acts on; a prompt step acts before the model
     tele = ts.Telemetry() if grid.telemetry and method is not None and method.phase != "prompt" else None
     target = answer_target(sample)
@@ -323,7 +322,7 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
     # statistics would be timed with the method, and TokenSelect would build the full key-index
     # tensor it otherwise skips on its segmented decode path, only to report it).
     shared = want_ll and tele is None
-    teacher_ids = torch.tensor([tokenizer(target, add_special_tokens=False).input_ids]) if shared else None
+    teacher_ids = _answer_ids(tokenizer, target) if shared else None
     r = run_sample(model, tokenizer, sample, method, placement=spec.placement,
                    max_new_tokens=grid.max_new_tokens, measure=True, teacher_ids=teacher_ids,
                    keep_prefill=keep_prefill, start=start)
@@ -359,6 +358,16 @@ def run_one(model, tokenizer, sample, spec: MethodSpec, grid: Grid, reference: t
 def _prompt_tokens(tokenizer, sample) -> int:
     ctx, q = encode_sample(tokenizer, sample)
     return int(ctx.shape[1] + q.shape[1])
+
+
+def _loglik_fits(tokenizer, sample, grid: Grid) -> bool:
+    """The prompt is short enough for the answer's log-likelihood (``grid.loglik_max_length``)."""
+    return grid.loglik_max_length is None or _prompt_tokens(tokenizer, sample) <= grid.loglik_max_length
+
+
+def _answer_ids(tokenizer, target: str) -> torch.Tensor:
+    """``(1, A)`` token ids of the teacher-forced answer text."""
+    return torch.tensor([tokenizer(target, add_special_tokens=False).input_ids])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -583,20 +592,16 @@ def _dense_prefill_for_sharing(model, tokenizer, sample, grid: Grid, reference: 
     """``(the sample's dense prefill, dense teacher-forced logits or None)`` from one dense prefill:
     when this call has no dense row, the shared prefill and (``reference``) the dense reference
     logits come from the same pass, as they do in a dense row (:func:`run_one`)."""
-    ctx, q = encode_sample(tokenizer, sample)
-    if grid.loglik_max_length is not None and ctx.shape[1] + q.shape[1] > grid.loglik_max_length:
-        reference = False
-    ids = tokenizer(answer_target(sample), add_special_tokens=False).input_ids if reference else None
+    ids = _answer_ids(tokenizer, answer_target(sample)) if reference and _loglik_fits(tokenizer, sample, grid) else None
     r = run_sample(model, tokenizer, sample, None, max_new_tokens=1, measure=True, keep_prefill=True,
-                   teacher_ids=torch.tensor([ids]) if ids else None)
+                   teacher_ids=ids)
     return r.prefilled, (r.teacher.logits if r.teacher is not None else None)
 
 
 def _dense_reference(model, tokenizer, sample, grid: Grid) -> torch.Tensor | None:
     """Dense teacher-forced logits when this run has no dense row of the sample (it was done in an
     earlier run, or failed); ``None`` (no fidelity numbers) if the prompt is too long or it fails."""
-    ctx, q = encode_sample(tokenizer, sample)
-    if grid.loglik_max_length is not None and ctx.shape[1] + q.shape[1] > grid.loglik_max_length:
+    if not _loglik_fits(tokenizer, sample, grid):
         return None
     try:
         return teacher_forced_answer(model, tokenizer, sample, None, "inside")[1]
