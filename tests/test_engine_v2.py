@@ -2,6 +2,7 @@
 carry, and the methods that prove them (TidalDecode, ZeroTuning)."""
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -174,11 +175,13 @@ def test_carry_is_shared_by_the_layers_of_one_pass_and_cleared_between_passes(mo
         assert carried == list(range(layer)), (passes, layer, carried)  # only this pass's earlier layers
 
 
-def test_tidal_decode_reuses_the_selection_layers_positions(model):
+@pytest.mark.parametrize("pool", [1, 5])
+def test_tidal_decode_reuses_the_selection_layers_positions(model, pool):
     """Layers after a selection layer attend to exactly its top positions (+ the current token), and
-    the re-selection layer picks afresh."""
+    the re-selection layer picks afresh; with ``pool_kernel`` the ranking is the max-pooled weights
+    (ties to the earlier position)."""
     ids, _ = tiny_inputs(1, 30)
-    method = ts.methods.get("tidal_decode")(budget=8, selection_layers=[1, 2])
+    method = ts.methods.get("tidal_decode")(budget=8, selection_layers=[1, 2], pool_kernel=pool)
     tele = _AllSelections()
     with torch.no_grad(), ts.sparsify(model, method, telemetry=tele) as s:
         model.generate(ids, cache=s.new_cache(), max_new_tokens=3, do_sample=False)
@@ -190,12 +193,34 @@ def test_tidal_decode_reuses_the_selection_layers_positions(model):
         assert by_layer[1][0] == by_layer[2][0] == "dense"
         kind, mask, _ = by_layer[3]
         assert kind == "keys"
-        weights = by_layer[2][2]  # layer 2's own attention weights decide layer 3's keys
-        top = weights[..., :-1].topk(7, dim=-1).indices
+        weights = by_layer[2][2][..., :-1]  # layer 2's own attention weights decide layer 3's keys
+        if pool > 1:
+            weights = torch.nn.functional.max_pool1d(weights, pool, stride=1, padding=pool // 2)
+        top = torch.sort(-weights, dim=-1, stable=True).indices[..., :7]
         want = torch.zeros_like(mask)
         want.scatter_(-1, top, True)
         want[..., -1] = True
         assert torch.equal(mask, want)
+
+
+@pytest.mark.parametrize("n_layers, config, want", [
+    (30, {}, [2, 12]),  # the paper's layers 2 and 13 of 32, scaled
+    (32, {}, [2, 13]),
+    (30, {"selection_layers": "periodic"}, [2, 8, 14, 20, 26]),
+    (30, {"selection_layers": "periodic", "period": 10}, [2, 12, 22]),
+    (2, {"selection_layers": "periodic"}, [1]),
+    (30, {"selection_layers": [14]}, [14]),
+])
+def test_tidal_decode_selection_layer_schedules(n_layers, config, want):
+    session = SimpleNamespace(num_layers=n_layers, state={}, info={})
+    ts.methods.get("tidal_decode")(**config).setup(session)
+    assert session.info["tidal_selection_layers"] == want
+    assert session.state["tidal_selection_layers"] == frozenset(want)
+
+
+def test_tidal_decode_refuses_layers_beyond_the_model():
+    with pytest.raises(ValueError, match="out of range"):
+        ts.methods.get("tidal_decode")(selection_layers=[30]).setup(SimpleNamespace(num_layers=30, state={}, info={}))
 
 
 class _AllSelections(Telemetry):

@@ -462,9 +462,10 @@ def check_streaming_llm(m, r: Record, sc: Scenario) -> None:
 def tidal_decode_configs(draw):
     return dict(
         budget=draw(st.one_of(SHARES, st.integers(0, 30))),
-        selection_layers=draw(st.sampled_from(["paper", [0], [1], [0, 1]])),  # the test models have 2 layers
+        selection_layers=draw(st.sampled_from(["paper", "periodic", [0], [1], [0, 1]])),  # the test models have 2 layers
         gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)),
         scorer=draw(st.sampled_from([None, None, "quest", "landmark", "token_select", "fasa"])),
+        pool_kernel=draw(st.sampled_from([1, 1, 3])),
     )
 
 
