@@ -221,6 +221,8 @@ def test_tidal_decode_selection_layer_schedules(n_layers, config, want):
 def test_tidal_decode_refuses_layers_beyond_the_model():
     with pytest.raises(ValueError, match="out of range"):
         ts.methods.get("tidal_decode")(selection_layers=[30]).setup(SimpleNamespace(num_layers=30, state={}, info={}))
+    with pytest.raises(ValueError, match="only applies to selection_layers='periodic'"):
+        ts.methods.get("tidal_decode")(period=3)
 
 
 class _AllSelections(Telemetry):

@@ -27,7 +27,8 @@ selection_layers: str | list[int] = "paper"
     above it. A list sets them explicitly (one layer: no re-selection; more than two: more
     re-selections). Layers before the first one run dense.
 period: int = 6
-    Layers between two selection layers with ``selection_layers="periodic"`` (ignored otherwise).
+    Layers between two selection layers with ``selection_layers="periodic"`` (another value with
+    other selection layers is an error).
     Measured on SmolLM2's v2 suite (docs/results/decode_suite/, 25 % budget): the paper's layers lose
     40 points on the 2K half and 25 at 4K; ``"periodic"`` 16.7 at 2K but 25.0 at 4K (held out);
     ``[14]`` (layers 0–13 dense) 7.4 and 10.7 (intervals containing zero) with 15–23 nats of answer
@@ -94,6 +95,9 @@ class TidalDecode(Method):
     def validate(self) -> None:
         if isinstance(self.budget, int) and self.budget < 2:
             raise ValueError(f"tidal_decode: budget ({self.budget}) must hold the current token and at least one other")
+        if self.period != 6 and self.selection_layers != "periodic":
+            raise ValueError(f"tidal_decode: period ({self.period}) only applies to selection_layers='periodic', "
+                             f"not {self.selection_layers!r}")
 
     @property
     def needs_cache_state(self) -> bool:  # a page scorer keeps its summaries with the cache
