@@ -73,6 +73,15 @@ def test_full_budget_equals_dense(name, mode, batch, dtype, family, forced):
     else:
         valid = None
     tol = TOLERANCE[DTYPES[dtype]]
+    if seq is not None and not torch.equal(seq, ref_seq):
+        # greedy decoding may flip a near-tie of the reference within the dtype's tolerance (bf16
+        # kernels round differently from CPU to CPU): the first differing token must be such a tie,
+        # and the logits are compared up to that step (after it the prefixes differ)
+        new = seq[:, ids.shape[1]:] != ref_seq[:, ids.shape[1]:]
+        first = int(new.any(0).nonzero()[0])
+        for row in new[:, first].nonzero().flatten().tolist():
+            top2 = ref_logits[row, first].float().topk(2).values
+            assert float(top2[0] - top2[1]) <= 2 * tol, f"row {row} step {first}: a token flipped without a near-tie"
+        logits, ref_logits = logits[:, : first + 1], ref_logits[:, : first + 1]
+        assert torch.equal(seq[:, : ids.shape[1] + first], ref_seq[:, : ids.shape[1] + first])
     assert max_diff(logits, ref_logits, valid) <= tol
-    if seq is not None:
-        assert torch.equal(seq, ref_seq)
