@@ -273,6 +273,38 @@ def test_bench_decode_static_variants(tmp_path, capsys):
         main(["bench", "decode", "--static", "eager,fast"])
 
 
+@pytest.mark.parametrize("warm", [False, True])
+def test_bench_decode_warm_state_builds_cache_state_once(tmp_path, monkeypatch, warm):
+    """Without --warm-state Landmark builds its block means over the prompt in the first step of every
+    round (each round copies the prefilled cache); with it, once, in an untimed step, and every round
+    starts from a copy of that cache: one full build per layer (state_build_s reported)."""
+    from tokensparse.engine.cache import PageSummary
+
+    builds = []
+    on_write = PageSummary.on_write
+
+    def counting(self, layer, start, end):
+        if start == 0 and end > 1:
+            builds.append(end)
+        return on_write(self, layer, start, end)
+
+    monkeypatch.setattr(PageSummary, "on_write", counting)
+    variants = tmp_path / "v.json"
+    variants.write_text('[{"label": "lm", "method": "landmark", "config": {"budget": 32, "block": 4}},'
+                        ' {"label": "ts", "method": "token_select", "config": {"budget": 32, "n_sink": 4, "n_local": 8}}]')
+    out = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--model-config", "smollm2-135m", "--layers", "2", "--lengths", "128",
+                 "--repeats", "2", "--steps", "2", "--variants", str(variants), "--no-dynamic", "--json", str(out)]
+                + (["--warm-state"] if warm else [])) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert len(builds) == (2 if warm else 2 * 3)  # 2 layers; without: the untimed round and 2 timed rounds
+    assert ("state_build_s" in rows["lm"]) == warm and "state_build_s" not in rows["ts"]
+    assert rows["lm"]["selection_share"] is not None
+    if not warm:
+        with pytest.raises(SystemExit, match="--warm-state applies to bench decode"):
+            main(["bench", "prefill", "--warm-state"])
+
+
 def test_bench_prefill_bf16_random_model_writes_json(tmp_path, monkeypatch):
     from tokensparse.bench import prefill
 

@@ -3,10 +3,10 @@
 The detector (:mod:`tokensparse.engine.hostsync`) is checked first: each kind of synchronisation it
 claims to catch is built and must be recorded (and harmless operations must not be), so the decode
 checks below can fail. Then the decode steps of the fixed-budget decode methods (TokenSelect, Quest,
-TidalDecode, StreamingLLM at a fixed budget) and dense decode on the engine's cache are run on a
-tiny model, after an untracked prefill, under :func:`accelerator_paths` (the branches an
-accelerator takes: CPU-only fast paths off) and must record nothing beyond :data:`ALLOWED`, each
-entry of which says why it stays. The CPU fast paths are checked to give the same logits and to be
+Landmark in one and two levels, TidalDecode, StreamingLLM at a fixed budget) and dense decode on the
+engine's cache are run on a tiny model, after an untracked prefill, under :func:`accelerator_paths`
+(the branches an accelerator takes: CPU-only fast paths off) and must record nothing beyond
+:data:`ALLOWED`, each entry of which says why it stays. The CPU fast paths are checked to give the same logits and to be
 the only extra reads on a CPU (:data:`CPU_FAST_PATHS`).
 """
 
@@ -214,6 +214,8 @@ DECODE = {
     "token_select_share_kv_head": lambda: M("token_select")(budget=0.5, n_sink=2, n_local=6, pool_kernel=3,
                                                             select_per="kv_head"),
     "quest": lambda: M("quest")(budget=16, page=4, dense_layers=1),
+    "landmark": lambda: M("landmark")(budget=12, block=2),
+    "landmark_two_level": lambda: M("landmark")(budget=8, block=2, coarse=2, widen=1.0),
     "tidal_decode": lambda: M("tidal_decode")(budget=12, selection_layers=[1]),
     "tidal_decode_share": lambda: M("tidal_decode")(budget=0.3, selection_layers=[1]),
     "streaming_llm": lambda: M("streaming_llm")(budget=20, n_sink=2),

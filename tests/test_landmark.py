@@ -2,6 +2,8 @@
 equal a computation from the full keys after prefill, decode, crop and beam reordering; the blocks a
 decode step attends are the brute-force top blocks by attention to the representatives."""
 
+import math
+
 import pytest
 import torch
 
@@ -97,3 +99,86 @@ def test_attended_blocks_are_the_brute_force_top_blocks():
                        do_sample=False, pad_token_id=0)
         assert s.stats["landmark_summary_rows"] < s.stats["landmark_cache_rows"]
     assert obs.checked == 2 * 5
+
+
+class BruteForceTwoLevel(Observer):
+    """The blocks of a two-level step: top coarse blocks by softmax over the coarse means, then the
+    top fine blocks by softmax over the candidates' means (loops, from the full keys)."""
+
+    def __init__(self, m):
+        self.m, self.checked, self.narrowed = m, 0, 0
+
+    def on_selection(self, call, selection):
+        if call.kind != "decode" or selection.kind == "dense":
+            return
+        q, k = call.query.float(), call.key.float()
+        b, hq, _, d = q.shape
+        hkv, n = k.shape[1], k.shape[2]
+        g, blk, ratio = hq // hkv, self.m.block, self.m.coarse
+        n_full = -(-n // blk) - 1
+        n_sel = self.m.n_blocks(n) - 1
+        n_big = n_full // ratio  # coarse blocks of full blocks
+        m = -(-int(math.ceil(self.m.widen * n_sel)) // ratio)
+
+        def weights(i, h, reps):  # max over the group of each query head's softmax over reps
+            logits = q[i, h * g : (h + 1) * g, 0] @ torch.stack(reps).T * call.scale
+            return logits.softmax(-1).amax(0)
+
+        def top(w, cands, count):
+            return sorted(sorted(range(len(cands)), key=lambda j: (-float(w[j]), j))[:count])
+
+        want = torch.zeros(b, hkv, n, dtype=torch.bool)
+        want[:, :, n_full * blk :] = True
+        for i in range(b):
+            for h in range(hkv):
+                if m >= n_big:
+                    cands = list(range(n_full))
+                else:
+                    coarse = [k[i, h, c * ratio * blk : (c + 1) * ratio * blk].mean(0) for c in range(n_big)]
+                    picked = top(weights(i, h, coarse), coarse, m)
+                    cands = [c * ratio + j for c in picked for j in range(ratio)] + list(range(n_big * ratio, n_full))
+                    self.narrowed += 1
+                w = weights(i, h, [k[i, h, p * blk : (p + 1) * blk].mean(0) for p in cands])
+                for j in top(w, cands, n_sel):
+                    want[i, h, cands[j] * blk : (cands[j] + 1) * blk] = True
+        assert torch.equal(selection.mask(n).expand_as(want), want), f"layer {call.layer_idx}"
+        self.checked += 1
+
+
+@pytest.mark.parametrize("widen", [1.0, 2.5])
+def test_two_level_blocks_are_the_brute_force_choice(widen):
+    model = tiny_model("llama")
+    method = Landmark(budget=8, block=2, coarse=3, widen=widen)
+    ids, _ = tiny_inputs(2, 41, seed=3)
+    obs = BruteForceTwoLevel(method)
+    with torch.no_grad(), ts.sparsify(model, method, observers=[obs]) as s:
+        model.generate(ids, cache=s.new_cache(), max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+        flat = ts.sparsify(model, Landmark(budget=8, block=2))
+    assert obs.checked == 2 * 4 and obs.narrowed > 0
+    # coarse rows plus candidates: fewer summary rows than one level's L / block
+    assert s.stats["landmark_summary_rows"] < s.stats["landmark_cache_rows"] / 2
+    del flat
+
+
+def test_two_level_covering_the_context_is_one_level():
+    """Candidates that hold every block: the same steps, logits and tokens as the one-level search."""
+    model = tiny_model("llama")
+    ids, mask = tiny_inputs(2, 37, seed=4)
+    outs = []
+    for method in (Landmark(budget=8, block=2), Landmark(budget=8, block=2, coarse=2, widen=8.0)):
+        with torch.no_grad(), ts.sparsify(model, method) as s:
+            out = model.generate(ids, attention_mask=mask, cache=s.new_cache(), max_new_tokens=6, min_new_tokens=6,
+                                 do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        outs.append(out)
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].logits, outs[1].logits):
+        assert torch.equal(a, b)
+
+
+def test_two_level_options_are_checked():
+    with pytest.raises(ValueError, match="coarse"):
+        Landmark(coarse=1)
+    with pytest.raises(ValueError, match="widen"):
+        Landmark(widen=2.0)
+    with pytest.raises(ValueError, match="widen"):
+        Landmark(coarse=8, widen=0.5)

@@ -83,5 +83,4 @@ def test_full_budget_equals_dense(name, mode, batch, dtype, family, forced):
             top2 = ref_logits[row, first].float().topk(2).values
             assert float(top2[0] - top2[1]) <= 2 * tol, f"row {row} step {first}: a token flipped without a near-tie"
         logits, ref_logits = logits[:, : first + 1], ref_logits[:, : first + 1]
-        assert torch.equal(seq[:, : ids.shape[1] + first], ref_seq[:, : ids.shape[1] + first])
     assert max_diff(logits, ref_logits, valid) <= tol

@@ -714,9 +714,13 @@ def check_recycled_attention(m, r: Record, sc: Scenario) -> None:
 
 @st.composite
 def landmark_configs(draw):
-    return dict(budget=draw(st.one_of(SHARES, st.integers(1, 30))), block=draw(st.integers(1, 6)),
+    block = draw(st.integers(1, 6))
+    two = draw(st.booleans())  # the two-level search: coarse blocks of 2-4 blocks, candidates 1-3x
+    return dict(budget=draw(st.one_of(SHARES, st.integers(1, 30))), block=block,
                 representative=draw(st.sampled_from(["mean", "max_norm"])), dense_layers=draw(st.integers(0, 1)),
-                gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)))
+                gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)),
+                **(dict(coarse=draw(st.integers(2, 4)), widen=draw(st.sampled_from([1.0, 1.5, 3.0])))
+                   if two else {}))
 
 
 def check_landmark(m, r: Record, sc: Scenario) -> None:

@@ -39,10 +39,13 @@ def test_int8_shadow_follows_writes_and_scores_exactly():
     assert st.n == 32 and torch.equal(st.keys[:, :, :32], quantize_rows(layer.keys)[0])
 
 
-def test_int8_products_batched_path_equals_int_mm_exactly():
-    """The batched fp32 product (devices other than a CPU, and shapes ``torch._int_mm`` refuses)
-    gives the very integers of the CPU kernel: queries are quantised per row, so 17 rows (batched
-    path) equal 16 + 1 rows (``_int_mm`` path) bit for bit."""
+def test_int8_products_batched_path_equals_int_mm_exactly(monkeypatch):
+    """The batched fp32 product (devices other than a CPU, CPUs without AVX-512, and shapes
+    ``torch._int_mm`` refuses) gives the very integers of the CPU kernel: queries are quantised per
+    row, so 17 rows (batched path) equal 16 + 1 rows (``_int_mm`` path, forced on) bit for bit."""
+    from tokensparse.engine import shadow
+
+    monkeypatch.setattr(shadow, "CPU_INT_MM", True)
     g = torch.Generator().manual_seed(1)
     k8, ks = quantize_rows(torch.randn(2, 3, 40, 64, generator=g) * 3)
     q = torch.randn(2, 3, 17, 64, generator=g)
@@ -52,6 +55,9 @@ def test_int8_products_batched_path_equals_int_mm_exactly():
     qq, qs = quantize_rows(q)
     ints = torch.einsum("bhmd,bhnd->bhmn", qq.double(), k8.double())
     assert torch.equal(batched, (ints.float() * qs[..., None] * ks[:, :, None, :]))
+    monkeypatch.setattr(shadow, "CPU_INT_MM", False)  # an AVX2 CPU: the batched product for 16 rows too
+    assert torch.equal(torch.cat([int8_products(q[:, :, :16], k8, ks), int8_products(q[:, :, 16:], k8, ks)], dim=2),
+                       split)
     with pytest.raises(ValueError, match="head_dim"):
         int8_products(torch.randn(1, 1, 1, 2048), *quantize_rows(torch.randn(1, 1, 20, 2048)))
 

@@ -367,6 +367,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--variants", help="decode, prefill, attention: a JSON file listing {label, method, config} "
                                       "objects to time instead of the default configurations")
     s.add_argument("--no-dynamic", action="store_true", help="decode with --variants: leave out dense DynamicCache")
+    s.add_argument("--warm-state", action="store_true",
+                   help="decode only: methods that keep state with the cache (page summaries, key shadows) build it "
+                        "in one untimed step before the timed rounds (steady-state steps; the build time is "
+                        "reported as state_build_s), instead of in the first timed step of every round")
     s.add_argument("--static", metavar="MODES",
                    help="decode only: also time static-shape decode (tokensparse.engine.static) for dense and every "
                         "variant it supports (share budgets resolved at the prompt length); comma-separated modes "

@@ -296,6 +296,10 @@ def main(args) -> int:
         if bad or not modes:
             raise SystemExit(f"--static: unknown mode(s) {bad or args.static!r}; modes: eager, compile, reduce-overhead")
         kw["static"] = modes
+    if getattr(args, "warm_state", False):
+        if args.what != "decode":
+            raise SystemExit("--warm-state applies to bench decode")
+        kw["warm_state"] = True
     if args.what == "prefill":
         from .prefill import run
     elif args.what == "decode":

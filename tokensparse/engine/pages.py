@@ -12,11 +12,13 @@ summaries are computed per step from that row's keys.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from .cache import PAGE_SUMMARIES, PageSummary
+from .executors import gather_rows
 from .pipeline import everything
 from .selection import Selection, select_topk
 
@@ -81,6 +83,64 @@ def page_select(call, page: int, n_pages: Callable[[int], int], kind: str, top: 
 
 #: ``score(query (B, Hq, 1, D), summaries: tuple of (B, Hkv, P, D)) -> (B, Hkv, P)`` page scores
 PageScores = Callable[[torch.Tensor, tuple], torch.Tensor]
+
+
+def coarse_candidates(k: int, ratio: int, widen: float) -> int:
+    """Coarse pages kept as candidates to choose ``k`` fine pages, ``ratio`` fine pages each:
+    ``ceil(widen · k / ratio)``."""
+    return -(-int(math.ceil(widen * k)) // ratio)
+
+
+def page_select_coarse(call, page: int, n_pages: Callable[[int], int], kind: str, score: PageScores,
+                       stats_prefix: str, coarse: int, widen: float, layer=None) -> Selection:
+    """:func:`page_select` in two levels: the query first scores the summaries of the full *coarse*
+    pages of ``coarse`` tokens (a multiple of ``page``; the cache keeps them too), keeps the top
+    :func:`coarse_candidates` of them (``widen`` × the fine pages it needs), and ranks by ``score``
+    only the fine pages inside those plus the full fine pages after the last full coarse page (the
+    most recent tokens, always candidates). Summary rows read per KV head: ``L / coarse`` plus the
+    candidates (``≈ widen · k``) instead of ``L / page``.
+
+    ``score(query, summaries)`` gives ``(B, Hkv, P)`` scores of the pages it is shown, computed
+    from those pages alone (a softmax over them is over the candidates). When the candidates
+    cover every full fine page the choice is :func:`page_select`'s with the top-k of ``score`` over
+    all of them (tested). Counts ``<stats_prefix>_summary_rows`` (coarse plus candidate fine rows)
+    and ``<stats_prefix>_cache_rows`` as :func:`page_select` does."""
+    if coarse % page or coarse <= page:
+        raise ValueError(f"coarse pages ({coarse}) must be a multiple of the page ({page}) larger than it")
+    if widen < 1:
+        raise ValueError(f"widen ({widen}) must be at least 1: the candidates must hold the pages to choose")
+    session = call.session
+    ratio = coarse // page
+
+    def summaries(size, start, rows):
+        if start == 0 and rows == slice(None):  # unpadded: the cache's page summaries
+            return layer.state(f"pages.{kind}.{size}", lambda: PageSummary(size, kind)).summaries
+        return PAGE_SUMMARIES[kind](call.key[rows, :, start:], size)  # one row of a padded batch: its own grid
+
+    def choose(query, start, rows, k):
+        fine = summaries(page, start, rows)
+        n_full = fine[0].shape[2] - 1  # full fine pages (the last, partial one is always read)
+        n_big = n_full // ratio  # coarse pages made of full fine pages
+        m = coarse_candidates(k, ratio, widen)
+        cached = start == 0 and rows == slice(None)
+        if cached:
+            session.count(f"{stats_prefix}_cache_rows", call.k_len)
+        if m >= n_big:  # the candidates would hold every full page: one level
+            if cached:
+                session.count(f"{stats_prefix}_summary_rows", len(fine) * fine[0].shape[2])
+            return select_topk(score(query, tuple(x[:, :, :-1] for x in fine)), k)[0]
+        big = tuple(x[:, :, :n_big] for x in summaries(coarse, start, rows))
+        picked = select_topk(score(query, big), m)[0]  # (b, Hkv, m) coarse pages, ascending
+        dev = picked.device
+        cand = (picked[..., None] * ratio + torch.arange(ratio, device=dev)).flatten(-2)
+        tail = torch.arange(n_big * ratio, n_full, device=dev).expand(*cand.shape[:-1], -1)
+        cand = torch.cat([cand, tail], -1)  # ascending fine pages, every one full
+        if cached:
+            session.count(f"{stats_prefix}_summary_rows", len(fine) * (n_big + cand.shape[-1]))
+        top = select_topk(score(query, tuple(gather_rows(x, cand) for x in fine)), k)[0]
+        return cand.gather(-1, top)  # ascending: the candidates ascend and top is sorted
+
+    return _select_pages(call, page, n_pages, choose)
 
 
 def page_token_scores(call, page: int, kind: str, score: PageScores, layer=None) -> torch.Tensor:

@@ -73,19 +73,27 @@ def shadow_of(call, kind: str) -> ShadowKeys:
     return call.cache_layer.state(f"shadow.{kind}", lambda: ShadowKeys(kind))
 
 
+#: whether :func:`int8_products` uses ``torch._int_mm`` on a CPU: only where PyTorch dispatches its
+#: AVX-512 kernels (int8 dot products in hardware on the CPUs measured here). On an AVX2 CPU (an AMD
+#: EPYC of family 23, 2026-12-07) it measured ~40x slower than the fp32 product of the same
+#: integers, which is exact (see :func:`int8_products`) and used there instead. Read once at import
+#: (a plain constant inside compiled static steps).
+CPU_INT_MM = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def int8_products(q: torch.Tensor, k8: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     """``q (B, Hkv, M, D)`` against int8 keys ``k8 (B, Hkv, n, D)`` with row scales ``ks (B, Hkv, n)``:
     ``(B, Hkv, M, n)`` fp32, the exact integer products of the per-row quantised query and keys,
-    rescaled. On a CPU ``torch._int_mm`` per (row, KV head) (it is 2-D only); elsewhere, and for
-    shapes that kernel refuses (``n <= 16`` or ``M > 16``), one batched fp32 ``matmul`` over every
-    row and KV head: the same integers, exact because every partial sum is an integer with
+    rescaled. On an AVX-512 CPU ``torch._int_mm`` per (row, KV head) (it is 2-D only;
+    :data:`CPU_INT_MM`); elsewhere, and for shapes that kernel refuses (``n <= 16`` or ``M > 16``),
+    one batched fp32 ``matmul`` over every row and KV head: the same integers, exact because every partial sum is an integer with
     ``|Σ| <= D · 127² < 2²⁴`` for ``D <= 1040``. Used by the engine's scorers and the static step."""
     b, h, m, d = q.shape
     if d > 1040:
         raise ValueError(f"int8 products are exact in fp32 up to head_dim 1040, got {d}")
     n = k8.shape[2]
     q8, qs = quantize_rows(q)
-    if q.device.type == "cpu" and n > 16 and m <= 16:
+    if q.device.type == "cpu" and n > 16 and m <= 16 and CPU_INT_MM:
         prods = torch.stack([torch._int_mm(k8[i, j], q8[i, j].t().contiguous()).t()
                              for i in range(b) for j in range(h)]).view(b, h, m, n).float()
     else:
