@@ -136,7 +136,8 @@ def load_variants(path: str) -> list[tuple[str, str, dict]]:
 def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = None,
         variants: list[tuple[str, str, dict]] | None = None, dynamic: bool = True, *,
         device="cpu", dtype: torch.dtype = torch.float32, model_config: str | None = None,
-        layers: int | None = None, seed: int = 0, static: list[str] | None = None, warm_state: bool = False) -> dict:
+        layers: int | None = None, seed: int = 0, static: list[str] | None = None,
+        warm_state: bool = False) -> dict:
     """Decode ms/token per variant and length (see the module docstring). ``model_config`` (with
     ``layers``) benchmarks that shape with random weights instead of the bundled model."""
     from tqdm.auto import tqdm
@@ -179,10 +180,9 @@ def run(lengths, repeats: int = 3, steps: int = 16, fill_threads: int | None = N
                 del logits
             elif warm_state and method is not None and method.needs_cache_state:  # build its state once, untimed
                 with ts.sparsify(model, method) as s:
-                    own = kv.clone()
-                    holder = {}
-                    build_s[label] = timed(lambda: holder.update(logits=model(input_ids=first, cache=own, use_cache=True).logits),
-                                           device)
+                    own, holder = kv.clone(), {}
+                    build_s[label] = timed(
+                        lambda: holder.update(logits=model(input_ids=first, cache=own, use_cache=True).logits), device)
                 start[label] = (own, holder.pop("logits")[:, -1].argmax(-1, keepdim=True))
         torch.set_num_threads(fill_threads)  # the static variants' own (untimed) prefills
         shared = {}

@@ -59,6 +59,15 @@ def _select_pages(call, page: int, n_pages: Callable[[int], int], choose) -> Sel
     return _row_pages(call, rows, p)
 
 
+def _summaries(call, layer, kind: str, page: int, start: int, rows: slice) -> tuple:
+    """The ``kind`` summaries of pages of ``page`` keys: the cache-kept ones for an unpadded call
+    (``start == 0``, every row), else one padded row's, computed from its real keys ``[start, Lk)``
+    on its own grid."""
+    if start == 0 and rows == slice(None):
+        return layer.state(f"pages.{kind}.{page}", lambda: PageSummary(page, kind)).summaries
+    return PAGE_SUMMARIES[kind](call.key[rows, :, start:], page)
+
+
 def page_select(call, page: int, n_pages: Callable[[int], int], kind: str, top: TopPages, stats_prefix: str,
                 layer=None) -> Selection:
     """The ``"keys"`` selection of a page method for one decode call (see the module doc).
@@ -70,12 +79,10 @@ def page_select(call, page: int, n_pages: Callable[[int], int], kind: str, top: 
     session = call.session
 
     def choose(query, start, rows, k):
-        if start == 0 and rows == slice(None):  # unpadded: the cache's page summaries
-            parts = layer.state(f"pages.{kind}.{page}", lambda: PageSummary(page, kind)).summaries
+        parts = _summaries(call, layer, kind, page, start, rows)
+        if start == 0 and rows == slice(None):  # unpadded: the cache's page summaries were read
             session.count(f"{stats_prefix}_summary_rows", len(parts) * parts[0].shape[2])
             session.count(f"{stats_prefix}_cache_rows", call.k_len)
-        else:  # one row of a padded batch: its pages from its real keys
-            parts = PAGE_SUMMARIES[kind](call.key[rows, :, start:], page)
         return top(query, tuple(x[:, :, :-1] for x in parts), k)
 
     return _select_pages(call, page, n_pages, choose)
@@ -112,13 +119,8 @@ def page_select_coarse(call, page: int, n_pages: Callable[[int], int], kind: str
     session = call.session
     ratio = coarse // page
 
-    def summaries(size, start, rows):
-        if start == 0 and rows == slice(None):  # unpadded: the cache's page summaries
-            return layer.state(f"pages.{kind}.{size}", lambda: PageSummary(size, kind)).summaries
-        return PAGE_SUMMARIES[kind](call.key[rows, :, start:], size)  # one row of a padded batch: its own grid
-
     def choose(query, start, rows, k):
-        fine = summaries(page, start, rows)
+        fine = _summaries(call, layer, kind, page, start, rows)
         n_full = fine[0].shape[2] - 1  # full fine pages (the last, partial one is always read)
         n_big = n_full // ratio  # coarse pages made of full fine pages
         m = coarse_candidates(k, ratio, widen)
@@ -129,7 +131,7 @@ def page_select_coarse(call, page: int, n_pages: Callable[[int], int], kind: str
             if cached:
                 session.count(f"{stats_prefix}_summary_rows", len(fine) * fine[0].shape[2])
             return select_topk(score(query, tuple(x[:, :, :-1] for x in fine)), k)[0]
-        big = tuple(x[:, :, :n_big] for x in summaries(coarse, start, rows))
+        big = tuple(x[:, :, :n_big] for x in _summaries(call, layer, kind, coarse, start, rows))
         picked = select_topk(score(query, big), m)[0]  # (b, Hkv, m) coarse pages, ascending
         dev = picked.device
         cand = (picked[..., None] * ratio + torch.arange(ratio, device=dev)).flatten(-2)
@@ -149,13 +151,13 @@ def page_token_scores(call, page: int, kind: str, score: PageScores, layer=None)
     as in :func:`page_select` (the cache's summaries unpadded; each row's own grid when padded)."""
     n = call.k_len
     if call.key_valid is None:
-        st = layer.state(f"pages.{kind}.{page}", lambda: PageSummary(page, kind))
-        return score(call.query, st.summaries).float().repeat_interleave(page, -1)[..., :n]
+        parts = _summaries(call, layer, kind, page, 0, slice(None))
+        return score(call.query, parts).float().repeat_interleave(page, -1)[..., :n]
     out = torch.full((call.batch, call.n_kv_heads, n), float("-inf"), device=call.query.device)
     real = call.host_real
     for r, n_real in enumerate(real if real is not None else call.n_real[:, 0].tolist()):
         start = n - n_real
-        parts = PAGE_SUMMARIES[kind](call.key[r : r + 1, :, start:], page)
+        parts = _summaries(call, layer, kind, page, start, slice(r, r + 1))
         out[r, :, start:] = score(call.query[r : r + 1], parts).float().repeat_interleave(page, -1)[0, :, :n_real]
     return out
 

@@ -86,8 +86,8 @@ def int8_products(q: torch.Tensor, k8: torch.Tensor, ks: torch.Tensor) -> torch.
     ``(B, Hkv, M, n)`` fp32, the exact integer products of the per-row quantised query and keys,
     rescaled. On an AVX-512 CPU ``torch._int_mm`` per (row, KV head) (it is 2-D only;
     :data:`CPU_INT_MM`); elsewhere, and for shapes that kernel refuses (``n <= 16`` or ``M > 16``),
-    one batched fp32 ``matmul`` over every row and KV head: the same integers, exact because every partial sum is an integer with
-    ``|Σ| <= D · 127² < 2²⁴`` for ``D <= 1040``. Used by the engine's scorers and the static step."""
+    one batched fp32 ``matmul`` over every row and KV head: the same integers, exact because every
+    partial sum is an integer with ``|Σ| <= D · 127² < 2²⁴`` for ``D <= 1040``. Used by the engine's scorers and the static step."""
     b, h, m, d = q.shape
     if d > 1040:
         raise ValueError(f"int8 products are exact in fp32 up to head_dim 1040, got {d}")
