@@ -26,10 +26,10 @@ def _generate(model, method, ids, mask, observers=(), new=6):
 
 
 class QuestBruteForce(Observer):
-    """Layer 0 selects with Quest's page bound (pages of 16 from position 0); layer 1 must reuse it."""
+    """Layer 0 selects with Quest's page bound (pages of ``page`` from position 0); layer 1 must reuse it."""
 
-    def __init__(self, budget):
-        self.budget, self.chosen, self.checked = budget, None, 0
+    def __init__(self, budget, page=16):
+        self.budget, self.page, self.chosen, self.checked = budget, page, None, 0
 
     def on_selection(self, call, selection):
         if call.kind != "decode":
@@ -45,7 +45,8 @@ class QuestBruteForce(Observer):
                 for h in range(hkv):
                     score = []
                     for j in range(n - 1):  # candidates: all but the current token
-                        page = k[i, h, j // 16 * 16 : j // 16 * 16 + 16]
+                        p = self.page
+                        page = k[i, h, j // p * p : j // p * p + p]
                         qs = q[i, h * (hq // hkv) : (h + 1) * (hq // hkv), 0]  # (G, D)
                         bound = (qs[:, None, :] * page[None]).amax(1).sum(-1).amax()  # max over G of Σ_d max_k q_d k_d
                         score.append(float(bound))
@@ -66,6 +67,17 @@ def test_selection_layer_ranks_by_the_scorer_and_later_layers_reuse(model):
     assert obs.checked == 2 * 5 and stats["select"] == 5
 
 
+def test_scorer_config_reaches_the_scorer(model):
+    ids, mask = tiny_inputs(2, 40, seed=6)
+    obs = QuestBruteForce(budget=10, page=4)
+    method = Tidal(budget=10, selection_layers=[0], scorer="quest", scorer_config={"page": 4})
+    _generate(model, method, ids, mask, observers=[obs])
+    assert obs.checked == 2 * 5
+    with pytest.raises(AssertionError, match="Quest's page bounds"):  # the default pages of 16 choose otherwise
+        _generate(model, Tidal(budget=10, selection_layers=[0], scorer="quest"), ids, mask,
+                  observers=[QuestBruteForce(budget=10, page=4)])
+
+
 @pytest.mark.parametrize("scorer", ["quest", "landmark", "token_select"])
 def test_full_budget_composition_equals_dense(model, scorer):
     ids, mask = tiny_inputs(2, 30, pad=5, seed=3)
@@ -80,3 +92,12 @@ def test_added_field_keeps_stored_run_keys():
     assert Tidal(budget=0.25, scorer="quest").needs_cache_state and not Tidal(budget=0.25).needs_cache_state
     with pytest.raises(ValueError, match="scorer"):
         Tidal(scorer="h2o")
+    assert "scorer_config" not in Tidal(budget=0.25, scorer="landmark").config_dict()
+    pinned = Tidal(budget=0.25, scorer="landmark", scorer_config={"block": 32})
+    assert pinned.config_dict()["scorer_config"] == {"block": 32} and pinned._scorer().block == 32
+    with pytest.raises(ValueError, match="scorer_config must be None without a scorer"):
+        Tidal(scorer_config={"block": 32})
+    with pytest.raises(TypeError, match="scorer_config must be settings of landmark"):
+        Tidal(scorer="landmark", scorer_config={"blocks": 32})
+    with pytest.raises(ValueError, match="scorer_config must be settings of landmark"):
+        Tidal(scorer="landmark", scorer_config={"block": 0})

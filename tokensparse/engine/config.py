@@ -164,3 +164,9 @@ def check_fields(obj) -> None:
 def undeclared_fields(cls) -> list[str]:
     """Fields of a method config declared without :func:`param` (the tests require none)."""
     return [f.name for f in fields(cls) if spec_of(f) is None]
+
+
+def at_default(obj, name: str) -> bool:
+    """Whether the dataclass field ``name`` of ``obj`` holds its declared default (for options that
+    only apply with another one: a check that follows the default if it changes)."""
+    return getattr(obj, name) == {f.name: f for f in fields(obj)}[name].default

@@ -44,6 +44,11 @@ scorer: str | None = None
     layers instead of their dense attention; a selection layer then attends to its own choice, so
     no layer after the dense ones reads the whole cache. ``None``: the paper's dense selection
     layers.
+scorer_config: dict | None = None
+    The scorer's settings (``None``: its defaults), checked by it at construction, e.g.
+    ``{"block": 32}`` for Landmark. Evaluation rows record them when given; a scorer left at its
+    defaults is recorded by name only, so a later change of the scorer's own defaults does not show
+    in the row (set them here to pin them).
 pool_kernel: int = 1
     Beyond the paper: max-pool a selection layer's scores over this many neighbouring keys before
     the top-k (``1`` = off, the paper's ranking), so the rest of a span the step attends to (the
@@ -65,7 +70,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.config import param
+from ..engine.config import at_default, param
 from ..engine.method import Method, Phase
 from ..engine.pipeline import KeyPlan, everything, execute, record_dense, row_budgets, run
 from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, pool1d
@@ -91,13 +96,24 @@ class TidalDecode(Method):
     scorer: str | None = param(None, "choice", choices=SCORERS, optional=True, added=True)
     pool_kernel: int = param(1, "int", ge=1, added=True)
     period: int = param(6, "int", ge=1, added=True)
+    scorer_config: dict | None = param(None, "mapping", optional=True, added=True)
 
     def validate(self) -> None:
         if isinstance(self.budget, int) and self.budget < 2:
             raise ValueError(f"tidal_decode: budget ({self.budget}) must hold the current token and at least one other")
-        if self.period != 6 and self.selection_layers != "periodic":
+        if not at_default(self, "period") and self.selection_layers != "periodic":
             raise ValueError(f"tidal_decode: period ({self.period}) only applies to selection_layers='periodic', "
                              f"not {self.selection_layers!r}")
+        if self.scorer is None:
+            if self.scorer_config is not None:
+                raise ValueError(f"tidal_decode: scorer_config must be None without a scorer, got "
+                                 f"{self.scorer_config!r} (set scorer=, one of {', '.join(SCORERS)})")
+            return
+        try:
+            self._scorer()
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"tidal_decode: scorer_config must be settings of {self.scorer}, got "
+                            f"{self.scorer_config!r} ({err})") from None
 
     @property
     def needs_cache_state(self) -> bool:  # a page scorer keeps its summaries with the cache
@@ -110,7 +126,7 @@ class TidalDecode(Method):
     def _scorer(self) -> Method:
         from . import get
 
-        return get(self.scorer)()
+        return get(self.scorer)(**(self.scorer_config or {}))
 
     @classmethod
     def at_full_budget(cls) -> "TidalDecode":
