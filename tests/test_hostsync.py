@@ -159,14 +159,38 @@ def test_device_check_reads_on_a_cpu_and_asserts_on_the_device_elsewhere():
 
 def test_select_topk_without_its_cpu_fast_path_takes_the_same_keys():
     g = torch.Generator().manual_seed(0)
-    for trial in range(40):
-        scores = torch.randint(0, 4 if trial % 2 else 1000, (2, 3, 50), generator=g).float()  # ties or none
+    for trial in range(60):
+        # ties at the k-th value or none; -inf; NaN (the CPU path hands those to the keys)
+        scores = torch.randint(0, 4 if trial % 2 else 1000, (2, 3, 50), generator=g).float()
+        if trial % 3 == 0:
+            scores[0, 1, trial % 50] = float("-inf")
+        if trial % 10 == 9:
+            scores[1, 2, 7] = float("nan")
         k = 1 + trial % 20
         fast, _ = select_topk(scores, k)
         with accelerator_paths(), count_host_syncs() as log:
             keys, _ = select_topk(scores, k)
         assert torch.equal(fast, keys)
         assert len(log) == 0, log.report()
+
+
+def test_select_topk_cpu_path_resolves_ties_itself():
+    """The CPU path answers tied k-th values without the keys (earliest tied positions), and
+    leaves NaN to them."""
+    from tokensparse.engine.selection import _topk_by_threshold
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        scores = torch.randint(0, 3, (2, 3, 40), generator=g).float()
+        scores[0, 0, :5] = float("-inf")
+        k = 2 + trial
+        fast = _topk_by_threshold(scores, k)
+        assert fast is not None
+        with accelerator_paths():
+            keys, _ = select_topk(scores, k)
+        assert torch.equal(fast, keys)
+    scores[1, 1, 3] = float("nan")
+    assert _topk_by_threshold(scores, 4) is None
 
 
 def test_session_counts_device_values_without_reading_them():
@@ -202,7 +226,7 @@ ALLOWED = [
 #: branch-free code or device-side assertions on an accelerator
 CPU_FAST_PATHS = {
     "tokensparse/engine/integration.py": "_mark_padding: is this call's token real (right padding; device_check)",
-    "tokensparse/engine/selection.py": "select_topk: a plain float top-k when the top set has no ties",
+    "tokensparse/engine/selection.py": "select_topk: a plain float top-k, ties at the k-th value resolved by position (nonzero)",
     "tokensparse/engine/cache.py": "_check_rows: keep() indices in range (device_check: asserted on CUDA)",
     "tokensparse/engine/session.py": "count: a device count read at once (summed on the device elsewhere)",
 }

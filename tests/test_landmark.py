@@ -30,9 +30,11 @@ def test_representatives_brute_force():
                 assert torch.equal(top[b, h, p], k[b, h, s + j])
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["mean", "max_norm"])
 @pytest.mark.parametrize("page", [1, 3])
-def test_representatives_follow_prefill_decode_crop_and_beams(kind, page):
+def test_representatives_follow_prefill_decode_crop_and_beams(kind, page, dtype):
+    """Also kept in bfloat16 (token-major buffer): the fp32 summary rounded once, exactly."""
     fn = {"mean": page_means, "max_norm": page_max_norm_keys}[kind]
     g = torch.Generator().manual_seed(0)
 
@@ -40,11 +42,15 @@ def test_representatives_follow_prefill_decode_crop_and_beams(kind, page):
         return torch.randn(2, 2, t, 8, generator=g), torch.randn(2, 2, t, 8, generator=g)
 
     def agrees(layer, st):
-        return torch.allclose(st.summaries[0], fn(layer.keys, page)[0])
+        want = fn(layer.keys, page)[0]
+        if dtype is None:
+            return torch.allclose(st.summaries[0], want)
+        got = st.summaries[0]
+        return got.dtype == dtype and got.transpose(1, 2)[0].is_contiguous() and torch.equal(got, want.to(dtype))
 
-    layer = PreallocLayer(headroom=2)
+    layer = PreallocLayer(headroom=2)  # small headroom: the decode steps below grow the buffers
     layer.update(*kv(7))
-    st = layer.state("r", lambda: PageSummary(page, kind))
+    st = layer.state("r", lambda: PageSummary(page, kind, dtype))
     assert agrees(layer, st)
     for _ in range(5):
         layer.update(*kv(1))
@@ -58,11 +64,16 @@ def test_representatives_follow_prefill_decode_crop_and_beams(kind, page):
     assert agrees(copy, copy.states["r"])
     with pytest.raises(ValueError, match="kind"):
         PageSummary(4, "median")
+    with pytest.raises(ValueError, match="floating"):
+        PageSummary(4, "mean", torch.int8)
     with pytest.raises(ValueError, match="minmax"):
         st.bounds
 
 
 class BruteForceBlocks(Observer):
+    """The blocks of a one-level step from the full keys (loops). With ``summary_dtype``: the block
+    means and the scaled query rounded to it, each logit their exact dot product rounded to it."""
+
     def __init__(self, m):
         self.m, self.checked = m, 0
 
@@ -76,7 +87,12 @@ class BruteForceBlocks(Observer):
         blk = self.m.block
         n_all = -(-n // blk)
         reps = torch.stack([k[:, :, i * blk : (i + 1) * blk].mean(2) for i in range(n_all - 1)], 2)
-        logits = torch.einsum("bhd,bhpd->bhp", q[:, :, 0], reps.repeat_interleave(hq // hkv, 1)) * call.scale
+        if self.m.summary_dtype is None:
+            logits = torch.einsum("bhd,bhpd->bhp", q[:, :, 0], reps.repeat_interleave(hq // hkv, 1)) * call.scale
+        else:
+            low = getattr(torch, self.m.summary_dtype)
+            ql, rl = (q[:, :, 0] * call.scale).to(low).double(), reps.to(low).double()
+            logits = torch.einsum("bhd,bhpd->bhp", ql, rl.repeat_interleave(hq // hkv, 1)).to(low).float()
         w = logits.softmax(-1).view(b, hkv, hq // hkv, -1).amax(2)
         n_sel = self.m.n_blocks(n) - 1
         want = torch.zeros(b, hkv, n, dtype=torch.bool)
@@ -89,9 +105,10 @@ class BruteForceBlocks(Observer):
         self.checked += 1
 
 
-def test_attended_blocks_are_the_brute_force_top_blocks():
+@pytest.mark.parametrize("summary_dtype", [None, "bfloat16", "float16"])
+def test_attended_blocks_are_the_brute_force_top_blocks(summary_dtype):
     model = tiny_model("llama")
-    method = Landmark(budget=12, block=4)
+    method = Landmark(budget=12, block=4, summary_dtype=summary_dtype)
     ids, mask = tiny_inputs(2, 33, seed=2)
     obs = BruteForceBlocks(method)
     with torch.no_grad(), ts.sparsify(model, method, observers=[obs]) as s:
@@ -171,6 +188,35 @@ def test_two_level_covering_the_context_is_one_level():
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     for a, b in zip(outs[0].logits, outs[1].logits):
         assert torch.equal(a, b)
+
+
+def test_low_precision_logits_agree_across_layouts():
+    """The block-diagonal product on token-major summaries and the per-head product on other
+    layouts give the same bf16 logits (both: one dot product of D terms per logit)."""
+    g = torch.Generator().manual_seed(5)
+    qg = torch.randn(2, 3, 3, 16, generator=g).bfloat16()
+    token_major = torch.randn(2, 40, 3, 16, generator=g).bfloat16()
+    fast = Landmark.low_precision_logits(qg, token_major[:, :37].transpose(1, 2))
+    plain = Landmark.low_precision_logits(qg, token_major[:, :37].transpose(1, 2).contiguous())
+    assert fast.shape == (2, 3, 3, 37) and fast.dtype == torch.float32 and fast.is_contiguous()
+    assert torch.equal(fast, plain)
+    exact = (qg.double() @ token_major[:, :37].transpose(1, 2).double().transpose(-1, -2)).to(torch.bfloat16).float()
+    assert (fast - exact).abs().max() <= 2 ** -7 * exact.abs().max()  # at most a bf16 rounding apart
+    # block_weights scores with them: the query scaled, then rounded; not the fp32 logits
+    q = torch.randn(2, 9, 1, 16, generator=g)
+    reps = token_major[:, :37].transpose(1, 2)
+    got = Landmark(summary_dtype="bfloat16").block_weights(q, reps, 0.25)
+    ql = (q.view(2, 3, 3, 16) * 0.25).bfloat16().double()
+    want = (ql @ reps.double().transpose(-1, -2)).to(torch.bfloat16).float().softmax(-1).amax(2)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    assert not torch.allclose(got, Landmark().block_weights(q, reps, 0.25), rtol=1e-3, atol=0)
+
+
+def test_summary_dtype_option():
+    assert "summary_dtype" not in Landmark().config_dict()
+    assert Landmark(summary_dtype="bfloat16").config_dict()["summary_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="summary_dtype"):
+        Landmark(summary_dtype="int8")
 
 
 def test_two_level_options_are_checked():

@@ -719,6 +719,7 @@ def landmark_configs(draw):
     return dict(budget=draw(st.one_of(SHARES, st.integers(1, 30))), block=block,
                 representative=draw(st.sampled_from(["mean", "max_norm"])), dense_layers=draw(st.integers(0, 1)),
                 gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)),
+                summary_dtype=draw(st.sampled_from([None, None, "bfloat16"])),
                 **(dict(coarse=draw(st.integers(2, 4)), widen=draw(st.sampled_from([1.0, 1.5, 3.0])))
                    if two else {}))
 

@@ -242,30 +242,45 @@ class PageSummary(CacheState):
     """Per-page key summaries of a full cache: for every ``page`` consecutive rows and KV head,
     ``kind`` ``"minmax"`` keeps the elementwise minimum and maximum key (Quest's pages), ``"mean"``
     the mean key and ``"max_norm"`` the key of largest norm (Landmark-style representatives); each
-    summary is ``(B, Hkv, n_pages, D)`` in the cache dtype. Maintained on write: a decode step
-    recomputes only the page it lands in (at most ``page`` rows), a prefill summarises its pages
-    once. The last page may be partial (summarised over the rows it holds). Eviction is refused (a
-    page's rows would no longer be consecutive tokens); a crop recomputes the page it cuts."""
+    summary is ``(B, Hkv, n_pages, D)`` in the cache dtype. With ``dtype`` (e.g. ``torch.bfloat16``:
+    half the bytes a scorer reads) each page is summarised in the cache dtype and rounded once, on
+    store, and the buffer is *token-major* ``(B, pages, Hkv, D)`` (the views :attr:`summaries`
+    returns are its transposes), so the pages in use are one contiguous ``(n_pages, Hkv·D)`` matrix
+    per row at any length: the CPU's low-precision matrix kernels copy a strided operand first.
+    Maintained on write: a decode step recomputes only the page it lands in (at most ``page``
+    rows), a prefill summarises its pages once. The last page may be partial (summarised over the
+    rows it holds). Eviction is refused (a page's rows would no longer be consecutive tokens); a
+    crop recomputes the page it cuts."""
 
-    def __init__(self, page: int = 16, kind: str = "minmax"):
+    def __init__(self, page: int = 16, kind: str = "minmax", dtype: torch.dtype | None = None):
         if page < 1:
             raise ValueError(f"page size must be >= 1, got {page}")
         if kind not in PAGE_SUMMARIES:
             raise ValueError(f"page summary kind must be one of {sorted(PAGE_SUMMARIES)}, got {kind!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"page summaries are stored in a floating dtype, got {dtype}")
         self.page = int(page)
         self.kind = kind
+        self.dtype = dtype
+        self.token_major = dtype is not None
         self.parts: list[torch.Tensor] | None = None
         self.n_pages = 0
+
+    def _view(self, buf: torch.Tensor) -> torch.Tensor:
+        """``buf`` as ``(B, Hkv, pages, D)`` (a transposed view of a token-major buffer)."""
+        return buf.transpose(1, 2) if self.token_major else buf
 
     def _ensure(self, layer: "PreallocLayer") -> None:
         b, h, _, d = layer._kbuf.shape
         cap = -(-layer.capacity // self.page)
         n_parts = 2 if self.kind == "minmax" else 1
-        if self.parts is None or self.parts[0].shape[2] < cap or self.parts[0].shape[:2] != (b, h):
-            parts = [layer._kbuf.new_empty(b, h, cap, d) for _ in range(n_parts)]
-            if self.parts is not None and self.parts[0].shape[:2] == (b, h):
+        have = None if self.parts is None else self._view(self.parts[0]).shape
+        if have is None or have[2] < cap or have[:2] != (b, h):
+            shape = (b, cap, h, d) if self.token_major else (b, h, cap, d)
+            parts = [layer._kbuf.new_empty(shape, dtype=self.dtype or layer._kbuf.dtype) for _ in range(n_parts)]
+            if have is not None and have[:2] == (b, h):
                 for new, old in zip(parts, self.parts):
-                    new[:, :, : self.n_pages] = old[:, :, : self.n_pages]
+                    self._view(new)[:, :, : self.n_pages] = self._view(old)[:, :, : self.n_pages]
             self.parts = parts
 
     def on_write(self, layer, start, end):
@@ -273,7 +288,7 @@ class PageSummary(CacheState):
         p0 = start // self.page
         fresh = PAGE_SUMMARIES[self.kind](layer.keys[:, :, p0 * self.page : end], self.page)
         for buf, part in zip(self.parts, fresh):
-            buf[:, :, p0 : p0 + part.shape[2]] = part
+            self._view(buf)[:, :, p0 : p0 + part.shape[2]] = part
         self.n_pages = p0 + fresh[0].shape[2]
 
     def on_crop(self, layer):
@@ -292,7 +307,7 @@ class PageSummary(CacheState):
             self.parts = [fn(p) for p in self.parts]
 
     def clone(self) -> "PageSummary":
-        new = PageSummary(self.page, self.kind)
+        new = PageSummary(self.page, self.kind, self.dtype)
         new.n_pages = self.n_pages
         new.parts = None if self.parts is None else [p.clone() for p in self.parts]
         return new
@@ -300,7 +315,7 @@ class PageSummary(CacheState):
     @property
     def summaries(self) -> tuple[torch.Tensor, ...]:
         """The summaries of the pages in use, ``(B, Hkv, n_pages, D)`` each (views)."""
-        return tuple(p[:, :, : self.n_pages] for p in self.parts)
+        return tuple(self._view(p)[:, :, : self.n_pages] for p in self.parts)
 
     @property
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,27 +59,33 @@ def _select_pages(call, page: int, n_pages: Callable[[int], int], choose) -> Sel
     return _row_pages(call, rows, p)
 
 
-def _summaries(call, layer, kind: str, page: int, start: int, rows: slice) -> tuple:
-    """The ``kind`` summaries of pages of ``page`` keys: the cache-kept ones for an unpadded call
-    (``start == 0``, every row), else one padded row's, computed from its real keys ``[start, Lk)``
-    on its own grid."""
+def _summaries(call, layer, kind: str, page: int, start: int, rows: slice, dtype: torch.dtype | None = None) -> tuple:
+    """The ``kind`` summaries of pages of ``page`` keys, stored in ``dtype`` (``None``: the cache's):
+    the cache-kept ones for an unpadded call (``start == 0``, every row), else one padded row's,
+    computed from its real keys ``[start, Lk)`` on its own grid, rounded and laid out the same way
+    (token-major with a ``dtype``, see :class:`~tokensparse.engine.cache.PageSummary`)."""
     if start == 0 and rows == slice(None):
-        return layer.state(f"pages.{kind}.{page}", lambda: PageSummary(page, kind)).summaries
-    return PAGE_SUMMARIES[kind](call.key[rows, :, start:], page)
+        name = f"pages.{kind}.{page}" + ("" if dtype is None else f".{dtype}")
+        return layer.state(name, lambda: PageSummary(page, kind, dtype)).summaries
+    parts = PAGE_SUMMARIES[kind](call.key[rows, :, start:], page)
+    if dtype is None:
+        return parts
+    return tuple(x.to(dtype).transpose(1, 2).contiguous().transpose(1, 2) for x in parts)  # token-major, as kept
 
 
 def page_select(call, page: int, n_pages: Callable[[int], int], kind: str, top: TopPages, stats_prefix: str,
-                layer=None) -> Selection:
+                layer=None, summary_dtype: torch.dtype | None = None) -> Selection:
     """The ``"keys"`` selection of a page method for one decode call (see the module doc).
 
     ``n_pages(n_real)``: pages attended for a row of ``n_real`` real tokens, the current page
-    included (at least 2). ``layer``: the call's tokensparse cache layer (its page summaries).
-    Counts ``<stats_prefix>_summary_rows`` (summary rows read) and ``<stats_prefix>_cache_rows``.
+    included (at least 2). ``layer``: the call's tokensparse cache layer (its page summaries);
+    ``summary_dtype``: the dtype they are kept in (``None``: the cache's). Counts
+    ``<stats_prefix>_summary_rows`` (summary rows read) and ``<stats_prefix>_cache_rows``.
     """
     session = call.session
 
     def choose(query, start, rows, k):
-        parts = _summaries(call, layer, kind, page, start, rows)
+        parts = _summaries(call, layer, kind, page, start, rows, summary_dtype)
         if start == 0 and rows == slice(None):  # unpadded: the cache's page summaries were read
             session.count(f"{stats_prefix}_summary_rows", len(parts) * parts[0].shape[2])
             session.count(f"{stats_prefix}_cache_rows", call.k_len)
@@ -99,7 +105,8 @@ def coarse_candidates(k: int, ratio: int, widen: float) -> int:
 
 
 def page_select_coarse(call, page: int, n_pages: Callable[[int], int], kind: str, score: PageScores,
-                       stats_prefix: str, coarse: int, widen: float, layer=None) -> Selection:
+                       stats_prefix: str, coarse: int, widen: float, layer=None,
+                       summary_dtype: torch.dtype | None = None) -> Selection:
     """:func:`page_select` in two levels: the query first scores the summaries of the full *coarse*
     pages of ``coarse`` tokens (a multiple of ``page``; the cache keeps them too), keeps the top
     :func:`coarse_candidates` of them (``widen`` × the fine pages it needs), and ranks by ``score``
@@ -111,7 +118,8 @@ def page_select_coarse(call, page: int, n_pages: Callable[[int], int], kind: str
     from those pages alone (a softmax over them is over the candidates). When the candidates
     cover every full fine page the choice is :func:`page_select`'s with the top-k of ``score`` over
     all of them (tested). Counts ``<stats_prefix>_summary_rows`` (coarse plus candidate fine rows)
-    and ``<stats_prefix>_cache_rows`` as :func:`page_select` does."""
+    and ``<stats_prefix>_cache_rows`` as :func:`page_select` does; ``summary_dtype`` as there
+    (both levels kept in it)."""
     if coarse % page or coarse <= page:
         raise ValueError(f"coarse pages ({coarse}) must be a multiple of the page ({page}) larger than it")
     if widen < 1:
@@ -120,7 +128,7 @@ def page_select_coarse(call, page: int, n_pages: Callable[[int], int], kind: str
     ratio = coarse // page
 
     def choose(query, start, rows, k):
-        fine = _summaries(call, layer, kind, page, start, rows)
+        fine = _summaries(call, layer, kind, page, start, rows, summary_dtype)
         n_full = fine[0].shape[2] - 1  # full fine pages (the last, partial one is always read)
         n_big = n_full // ratio  # coarse pages made of full fine pages
         m = coarse_candidates(k, ratio, widen)
@@ -131,7 +139,7 @@ def page_select_coarse(call, page: int, n_pages: Callable[[int], int], kind: str
             if cached:
                 session.count(f"{stats_prefix}_summary_rows", len(fine) * fine[0].shape[2])
             return select_topk(score(query, tuple(x[:, :, :-1] for x in fine)), k)[0]
-        big = tuple(x[:, :, :n_big] for x in _summaries(call, layer, kind, coarse, start, rows))
+        big = tuple(x[:, :, :n_big] for x in _summaries(call, layer, kind, coarse, start, rows, summary_dtype))
         picked = select_topk(score(query, big), m)[0]  # (b, Hkv, m) coarse pages, ascending
         dev = picked.device
         cand = (picked[..., None] * ratio + torch.arange(ratio, device=dev)).flatten(-2)
@@ -145,19 +153,20 @@ def page_select_coarse(call, page: int, n_pages: Callable[[int], int], kind: str
     return _select_pages(call, page, n_pages, choose)
 
 
-def page_token_scores(call, page: int, kind: str, score: PageScores, layer=None) -> torch.Tensor:
+def page_token_scores(call, page: int, kind: str, score: PageScores, layer=None,
+                      summary_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Every key's score as its page's score, ``(B, Hkv, Lk)`` fp32 (``-inf`` on padding): a page
     method used as a token scorer (:meth:`~tokensparse.engine.method.Method.key_scores`). Pages
     as in :func:`page_select` (the cache's summaries unpadded; each row's own grid when padded)."""
     n = call.k_len
     if call.key_valid is None:
-        parts = _summaries(call, layer, kind, page, 0, slice(None))
+        parts = _summaries(call, layer, kind, page, 0, slice(None), summary_dtype)
         return score(call.query, parts).float().repeat_interleave(page, -1)[..., :n]
     out = torch.full((call.batch, call.n_kv_heads, n), float("-inf"), device=call.query.device)
     real = call.host_real
     for r, n_real in enumerate(real if real is not None else call.n_real[:, 0].tolist()):
         start = n - n_real
-        parts = _summaries(call, layer, kind, page, start, slice(r, r + 1))
+        parts = _summaries(call, layer, kind, page, start, slice(r, r + 1), summary_dtype)
         out[r, :, start:] = score(call.query[r : r + 1], parts).float().repeat_interleave(page, -1)[0, :, :n_real]
     return out
 

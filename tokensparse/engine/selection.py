@@ -212,6 +212,27 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return select_topk(scores, min(k, scores.shape[-1]))[0]
 
 
+def _topk_by_threshold(scores: torch.Tensor, k: int) -> torch.Tensor | None:
+    """:func:`select_topk`'s set (no ``counts``), ascending, from one float top-k and its k-th value
+    ``t``: every score above ``t``, then the earliest positions equal to ``t`` (ties broken as the
+    order keys break them). When the top set has no tie at ``t`` (the usual case for unpooled
+    scores) the top-k's own indices, sorted. ``None`` where the values do not order (NaN): the
+    caller takes the keys. Reads the device (a CPU path)."""
+    vals, ids = scores.topk(k, dim=-1, sorted=False)
+    kth = vals.amin(-1, keepdim=True)
+    at_least = scores >= kth
+    if bool((at_least.sum(-1) == k).all()):
+        return ids.sort(-1).values
+    above = scores > kth
+    tied = at_least & ~above
+    room = k - above.sum(-1, keepdim=True)  # positions left for the tied scores
+    take = above | (tied & (tied.cumsum(-1) <= room))
+    pos = take.nonzero()[:, -1]  # row-major: each row's positions ascending
+    if pos.numel() != vals.numel():  # NaN somewhere in the top set
+        return None
+    return pos.view(vals.shape)
+
+
 def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     """Distinct int64 keys ordered as (score, then earlier position): ``(..., L)``.
 
@@ -257,14 +278,13 @@ def select_topk(
         taken = torch.arange(k, device=dev) < n
         return torch.where(taken, best, length).sort(-1).values.clamp_max(length - 1), taken
     if counts is None:
-        # CPU fast path: when no score at the k-th value is left out, the chosen set is unique and
-        # a plain float top-k finds it (the keys cost ~3x a top-k). The check reads the device, so
-        # an accelerator always takes the keys (same set: the fast path only runs when it is unique)
+        # CPU fast path (the keys cost ~3x a top-k): a plain float top-k gives the k-th value;
+        # every score above it is taken and, when that value ties, its earliest positions fill
+        # the rest (the keys' order). It reads the device, so an accelerator always takes the keys
         if host_read_is_free(scores):
-            vals, ids = scores.topk(k, dim=-1, sorted=False)
-            kth = vals.amin(-1, keepdim=True)
-            if bool(((scores >= kth).sum(-1) == k).all()):
-                return ids.sort(-1).values, None
+            fast = _topk_by_threshold(scores, k)
+            if fast is not None:
+                return fast, None
         top = _order_keys(scores).topk(k, dim=-1, sorted=False).values
         return ((length - 1) - (top & low)).sort(-1).values, None
     top = _order_keys(scores).topk(k, dim=-1, sorted=True).values  # best first
