@@ -262,9 +262,13 @@ class PageSummary(CacheState):
         self.page = int(page)
         self.kind = kind
         self.dtype = dtype
-        self.token_major = dtype is not None
         self.parts: list[torch.Tensor] | None = None
         self.n_pages = 0
+
+    @property
+    def token_major(self) -> bool:
+        """Buffers laid out ``(B, pages, Hkv, D)``: the low-precision summaries (see the class doc)."""
+        return self.dtype is not None
 
     def _view(self, buf: torch.Tensor) -> torch.Tensor:
         """``buf`` as ``(B, Hkv, pages, D)`` (a transposed view of a token-major buffer)."""

@@ -170,3 +170,13 @@ def at_default(obj, name: str) -> bool:
     """Whether the dataclass field ``name`` of ``obj`` holds its declared default (for options that
     only apply with another one: a check that follows the default if it changes)."""
     return getattr(obj, name) == {f.name: f for f in fields(obj)}[name].default
+
+
+def composed(owner: str, field_name: str, cls, settings: dict | None):
+    """``cls(**settings)`` (``None``: its defaults): a method another one composes (``owner``'s
+    ``field_name`` holds the settings). The composed method checks them; its error is re-raised
+    naming the owner's field, the method and the settings."""
+    try:
+        return cls(**(settings or {}))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{owner}: {field_name} must be settings of {cls.name}, got {settings!r} ({err})") from None

@@ -83,7 +83,7 @@ import torch
 
 from ..engine.blocks import (block_attend, merge_partials, n_blocks, pool_segments, pooled_attend, pooled_scores,
                              selection_rows, token_mask)
-from ..engine.config import param
+from ..engine.config import composed, param
 from ..engine.executors import active_softcap
 from ..engine.method import Method, Phase
 from ..engine.pipeline import execute, record_sparse, sparse_paths_forced
@@ -125,11 +125,7 @@ class RectifiedSpaAttn(Method):
     def validate(self) -> None:
         from . import get
 
-        try:
-            self.base_method = get(self.base)(**(self.base_config or {}))
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"rectified: base_config must be settings of {self.base}, got {self.base_config!r} "
-                            f"({err})") from None
+        self.base_method = composed("rectified", "base_config", get(self.base), self.base_config)
 
     @classmethod
     def _with_base(cls, base_method: Method, **kw) -> "RectifiedSpaAttn":

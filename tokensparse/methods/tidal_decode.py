@@ -70,7 +70,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.config import at_default, param
+from ..engine.config import at_default, composed, param
 from ..engine.method import Method, Phase
 from ..engine.pipeline import KeyPlan, everything, execute, record_dense, row_budgets, run
 from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, pool1d
@@ -109,11 +109,7 @@ class TidalDecode(Method):
                 raise ValueError(f"tidal_decode: scorer_config must be None without a scorer, got "
                                  f"{self.scorer_config!r} (set scorer=, one of {', '.join(SCORERS)})")
             return
-        try:
-            self._scorer()
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"tidal_decode: scorer_config must be settings of {self.scorer}, got "
-                            f"{self.scorer_config!r} ({err})") from None
+        self._scorer()
 
     @property
     def needs_cache_state(self) -> bool:  # a page scorer keeps its summaries with the cache
@@ -126,7 +122,7 @@ class TidalDecode(Method):
     def _scorer(self) -> Method:
         from . import get
 
-        return get(self.scorer)(**(self.scorer_config or {}))
+        return composed("tidal_decode", "scorer_config", get(self.scorer), self.scorer_config)
 
     @classmethod
     def at_full_budget(cls) -> "TidalDecode":

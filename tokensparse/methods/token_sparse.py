@@ -82,7 +82,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.compressed import BlockRoute
-from ..engine.config import param
+from ..engine.config import composed, param
 from ..engine.method import Method, Phase
 from ..engine.pipeline import KeyPlan, everything
 from ..engine.selection import (
@@ -139,11 +139,7 @@ class TokenSparse(Method):
         if not cls.block_router:
             raise ValueError(f"token_sparse: inner must be a block-routing prefill method (block_router = True), "
                              f"got {self.inner!r}")
-        try:
-            self.inner_method = cls(**(self.inner_config or {}))
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"token_sparse: inner_config must be settings of {self.inner}, got "
-                            f"{self.inner_config!r} ({err})") from None
+        self.inner_method = composed("token_sparse", "inner_config", cls, self.inner_config)
 
     @classmethod
     def at_full_budget(cls) -> "TokenSparse":
