@@ -240,6 +240,7 @@ DECODE = {
     "quest": lambda: M("quest")(budget=16, page=4, dense_layers=1),
     "landmark": lambda: M("landmark")(budget=12, block=2),
     "landmark_two_level": lambda: M("landmark")(budget=8, block=2, coarse=2, widen=1.0),
+    "landmark_bf16_means": lambda: M("landmark")(budget=12, block=2, summary_dtype="bfloat16"),
     "tidal_decode": lambda: M("tidal_decode")(budget=12, selection_layers=[1]),
     "tidal_decode_share": lambda: M("tidal_decode")(budget=0.3, selection_layers=[1]),
     "streaming_llm": lambda: M("streaming_llm")(budget=20, n_sink=2),
