@@ -5,10 +5,11 @@ then the int64 keys). Same sets (asserted); median ms over 30 calls, 1 thread.
     .venv/bin/python docs/results/decode_steady/topk_ties.py
 """
 
-import time
+import statistics
 
 import torch
 
+from tokensparse.bench import timed
 from tokensparse.engine import selection as S
 
 
@@ -24,13 +25,8 @@ def before(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def median_ms(fn, n=30):
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * sorted(times)[n // 2]
+    fn()  # warm-up
+    return 1000 * statistics.median(timed(fn) for _ in range(n))
 
 
 if __name__ == "__main__":

@@ -11,21 +11,16 @@ for dense.
     .venv/bin/python docs/results/prefill_family/flash_block_efficiency.py
 """
 
-import time
-
 import torch
+
+from tokensparse.bench import timed
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def best_ms(fn, n=5):
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * min(times)
+    fn()  # warm-up
+    return 1000 * min(timed(fn) for _ in range(n))
 
 
 if __name__ == "__main__":
