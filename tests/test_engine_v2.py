@@ -175,13 +175,13 @@ def test_carry_is_shared_by_the_layers_of_one_pass_and_cleared_between_passes(mo
         assert carried == list(range(layer)), (passes, layer, carried)  # only this pass's earlier layers
 
 
-@pytest.mark.parametrize("pool", [1, 5])
-def test_tidal_decode_reuses_the_selection_layers_positions(model, pool):
+@pytest.mark.parametrize("pool, per", [(1, "kv_head"), (5, "kv_head"), (1, "layer"), (5, "layer")])
+def test_tidal_decode_reuses_the_selection_layers_positions(model, pool, per):
     """Layers after a selection layer attend to exactly its top positions (+ the current token), and
     the re-selection layer picks afresh; with ``pool_kernel`` the ranking is the max-pooled weights
-    (ties to the earlier position)."""
+    (ties to the earlier position); with ``select_per="layer"`` one set from every head's maximum."""
     ids, _ = tiny_inputs(1, 30)
-    method = ts.methods.get("tidal_decode")(budget=8, selection_layers=[1, 2], pool_kernel=pool)
+    method = ts.methods.get("tidal_decode")(budget=8, selection_layers=[1, 2], pool_kernel=pool, select_per=per)
     tele = _AllSelections()
     with torch.no_grad(), ts.sparsify(model, method, telemetry=tele) as s:
         model.generate(ids, cache=s.new_cache(), max_new_tokens=3, do_sample=False)
@@ -194,6 +194,8 @@ def test_tidal_decode_reuses_the_selection_layers_positions(model, pool):
         kind, mask, _ = by_layer[3]
         assert kind == "keys"
         weights = by_layer[2][2][..., :-1]  # layer 2's own attention weights decide layer 3's keys
+        if per == "layer":
+            weights = weights.amax(1, keepdim=True).expand_as(weights)
         if pool > 1:
             weights = torch.nn.functional.max_pool1d(weights, pool, stride=1, padding=pool // 2)
         top = torch.sort(-weights, dim=-1, stable=True).indices[..., :7]
@@ -204,9 +206,10 @@ def test_tidal_decode_reuses_the_selection_layers_positions(model, pool):
 
 
 @pytest.mark.parametrize("n_layers, config, want", [
-    (30, {}, [2, 12]),  # the paper's layers 2 and 13 of 32, scaled
-    (32, {}, [2, 13]),
-    (30, {"selection_layers": "periodic"}, [2, 8, 14, 20, 26]),
+    (30, {}, [2, 6, 10, 14, 18, 22, 26]),  # the default: every 4th layer from layer 2
+    (30, {"selection_layers": "paper"}, [2, 12]),  # the paper's layers 2 and 13 of 32, scaled
+    (32, {"selection_layers": "paper"}, [2, 13]),
+    (30, {"selection_layers": "periodic", "period": 6}, [2, 8, 14, 20, 26]),
     (30, {"selection_layers": "periodic", "period": 10}, [2, 12, 22]),
     (2, {"selection_layers": "periodic"}, [1]),
     (30, {"selection_layers": [14]}, [14]),
@@ -222,7 +225,7 @@ def test_tidal_decode_refuses_layers_beyond_the_model():
     with pytest.raises(ValueError, match="out of range"):
         ts.methods.get("tidal_decode")(selection_layers=[30]).setup(SimpleNamespace(num_layers=30, state={}, info={}))
     with pytest.raises(ValueError, match="only applies to selection_layers='periodic'"):
-        ts.methods.get("tidal_decode")(period=3)
+        ts.methods.get("tidal_decode")(selection_layers="paper", period=3)
 
 
 class _AllSelections(Telemetry):

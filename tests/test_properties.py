@@ -466,6 +466,7 @@ def tidal_decode_configs(draw):
         gqa_reduce=draw(st.sampled_from(GQA_REDUCTIONS)),
         scorer=draw(st.sampled_from([None, None, "quest", "landmark", "token_select", "fasa"])),
         pool_kernel=draw(st.sampled_from([1, 1, 3])),
+        select_per=draw(st.sampled_from(["kv_head", "layer"])),
     )
 
 

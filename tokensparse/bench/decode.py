@@ -63,7 +63,7 @@ SELECT_CONFIGS = [
     ("token_select 25%", "token_select", {"budget": 0.25, "n_sink": 128, "n_local": 256}),
     ("token_select 25% + selection cache θ=0.8", "token_select",
      {"budget": 0.25, "n_sink": 128, "n_local": 256, "reuse_threshold": 0.8}),
-    ("tidal_decode 25%", "tidal_decode", {"budget": 0.25}),
+    ("tidal_decode 25%", "tidal_decode", {"budget": 0.25, "selection_layers": "paper", "select_per": "kv_head"}),
     ("quest 25%", "quest", {"budget": 0.25}),
 ]
 

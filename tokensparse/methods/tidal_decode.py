@@ -18,25 +18,43 @@ budget: int | float = 0.25
     Keys each reusing layer attends to per step, the current token included; a float in (0, 1]
     is a share of each row's real tokens. The official scripts use 128–256 (needle) and 4096
     (LongBench) tokens.
-selection_layers: str | list[int] = "paper"
+selection_layers: str | list[int] = "periodic"
     The layers that select. ``"paper"``: layer 2 (the paper's ``sparse_layer_start``) and the
     re-selection layer ``round(13 / 32 · n_layers)`` (the paper's layer 13 of Llama-3-8B scaled to
     the model's depth: 12 of SmolLM2's 30; the paper picks it per model by a sweep).
-    ``"periodic"`` (beyond the paper): layer 2 and every ``period``-th layer after it (2, 8, 14, 20,
-    26 of 30 at ``period=6``), so no layer reuses positions chosen more than ``period - 1`` layers
+    ``"periodic"`` (beyond the paper): layer 2 and every ``period``-th layer after it (2, 6, 10, …,
+    26 of 30 at ``period=4``), so no layer reuses positions chosen more than ``period - 1`` layers
     above it. A list sets them explicitly (one layer: no re-selection; more than two: more
     re-selections). Layers before the first one run dense.
-period: int = 6
+period: int = 4
     Layers between two selection layers with ``selection_layers="periodic"`` (another value with
     other selection layers is an error).
-    Measured on SmolLM2's v2 suite (docs/results/decode_suite/, 25 % budget): the paper's layers lose
-    40 points on the 2K half and 25 at 4K; ``"periodic"`` 16.7 at 2K but 25.0 at 4K (held out);
-    ``[14]`` (layers 0–13 dense) 7.4 and 10.7 (intervals containing zero) with 15–23 nats of answer
-    log-likelihood lost, at 1.30× dense at 8K against 1.46× (docs/results/decode_defaults/). The
-    default stays the paper's.
 gqa_reduce: str = "max"
-    How the attention weights of a KV head's query group are combined before the top-k (``max``,
-    ``mean`` or ``sum``): one position set per KV head, so K/V rows are read once per KV head.
+    How the attention weights of the query heads that share a position set are combined before
+    the top-k (``max``, ``mean`` or ``sum``): a KV head's group, or every head with
+    ``select_per="layer"``. K/V rows are read once per KV head either way.
+select_per: str = "layer"
+    ``"layer"`` (beyond the paper): one position set for the whole layer, the weights combined
+    over every query head by ``gqa_reduce`` (a composed scorer's per-KV-head scores likewise), so
+    a reusing layer's heads see the tokens any head of the selection layer attended to.
+    ``"kv_head"``: one set per KV head from its query group (the GQA form of the paper's per-head
+    sets): a reusing head then gets the choice of the selection layer's head of the same index,
+    an arbitrary pairing, since heads of two layers share nothing.
+
+    The defaults (a selection layer every 4 layers, one set per layer) are not the paper's
+    (``selection_layers="paper", select_per="kv_head"``): on SmolLM2's v2 suite
+    (docs/results/decode_suite/, 25 % budget) the paper's schedule loses 40.2 points on the 2K half
+    (tuning set) and 25.0 at 4K (held out), with 36–40 nats of answer log-likelihood. One set per
+    layer halves the loss at the paper's layers (−22.4 points at 2K) and at a selection layer every
+    6 layers (−8.8 against −16.7, −1.9 nats against −18.0) and every 4 layers (+0.2 points, 1 win
+    / 1 loss of 35, −0.22 nats: within dense's noise, against −9.8 points and −6.8 nats with one
+    set per KV head); held out, every 4 layers with one set per layer is within the noise at 4K
+    (−1.2 points, 1 win / 2 losses of 21, −0.01 nats) and 8K (dense's answers, −1.85 nats). The
+    price: 9 of 30 layers read the whole cache (layers 0–1 and the seven selection layers)
+    against 4 (docs/results/decode_suite/README.md has the speed).
+    Other settings measured: layers 0–13 dense with one selection layer at 14: −7.4 / −10.7 points
+    at 2K / 4K with 15–23 nats lost; ``pool_kernel=15``: no gain; a 2048-token budget with the
+    paper's schedule: −16.7 points at 4K.
 scorer: str | None = None
     Composition: the name of a registered scorer method (``quest``: page bounds, ``landmark``:
     block representatives, ``token_select``: the soft vote; each at its defaults, through
@@ -53,15 +71,16 @@ pool_kernel: int = 1
     Beyond the paper: max-pool a selection layer's scores over this many neighbouring keys before
     the top-k (``1`` = off, the paper's ranking), so the rest of a span the step attends to (the
     next digits of a number being copied) is kept with it (as Recycled Attention's
-    ``pool_kernel``). With the periodic layers on the 2K half: −15.7 points against −16.7 unpooled
-    (no gain).
+    ``pool_kernel``). With the periodic layers (every 6, one set per KV head) on the 2K half:
+    −15.7 points against −16.7 unpooled (no gain).
 
-Deviations: the HF reference selects per query head (after repeating K/V) and its kernel path
-does not support GQA (the README lists it as future work); here one set per KV head from the
-group's combined weights. The cache correction of the paper's system (re-computing the K/V of
-tokens decoded sparsely) is not in the HF reference and not implemented. Chunks of several
-queries on a filled cache run dense (the method is decode-only). Batches are supported (budgets
-per row's real tokens; padding is never selected).
+Deviations: the default schedule and sharing (``selection_layers``, ``select_per`` above; the
+paper's: ``selection_layers="paper", select_per="kv_head"``). The HF reference selects per query head (after repeating K/V) and its
+kernel path does not support GQA (the README lists it as future work); here one set per KV head
+from the group's combined weights (``select_per="kv_head"``) or one per layer. The cache correction
+of the paper's system (re-computing the K/V of tokens decoded sparsely) is not in the HF reference
+and not implemented. Chunks of several queries on a filled cache run dense (the method is
+decode-only). Batches are supported (budgets per row's real tokens; padding is never selected).
 """
 
 from __future__ import annotations
@@ -85,17 +104,20 @@ SCORERS = ("quest", "landmark", "token_select", "fasa")
 class TidalDecode(Method):
     name = "tidal_decode"
     phase = Phase.DECODE
-    schedule = "each decode step: select in a few layers (2 by default), reuse in the others"
+    schedule = "each decode step: select in a few layers (every 4th from layer 2 by default), reuse in the others"
     kv_memory = "none (full cache; reads only selected rows)"
-    calibration = "optional: re-selection layer sweep (default scaled from the paper)"
+    calibration = "optional: selection-layer sweep (default: every 4th layer, chosen on SmolLM2's v2 suite)"
     paper = "[TidalDecode](https://arxiv.org/abs/2410.05076)"
 
     budget: int | float = param(0.25, "budget")
-    selection_layers: str | list[int] = param("paper", "layers", choices=("paper", "periodic"))
+    selection_layers: str | list[int] = param("periodic", "layers", choices=("paper", "periodic"))
     gqa_reduce: str = param("max", "choice", choices=GQA_REDUCTIONS)
+    # select_per and period are recorded in every row key: rows from before the defaults changed
+    # (the paper's schedule, one set per KV head) left them out and must not match later runs
+    select_per: str = param("layer", "choice", choices=("kv_head", "layer"))
     scorer: str | None = param(None, "choice", choices=SCORERS, optional=True, added=True)
     pool_kernel: int = param(1, "int", ge=1, added=True)
-    period: int = param(6, "int", ge=1, added=True)
+    period: int = param(4, "int", ge=1)
     scorer_config: dict | None = param(None, "mapping", optional=True, added=True)
 
     def validate(self) -> None:
@@ -165,8 +187,7 @@ class TidalDecode(Method):
                     scores = scorer.key_scores(call)
                     if scores is None:  # no cache to score from (use_cache=False)
                         return run(self, call)
-                    if scores.shape[1] == 1:
-                        scores = scores.expand(-1, call.n_kv_heads, -1)
+                    scores = self._per(scores, call.n_kv_heads)
                     chosen = plan.top(self._pooled(plan, scores[..., plan.lo : plan.hi]).contiguous(), n_top, taken)
                     call.carry[_CARRY] = (*chosen, taken)
                 call.session.count("select")
@@ -174,13 +195,22 @@ class TidalDecode(Method):
             if not covered:
                 out, probs = call.dense_with_probs()
                 with call.session.selecting():
-                    weights = aggregate_gqa(probs[:, :, 0], call.n_kv_heads, self.gqa_reduce)  # (B, Hkv, Lk)
+                    weights = self._per(probs[:, :, 0], call.n_kv_heads)  # (B, Hkv, Lk)
                     weights = self._pooled(plan, weights[..., plan.lo : plan.hi])
                     call.carry[_CARRY] = (*plan.top(weights, n_top, taken), taken)
                 call.session.count("select")
                 record_dense(call)
                 return out
         return run(self, call)
+
+    def _per(self, scores: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+        """Per-head scores ``(B, H, Lk)`` (query heads, KV heads or one) → ``(B, Hkv, Lk)``: each KV
+        head's group combined, or with ``select_per="layer"`` every head combined into one row
+        repeated for each KV head (the same set everywhere)."""
+        groups = n_kv_heads if self.select_per == "kv_head" and scores.shape[1] > 1 else 1
+        if scores.shape[1] != groups:
+            scores = aggregate_gqa(scores, groups, self.gqa_reduce)
+        return scores.expand(-1, n_kv_heads, -1) if groups == 1 else scores
 
     def _pooled(self, plan: KeyPlan, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` of the candidates ``[plan.lo, plan.hi)`` max-pooled over ``pool_kernel`` keys;
