@@ -82,7 +82,11 @@ pool_kernel: int = 1
     suite (2K half, 35 samples, docs/results/decode_suite/) 15 halves the answer log-likelihood
     lost (−15.1 nats against −29.2) but not the answers (−18.3 points against −21.2); budgets
     twice as large (``budget_first=0.5``, ``budget=0.25``) lose −22.6 points, −16.4 with the
-    pooling (0 wins / 9 losses): no setting tried keeps dense's answers, and the default stays off.
+    pooling (0 wins / 9 losses); pooled milder schedules, pruning only from layer 20 (50 % → 25 %)
+    or keeping 75 % → 50 % from layer 14 (0.79 / 0.80 of the keys read against the default's
+    0.60), still lose 7.9 / 7.1 points (0 wins / 4 losses each, intervals [−17.1, −0.7] and
+    [−15.7, −0.7]: a long answer, a UUID, multi-value answers). No setting tried keeps dense's
+    answers, and the defaults stay the paper's schedule, unpooled.
 
 Deviations: a layer's importance counts the pruning layers up to it over every step so far: the
 dense layers do not score (their local attention ranks recent tokens, not the ones deeper layers
