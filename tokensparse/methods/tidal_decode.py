@@ -75,12 +75,13 @@ pool_kernel: int = 1
     −15.7 points against −16.7 unpooled (no gain).
 
 Deviations: the default schedule and sharing (``selection_layers``, ``select_per`` above; the
-paper's: ``selection_layers="paper", select_per="kv_head"``). The HF reference selects per query head (after repeating K/V) and its
-kernel path does not support GQA (the README lists it as future work); here one set per KV head
-from the group's combined weights (``select_per="kv_head"``) or one per layer. The cache correction
-of the paper's system (re-computing the K/V of tokens decoded sparsely) is not in the HF reference
-and not implemented. Chunks of several queries on a filled cache run dense (the method is
-decode-only). Batches are supported (budgets per row's real tokens; padding is never selected).
+paper's: ``selection_layers="paper", select_per="kv_head"``). The HF reference selects per query
+head (after repeating K/V) and its kernel path does not support GQA (the README lists it as future
+work); here one set per KV head from the group's combined weights (``select_per="kv_head"``) or one
+per layer. The cache correction of the paper's system (re-computing the K/V of tokens decoded
+sparsely) is not in the HF reference and not implemented. Chunks of several queries on a filled
+cache run dense (the method is decode-only). Batches are supported (budgets per row's real tokens;
+padding is never selected).
 """
 
 from __future__ import annotations
