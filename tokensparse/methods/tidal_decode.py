@@ -205,13 +205,14 @@ class TidalDecode(Method):
         return run(self, call)
 
     def _per(self, scores: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-        """Per-head scores ``(B, H, Lk)`` (query heads, KV heads or one) → ``(B, Hkv, Lk)``: each KV
-        head's group combined, or with ``select_per="layer"`` every head combined into one row
-        repeated for each KV head (the same set everywhere)."""
-        groups = n_kv_heads if self.select_per == "kv_head" and scores.shape[1] > 1 else 1
-        if scores.shape[1] != groups:
-            scores = aggregate_gqa(scores, groups, self.gqa_reduce)
-        return scores.expand(-1, n_kv_heads, -1) if groups == 1 else scores
+        """Per-head scores ``(B, H, Lk)`` (query heads, KV heads or one) → the rows the top-k ranks:
+        ``(B, Hkv, Lk)``, each KV head's group combined, or with ``select_per="layer"`` ``(B, 1,
+        Lk)``, every head combined (one set, which the executors apply to every KV head)."""
+        if self.select_per == "layer":
+            return scores if scores.shape[1] == 1 else aggregate_gqa(scores, 1, self.gqa_reduce)
+        if scores.shape[1] == 1:
+            return scores.expand(-1, n_kv_heads, -1)
+        return scores if scores.shape[1] == n_kv_heads else aggregate_gqa(scores, n_kv_heads, self.gqa_reduce)
 
     def _pooled(self, plan: KeyPlan, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` of the candidates ``[plan.lo, plan.hi)`` max-pooled over ``pool_kernel`` keys;
