@@ -26,10 +26,11 @@ def _generate(model, method, ids, mask, observers=(), new=6):
 
 
 class QuestBruteForce(Observer):
-    """Layer 0 selects with Quest's page bound (pages of ``page`` from position 0); layer 1 must reuse it."""
+    """Layer 0 selects with Quest's page bound (pages of ``page`` from position 0), one set per KV head
+    or, with ``per="layer"``, one set from the KV heads' maximum bound; layer 1 must reuse it."""
 
-    def __init__(self, budget, page=16):
-        self.budget, self.page, self.chosen, self.checked = budget, page, None, 0
+    def __init__(self, budget, page=16, per="kv_head"):
+        self.budget, self.page, self.per, self.chosen, self.checked = budget, page, per, None, 0
 
     def on_selection(self, call, selection):
         if call.kind != "decode":
@@ -42,6 +43,7 @@ class QuestBruteForce(Observer):
             hkv = k.shape[1]
             want = torch.zeros(b, hkv, n, dtype=torch.bool)
             for i in range(b):
+                scores = []
                 for h in range(hkv):
                     score = []
                     for j in range(n - 1):  # candidates: all but the current token
@@ -50,6 +52,10 @@ class QuestBruteForce(Observer):
                         qs = q[i, h * (hq // hkv) : (h + 1) * (hq // hkv), 0]  # (G, D)
                         bound = (qs[:, None, :] * page[None]).amax(1).sum(-1).amax()  # max over G of Σ_d max_k q_d k_d
                         score.append(float(bound))
+                    scores.append(score)
+                if self.per == "layer":  # one set for every KV head, from their maximum
+                    scores = [[max(col) for col in zip(*scores)]] * hkv
+                for h, score in enumerate(scores):
                     order = sorted(range(n - 1), key=lambda j: (-score[j], j))[: self.budget - 1]
                     want[i, h, order] = True
                     want[i, h, n - 1] = True
@@ -60,22 +66,29 @@ class QuestBruteForce(Observer):
         self.checked += 1
 
 
-def test_selection_layer_ranks_by_the_scorer_and_later_layers_reuse(model):
+@pytest.mark.parametrize("per", ["kv_head", "layer"])
+def test_selection_layer_ranks_by_the_scorer_and_later_layers_reuse(model, per):
     ids, mask = tiny_inputs(2, 40, seed=6)
-    obs = QuestBruteForce(budget=10)
-    _, stats = _generate(model, Tidal(budget=10, selection_layers=[0], scorer="quest"), ids, mask, observers=[obs])
+    obs = QuestBruteForce(budget=10, per=per)
+    method = Tidal(budget=10, selection_layers=[0], scorer="quest", select_per=per)
+    _, stats = _generate(model, method, ids, mask, observers=[obs])
     assert obs.checked == 2 * 5 and stats["select"] == 5
+    with pytest.raises(AssertionError, match="Quest's page bounds"):  # the other sharing chooses otherwise
+        other = "layer" if per == "kv_head" else "kv_head"
+        _generate(model, Tidal(budget=10, selection_layers=[0], scorer="quest", select_per=other), ids, mask,
+                  observers=[QuestBruteForce(budget=10, per=per)])
 
 
-def test_scorer_config_reaches_the_scorer(model):
+@pytest.mark.parametrize("per", ["kv_head", "layer"])
+def test_scorer_config_reaches_the_scorer(model, per):
     ids, mask = tiny_inputs(2, 40, seed=6)
-    obs = QuestBruteForce(budget=10, page=4)
-    method = Tidal(budget=10, selection_layers=[0], scorer="quest", scorer_config={"page": 4})
+    obs = QuestBruteForce(budget=10, page=4, per=per)
+    method = Tidal(budget=10, selection_layers=[0], scorer="quest", scorer_config={"page": 4}, select_per=per)
     _generate(model, method, ids, mask, observers=[obs])
     assert obs.checked == 2 * 5
     with pytest.raises(AssertionError, match="Quest's page bounds"):  # the default pages of 16 choose otherwise
-        _generate(model, Tidal(budget=10, selection_layers=[0], scorer="quest"), ids, mask,
-                  observers=[QuestBruteForce(budget=10, page=4)])
+        _generate(model, Tidal(budget=10, selection_layers=[0], scorer="quest", select_per=per), ids, mask,
+                  observers=[QuestBruteForce(budget=10, page=4, per=per)])
 
 
 @pytest.mark.parametrize("scorer", ["quest", "landmark", "token_select"])
