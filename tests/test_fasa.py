@@ -1,6 +1,6 @@
 """FASA: the agreement profile equals a brute-force count on a tiny model, the cache's copy of
 the chosen key dimensions follows writes, the keys a decode step attends are the brute-force top
-keys by the frequency-chunk scores (both dimension pairings), and profiles load or are refused."""
+keys by the frequency-chunk scores (both dimension pairings, and max-pooled over neighbours), and profiles load or are refused."""
 
 import pytest
 import torch
@@ -88,23 +88,30 @@ class BruteForceTop(Observer):
         for i in range(b):
             for h in range(hkv):
                 dims = self.dims[h]
-                p = torch.stack([(q[i, h * g + j, dims] @ k[i, h][:, dims].T * call.scale).softmax(-1) for j in range(g)])
+                logits = torch.stack([q[i, h * g + j, dims] @ k[i, h][:, dims].T * call.scale for j in range(g)])
+                if call.key_valid is not None:
+                    logits = logits.masked_fill(~call.key_valid[i], float("-inf"))
+                p = logits.softmax(-1)
                 w = p.amax(0)
-                order = sorted(range(n - 1), key=lambda j: (-float(w[j]), j))[: self.m.budget - 1]
+                real = [j for j in range(n - 1) if call.key_valid is None or bool(call.key_valid[i, j])]
+                r = self.m.pool_kernel // 2  # max over the real candidates within r positions
+                w = {j: max(float(w[c]) for c in real if abs(c - j) <= r) for j in real}
+                order = sorted(real, key=lambda j: (-w[j], j))[: self.m.budget - 1]
                 want[i, h, order + [n - 1]] = True
         assert torch.equal(selection.mask(n).expand_as(want), want), f"layer {call.layer_idx}"
         self.checked += 1
 
 
-@pytest.mark.parametrize("layout", ["rotate_half", "adjacent"])
-def test_attended_keys_are_the_brute_force_top(model, layout):
-    m = FASA(budget=9, chunks=2, layout=layout, fcs="low", dense_layers=0)
+@pytest.mark.parametrize("layout,pool,pad", [("rotate_half", 1, 0), ("adjacent", 1, 0), ("rotate_half", 5, 0),
+                                             ("rotate_half", 5, 6)])
+def test_attended_keys_are_the_brute_force_top(model, layout, pool, pad):
+    m = FASA(budget=9, chunks=2, layout=layout, fcs="low", dense_layers=0, pool_kernel=pool)
     d = model.config.hidden_size // model.config.num_attention_heads
     fc = fc_dims(torch.arange(d // 2)[:, None], d, layout)
     idx = (fc % (d // 2)).double().mean(-1)
     low = idx.argsort(descending=True, stable=True)[:2]
     dims = fc_dims(low.sort().values, d, layout).expand(model.config.num_key_value_heads, -1)
-    ids, mask = tiny_inputs(2, 30, seed=2)
+    ids, mask = tiny_inputs(2, 30, pad=pad, seed=2)  # padding never spreads into the pooled scores
     obs = BruteForceTop(m, dims)
     with torch.no_grad(), ts.sparsify(model, m, observers=[obs]) as s:
         model.generate(ids, attention_mask=mask, cache=s.new_cache(), max_new_tokens=5, min_new_tokens=5,

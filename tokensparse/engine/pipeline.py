@@ -32,8 +32,8 @@ import torch
 from .blocks import block_attend
 from .compressed import compress_blocks_attend_scatter
 from .executors import compress_attend_scatter, gather_attend, gather_kv_rows, gather_pages, segments_attend
-from .selection import (Selection, indices_from_mask, mask_from_indices, resolve_budget, resolve_budget_rows,
-                        select_topk)
+from .selection import (Selection, indices_from_mask, mask_from_indices, pool1d, resolve_budget,
+                        resolve_budget_rows, select_topk)
 
 _force_sparse = threading.local()
 
@@ -146,6 +146,17 @@ class KeyPlan:
         n = self._as_tensor(n_top)
         n = n.expand(call.batch, 1) if n.dim() < 2 else n  # (B, 1), or (B, H): one count per head
         return n.minimum(self.n_cand).clamp_min(0)
+
+    def pooled(self, scores: torch.Tensor, kernel: int) -> torch.Tensor:
+        """Candidate ``scores (B, H, hi - lo)`` max-pooled over ``kernel`` neighbouring keys (a key
+        next to a high-scoring one ranks with it: the rest of a span being read). Non-candidates (a
+        padded row's padding, sinks and window) are set to ``-inf`` first, so they never spread;
+        ``kernel <= 1`` returns ``scores``."""
+        if kernel <= 1:
+            return scores
+        if self.cand_mask is not None:
+            scores = scores.masked_fill(~self.cand_mask[:, None, :], float("-inf"))
+        return pool1d(scores, kernel, "max")
 
     def top(self, scores: torch.Tensor, n_top: torch.Tensor | int, host: list[int] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -40,6 +40,10 @@ dense_layers: int = 1
     The first layers run dense.
 gqa_reduce: str = "max"
     How a KV head's query group combines its softmax over the partial scores.
+pool_kernel: int = 1
+    Beyond the paper: max-pool the partial scores over this many neighbouring keys before the
+    top-k, so the rest of a span being read ranks with its best key (see Recycled Attention's
+    ``pool_kernel``). Not used when FASA is another method's scorer (``key_scores``).
 profile: str | None = None
     An explicit profile file.
 
@@ -181,6 +185,7 @@ class FASA(Method):
     fcs: str = param("profile", "choice", choices=("profile", "low", "high"))
     dense_layers: int = param(1, "int", ge=0)
     gqa_reduce: str = param("max", "choice", choices=GQA_REDUCTIONS)
+    pool_kernel: int = param(1, "int", ge=1, added=True)
     profile: str | None = param(None, "path", optional=True)
 
     def validate(self) -> None:
@@ -276,5 +281,5 @@ class FASA(Method):
         n_top = resolve_budget_rows(self.budget, call.n_real) - 1
         if plan.covers(n_top):
             return everything(call, "keys")
-        scores = self.key_scores(call)
-        return plan.selection(*plan.top(scores[..., plan.lo : plan.hi].contiguous(), n_top), kind="keys")
+        scores = plan.pooled(self.key_scores(call)[..., plan.lo : plan.hi], self.pool_kernel)
+        return plan.selection(*plan.top(scores.contiguous(), n_top), kind="keys")

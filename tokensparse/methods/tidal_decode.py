@@ -93,7 +93,7 @@ import torch
 from ..engine.config import at_default, composed, param
 from ..engine.method import Method, Phase
 from ..engine.pipeline import KeyPlan, everything, execute, record_dense, row_budgets, run
-from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, pool1d
+from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa
 
 _CARRY = "tidal_decode.positions"
 
@@ -189,7 +189,7 @@ class TidalDecode(Method):
                     if scores is None:  # no cache to score from (use_cache=False)
                         return run(self, call)
                     scores = self._per(scores, call.n_kv_heads)
-                    chosen = plan.top(self._pooled(plan, scores[..., plan.lo : plan.hi]).contiguous(), n_top, taken)
+                    chosen = plan.top(plan.pooled(scores[..., plan.lo : plan.hi], self.pool_kernel).contiguous(), n_top, taken)
                     call.carry[_CARRY] = (*chosen, taken)
                 call.session.count("select")
                 return execute(call, plan.selection(*chosen, kind="keys", taken=taken), impl="fast")
@@ -197,7 +197,7 @@ class TidalDecode(Method):
                 out, probs = call.dense_with_probs()
                 with call.session.selecting():
                     weights = self._per(probs[:, :, 0], call.n_kv_heads)  # (B, Hkv, Lk)
-                    weights = self._pooled(plan, weights[..., plan.lo : plan.hi])
+                    weights = plan.pooled(weights[..., plan.lo : plan.hi], self.pool_kernel)
                     call.carry[_CARRY] = (*plan.top(weights, n_top, taken), taken)
                 call.session.count("select")
                 record_dense(call)
@@ -213,15 +213,6 @@ class TidalDecode(Method):
         if scores.shape[1] == 1:
             return scores.expand(-1, n_kv_heads, -1)
         return scores if scores.shape[1] == n_kv_heads else aggregate_gqa(scores, n_kv_heads, self.gqa_reduce)
-
-    def _pooled(self, plan: KeyPlan, scores: torch.Tensor) -> torch.Tensor:
-        """``scores`` of the candidates ``[plan.lo, plan.hi)`` max-pooled over ``pool_kernel`` keys;
-        non-candidates (a padded row's padding) are set to ``-inf`` first, so they never spread."""
-        if self.pool_kernel <= 1:
-            return scores
-        if plan.cand_mask is not None:
-            scores = scores.masked_fill(~plan.cand_mask[:, None, :], float("-inf"))
-        return pool1d(scores, self.pool_kernel, "max")
 
     def select(self, call) -> Selection | None:
         if call.kind != "decode" or call.layer_idx < min(call.session.state["tidal_selection_layers"]):
