@@ -28,7 +28,10 @@ budget: int | float = 1024
     tokens.
 chunks: int = 8
     FCs per KV head (the paper: 16 of 64 at head dim 128, i.e. a quarter of the dimensions; 8 of
-    32 is a quarter at SmolLM2's head dim 64).
+    32 is a quarter at SmolLM2's head dim 64). On SmolLM2 the ranking, not the budget, is what
+    loses answers: at 25 % of a 2K context all 32 FCs (the exact top-k) answer as dense does, 8
+    lose 19 points, 16 lose 5.5; held out at 4K/8K 16 FCs lose the same answers as 8
+    (docs/results/decode_suite/README.md, "FASA").
 layout: str = "rotate_half"
     How dimensions pair into FCs: ``rotate_half`` or ``adjacent`` (see above).
 fcs: str = "profile"
@@ -43,7 +46,9 @@ gqa_reduce: str = "max"
 pool_kernel: int = 1
     Beyond the paper: max-pool the partial scores over this many neighbouring keys before the
     top-k, so the rest of a span being read ranks with its best key (see Recycled Attention's
-    ``pool_kernel``). Not used when FASA is another method's scorer (``key_scores``).
+    ``pool_kernel``). Not used when FASA is another method's scorer (``key_scores``). Measured
+    worse on SmolLM2 (7 / 15: −24 / −31 points against −19 unpooled at 25 % of 2K): pooling
+    spends the budget on the neighbours of keys the partial scores rank wrongly.
 profile: str | None = None
     An explicit profile file.
 
