@@ -27,7 +27,8 @@ def _generate(model, method, ids, mask, observers=(), new=6):
 
 class QuestBruteForce(Observer):
     """Layer 0 selects with Quest's page bound (pages of ``page`` from position 0), one set per KV head
-    or, with ``per="layer"``, one set from the KV heads' maximum bound; layer 1 must reuse it."""
+    or, with ``per="layer"``, one set from the KV heads' maximum of the bounds' log-softmax (heads on
+    one scale); layer 1 must reuse it."""
 
     def __init__(self, budget, page=16, per="kv_head"):
         self.budget, self.page, self.per, self.chosen, self.checked = budget, page, per, None, 0
@@ -46,13 +47,14 @@ class QuestBruteForce(Observer):
                 scores = []
                 for h in range(hkv):
                     score = []
-                    for j in range(n - 1):  # candidates: all but the current token
+                    for j in range(n):  # every key; the candidates are all but the current token
                         p = self.page
                         page = k[i, h, j // p * p : j // p * p + p]
                         qs = q[i, h * (hq // hkv) : (h + 1) * (hq // hkv), 0]  # (G, D)
                         bound = (qs[:, None, :] * page[None]).amax(1).sum(-1).amax()  # max over G of Σ_d max_k q_d k_d
-                        score.append(float(bound))
-                    scores.append(score)
+                        score.append(float(bound) * call.scale)
+                    lse = torch.tensor(score, dtype=torch.float64).logsumexp(0).item()  # heads on one scale
+                    scores.append([x - lse for x in score[: n - 1]])
                 if self.per == "layer":  # one set for every KV head, from their maximum
                     scores = [[max(col) for col in zip(*scores)]] * hkv
                 for h, score in enumerate(scores):

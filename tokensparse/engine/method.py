@@ -167,7 +167,8 @@ class Method:
     def key_scores(self, call: "AttentionCall") -> "torch.Tensor | None":
         """Scorer methods (usable as another method's ``scorer``, e.g. TidalDecode's): how much each
         key of this decode call is needed, ``(B, 1 | Hkv, Lk)`` float, higher = keep, ``-inf`` on
-        keys that hold no token. ``None``: this method is not a scorer."""
+        keys that hold no token, on one scale across heads (a per-head distribution or its log: a
+        composer may combine heads by their maximum). ``None``: this method is not a scorer."""
         return None
 
     #: True for block-routing prefill methods: they implement :meth:`blockset` and have a ``block``

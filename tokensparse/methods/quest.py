@@ -93,11 +93,16 @@ class Quest(Method):
                            lambda q, parts, k: self.top_pages(q, *parts, k), "quest", layer)
 
     def key_scores(self, call) -> torch.Tensor | None:
-        """As a scorer: each key scored by its page's bound (``(B, Hkv, Lk)``; decode calls)."""
+        """As a scorer: each key scored by its page's bound (``(B, Hkv, Lk)``; decode calls), as a
+        log-softmax of ``bound · scale`` over the keys of each KV head. Within a head that is the
+        bound's order; across heads it puts the raw bounds (whose scale differs from head to head)
+        on one scale, as the other scorers' probabilities are, so a composer that combines heads
+        (TidalDecode's ``select_per="layer"``) compares like with like."""
         layer = call.require_cache(self.name)
         if layer is None:
             return None
-        return page_token_scores(call, self.page, "minmax", lambda q, parts: self.page_bounds(q, *parts), layer)
+        bounds = page_token_scores(call, self.page, "minmax", lambda q, parts: self.page_bounds(q, *parts), layer)
+        return (bounds * call.scale).log_softmax(-1)
 
     @staticmethod
     def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
