@@ -8,6 +8,7 @@ import torch
 
 import tokensparse as ts
 from tokensparse.engine.observers import Observer
+from tokensparse.engine.shadow import quantize_rows
 from tokensparse.testing import TOLERANCE, max_diff, tiny_inputs, tiny_model
 
 Tidal = ts.methods.get("tidal_decode")
@@ -30,8 +31,8 @@ class QuestBruteForce(Observer):
     or, with ``per="layer"``, one set from the KV heads' maximum of the bounds' log-softmax (heads on
     one scale); layer 1 must reuse it."""
 
-    def __init__(self, budget, page=16, per="kv_head"):
-        self.budget, self.page, self.per, self.chosen, self.checked = budget, page, per, None, 0
+    def __init__(self, budget, page=16, per="kv_head", bound="minmax"):
+        self.budget, self.page, self.per, self.bound, self.chosen, self.checked = budget, page, per, bound, None, 0
 
     def on_selection(self, call, selection):
         if call.kind != "decode":
@@ -51,7 +52,12 @@ class QuestBruteForce(Observer):
                         p = self.page
                         page = k[i, h, j // p * p : j // p * p + p]
                         qs = q[i, h * (hq // hkv) : (h + 1) * (hq // hkv), 0]  # (G, D)
-                        bound = (qs[:, None, :] * page[None]).amax(1).sum(-1).amax()  # max over G of Σ_d max_k q_d k_d
+                        if self.bound == "int8":  # the page's maximum of q·k, q and keys int8 (per-row scales)
+                            codes, sc = quantize_rows(page)
+                            q8, qsc = quantize_rows(qs)
+                            bound = ((q8.float() @ codes.float().T) * qsc[:, None] * sc[None, :]).amax()
+                        else:  # max over G of Σ_d max_k q_d k_d
+                            bound = (qs[:, None, :] * page[None]).amax(1).sum(-1).amax()
                         score.append(float(bound) * call.scale)
                     lse = torch.tensor(score, dtype=torch.float64).logsumexp(0).item()  # heads on one scale
                     scores.append([x - lse for x in score[: n - 1]])
@@ -91,6 +97,22 @@ def test_scorer_config_reaches_the_scorer(model, per):
     with pytest.raises(AssertionError, match="Quest's page bounds"):  # the default pages of 16 choose otherwise
         _generate(model, Tidal(budget=10, selection_layers=[0], scorer="quest", select_per=per), ids, mask,
                   observers=[QuestBruteForce(budget=10, page=4, per=per)])
+
+
+def test_scorer_config_bound_reaches_the_scorer(model):
+    """Quest with a shadow bound scores as its own selection does (the page's maximum over int8
+    keys), not with the min/max bound."""
+    ids, mask = tiny_inputs(2, 40, seed=6)
+    cfg = {"page": 4, "bound": "int8"}
+    for per in ("kv_head", "layer"):
+        obs = QuestBruteForce(budget=10, page=4, per=per, bound="int8")
+        _generate(model, Tidal(budget=10, selection_layers=[0], scorer="quest", scorer_config=cfg, select_per=per),
+                  ids, mask, observers=[obs])
+        assert obs.checked == 2 * 5
+        with pytest.raises(AssertionError, match="Quest's page bounds"):  # the min/max bound chooses otherwise
+            _generate(model, Tidal(budget=10, selection_layers=[0], scorer="quest", scorer_config={"page": 4},
+                                   select_per=per), ids, mask, observers=[QuestBruteForce(budget=10, page=4, per=per,
+                                                                                        bound="int8")])
 
 
 @pytest.mark.parametrize("scorer", ["quest", "landmark", "token_select"])

@@ -153,22 +153,36 @@ def page_select_coarse(call, page: int, n_pages: Callable[[int], int], kind: str
     return _select_pages(call, page, n_pages, choose)
 
 
+def _keys_from_pages(call, page: int, page_scores) -> torch.Tensor:
+    """Every key's score as its page's score, ``(B, Hkv, Lk)`` fp32 (``-inf`` on padding), from
+    ``page_scores(start, rows)``: ``(rows of B, Hkv, P)`` scores of the pages of the keys ``[start,
+    Lk)`` (``rows``: a slice of the batch). Unpadded calls score the whole cache at once; a padded
+    batch scores each row's real keys on its own grid (the row scores as it would alone)."""
+    n = call.k_len
+    if call.key_valid is None:
+        return page_scores(0, slice(None)).float().repeat_interleave(page, -1)[..., :n]
+    out = torch.full((call.batch, call.n_kv_heads, n), float("-inf"), device=call.query.device)
+    real = call.host_real
+    for r, n_real in enumerate(real if real is not None else call.n_real[:, 0].tolist()):
+        start = n - n_real
+        out[r, :, start:] = page_scores(start, slice(r, r + 1)).float().repeat_interleave(page, -1)[0, :, :n_real]
+    return out
+
+
 def page_token_scores(call, page: int, kind: str, score: PageScores, layer=None,
                       summary_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Every key's score as its page's score, ``(B, Hkv, Lk)`` fp32 (``-inf`` on padding): a page
     method used as a token scorer (:meth:`~tokensparse.engine.method.Method.key_scores`). Pages
     as in :func:`page_select` (the cache's summaries unpadded; each row's own grid when padded)."""
-    n = call.k_len
-    if call.key_valid is None:
-        parts = _summaries(call, layer, kind, page, 0, slice(None), summary_dtype)
-        return score(call.query, parts).float().repeat_interleave(page, -1)[..., :n]
-    out = torch.full((call.batch, call.n_kv_heads, n), float("-inf"), device=call.query.device)
-    real = call.host_real
-    for r, n_real in enumerate(real if real is not None else call.n_real[:, 0].tolist()):
-        start = n - n_real
-        parts = _summaries(call, layer, kind, page, start, slice(r, r + 1), summary_dtype)
-        out[r, :, start:] = score(call.query[r : r + 1], parts).float().repeat_interleave(page, -1)[0, :, :n_real]
-    return out
+    return _keys_from_pages(call, page, lambda start, rows: score(
+        call.query[rows], _summaries(call, layer, kind, page, start, rows, summary_dtype)))
+
+
+def page_max_token_scores(call, page: int, token_scores) -> torch.Tensor:
+    """:func:`page_token_scores` with each page scored by the maximum of its keys' scores
+    (``token_scores(query, start, rows)`` as in :func:`page_select_by_max`): the scorer twin of
+    :func:`page_select_by_max`."""
+    return _keys_from_pages(call, page, lambda start, rows: page_maxima(token_scores(call.query[rows], start, rows), page))
 
 
 def minmax_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:

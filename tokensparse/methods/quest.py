@@ -47,7 +47,7 @@ import torch
 
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pages import minmax_bound, page_select, page_select_by_max, page_token_scores
+from ..engine.pages import minmax_bound, page_max_token_scores, page_select, page_select_by_max, page_token_scores
 from ..engine.shadow import SHADOW_DTYPES, shadow_token_scores
 from ..engine.selection import Selection, resolve_budget, select_topk
 
@@ -93,7 +93,8 @@ class Quest(Method):
                            lambda q, parts, k: self.top_pages(q, *parts, k), "quest", layer)
 
     def key_scores(self, call) -> torch.Tensor | None:
-        """As a scorer: each key scored by its page's bound (``(B, Hkv, Lk)``; decode calls), as a
+        """As a scorer: each key scored by its page's bound (``(B, Hkv, Lk)``; decode calls; with a
+        shadow ``bound``, the page's maximum of ``q·k`` over the shadow, as :meth:`select` ranks), as a
         log-softmax of ``bound · scale`` over the keys of each KV head. Within a head that is the
         bound's order; across heads it puts the raw bounds (whose scale differs from head to head)
         on one scale, as the other scorers' probabilities are, so a composer that combines heads
@@ -101,7 +102,11 @@ class Quest(Method):
         layer = call.require_cache(self.name)
         if layer is None:
             return None
-        bounds = page_token_scores(call, self.page, "minmax", lambda q, parts: self.page_bounds(q, *parts), layer)
+        if self.bound != "minmax":  # each page's exact maximum of q·k over the shadow, as select() ranks it
+            bounds = page_max_token_scores(call, self.page,
+                                           lambda q, start, rows: shadow_token_scores(call, self.bound, q, start, rows))
+        else:
+            bounds = page_token_scores(call, self.page, "minmax", lambda q, parts: self.page_bounds(q, *parts), layer)
         return (bounds * call.scale).log_softmax(-1)
 
     @staticmethod
