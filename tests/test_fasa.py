@@ -1,6 +1,7 @@
 """FASA: the agreement profile equals a brute-force count on a tiny model, the cache's copy of
 the chosen key dimensions follows writes, the keys a decode step attends are the brute-force top
-keys by the frequency-chunk scores (both dimension pairings, and max-pooled over neighbours), and profiles load or are refused."""
+keys by the frequency-chunk scores (both dimension pairings; max-pooled over neighbours, also in a
+left-padded batch), and profiles load or are refused."""
 
 import pytest
 import torch

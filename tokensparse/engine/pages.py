@@ -182,7 +182,8 @@ def page_max_token_scores(call, page: int, token_scores) -> torch.Tensor:
     """:func:`page_token_scores` with each page scored by the maximum of its keys' scores
     (``token_scores(query, start, rows)`` as in :func:`page_select_by_max`): the scorer twin of
     :func:`page_select_by_max`."""
-    return _keys_from_pages(call, page, lambda start, rows: page_maxima(token_scores(call.query[rows], start, rows), page))
+    return _keys_from_pages(call, page,
+                            lambda start, rows: page_maxima(token_scores(call.query[rows], start, rows), page))
 
 
 def minmax_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
