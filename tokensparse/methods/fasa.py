@@ -294,14 +294,14 @@ class FASA(Method):
         if plan.covers(n_top):
             return everything(call, "keys")
         scores = plan.pooled(self.key_scores(call)[..., plan.lo : plan.hi], self.pool_kernel).contiguous()
-        if self.rerank > 1:
-            scores = self._rescored(call, plan, scores, n_top)
-        return plan.selection(*plan.top(scores, n_top), kind="keys")
+        top = self._reranked(call, plan, scores, n_top) if self.rerank > 1 else plan.top(scores, n_top)
+        return plan.selection(*top, kind="keys")
 
-    def _rescored(self, call, plan: KeyPlan, scores: torch.Tensor, n_top: torch.Tensor) -> torch.Tensor:
-        """Candidate scores ``(B, Hkv, hi - lo)`` where only the best ``rerank · n_top`` by ``scores``
-        are finite: their group-combined softmax of the exact ``q·k`` over those candidates."""
-        wide, wide_valid = plan.top(scores, n_top * self.rerank)  # (B, Hkv, k2) physical positions
+    def _reranked(self, call, plan: KeyPlan, scores: torch.Tensor, n_top: torch.Tensor):
+        """:meth:`KeyPlan.top` of ``n_top`` after a re-rank: the best ``rerank · n_top`` candidates by
+        ``scores`` are ranked again by the group-combined softmax of their exact ``q·k`` (over those
+        candidates), ties to the earlier position as there."""
+        wide, wide_valid = plan.top(scores, n_top * self.rerank)  # (B, Hkv, k2), ascending positions
         b, hq, _, d = call.query.shape
         hkv, g = call.n_kv_heads, call.group
         keys = call.key.gather(2, wide[..., None].expand(*wide.shape, d))  # (B, Hkv, k2, D)
@@ -313,5 +313,8 @@ class FASA(Method):
         if wide_valid is not None:  # (a row with no valid candidate has NaN here: dropped too)
             w = w.masked_fill(~wide_valid, float("-inf"))
         call.session.stats["fasa_rescored_dims"] += d * wide.shape[-1]
-        # a row's invalid entries repeat its last position: the maximum keeps the valid write
-        return torch.full_like(scores, float("-inf")).scatter_reduce(-1, wide - plan.lo, w, "amax")
+        counts = plan.counts(n_top)  # (B, 1): what plan.top(scores, n_top) would take per row
+        k = int(counts.max()) if counts.numel() else 0
+        uniform = bool((counts == k).all())
+        pick, valid = select_topk(w, k, None if uniform else counts[:, :, None])
+        return wide.gather(-1, pick), valid  # ascending: ``wide`` and ``pick`` both are
