@@ -277,14 +277,19 @@ class FASA(Method):
         q = call.query[:, :, -1].reshape(b, hkv, g, d)
         qd = q.gather(-1, dims.to(q.device)[None, :, None, :].expand(b, hkv, g, dims.shape[-1]))  # (B, Hkv, G, m)
         logits = (qd.to(kd.dtype) @ kd.transpose(-1, -2)).float() * call.scale  # (B, Hkv, G, Lk)
-        if call.key_valid is not None:
-            logits = logits.masked_fill(~call.key_valid[:, None, None, :], float("-inf"))
-        w = aggregate_gqa(logits.softmax(-1).flatten(1, 2), hkv, self.gqa_reduce)
         call.session.stats["fasa_scored_dims"] += dims.shape[-1] * call.k_len
         call.session.stats["fasa_key_dims"] += d * call.k_len
-        if call.key_valid is not None:
-            w = w.masked_fill(~call.key_valid[:, None, :], float("-inf"))
-        return w
+        keep = None if call.key_valid is None else call.key_valid[:, None, :]
+        return self._group_weights(logits, keep)
+
+    def _group_weights(self, logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """``logits (B, Hkv, G, L)`` → ``(B, Hkv, L)``: each query head's softmax, combined over its
+        group by ``gqa_reduce``; ``-inf`` where ``keep (B, 1 | Hkv, L)`` is False (a row with nothing
+        kept has NaN before that)."""
+        if keep is not None:
+            logits = logits.masked_fill(~keep[:, :, None, :], float("-inf"))
+        w = aggregate_gqa(logits.softmax(-1).flatten(1, 2), logits.shape[1], self.gqa_reduce)
+        return w if keep is None else w.masked_fill(~keep, float("-inf"))
 
     def select(self, call) -> Selection | None:
         if call.kind != "decode" or call.layer_idx < self.dense_layers:
@@ -309,11 +314,7 @@ class FASA(Method):
         keys = call.key.gather(2, wide[..., None].expand(*wide.shape, d))  # (B, Hkv, k2, D)
         q = call.query[:, :, -1].reshape(b, hkv, g, d)
         logits = (q.to(keys.dtype) @ keys.transpose(-1, -2)).float() * call.scale  # (B, Hkv, G, k2)
-        if wide_valid is not None:
-            logits = logits.masked_fill(~wide_valid[:, :, None, :], float("-inf"))
-        w = aggregate_gqa(logits.softmax(-1).flatten(1, 2), hkv, self.gqa_reduce)  # (B, Hkv, k2)
-        if wide_valid is not None:  # (a row with no valid candidate has NaN here: dropped too)
-            w = w.masked_fill(~wide_valid, float("-inf"))
+        w = self._group_weights(logits, wide_valid)  # (B, Hkv, k2)
         call.session.stats["fasa_rescored_dims"] += d * wide.shape[-1]
         counts = plan.counts(n_top)  # (B, 1): what plan.top(scores, n_top) would take per row
         k = int(counts.max()) if counts.numel() else 0
