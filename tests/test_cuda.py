@@ -35,6 +35,10 @@ DECODE = {
     "tidal_decode": lambda: M("tidal_decode")(budget=12, selection_layers=[1]),
     "streaming_llm": lambda: M("streaming_llm")(budget=20, n_sink=2),
     "snapkv": lambda: M("snapkv").at_sparse_budget(),
+    "fasa": lambda: M("fasa")(budget=10, chunks=2, fcs="low", dense_layers=1),
+    "recycled_attention": lambda: M("recycled_attention")(budget=16, stride=2, n_sink=2, n_local=2, pool_kernel=3),
+    "h2o": lambda: M("h2o")(budget=16, window=4),
+    "tova": lambda: M("tova")(budget=16),
 }
 
 

@@ -295,3 +295,40 @@ def test_key_plan_counts_sinks_and_window_per_row_over_real_tokens(model):
     # row 0 keeps sinks 4, 5, the window 9..11 and the 2 best candidates (7, 8): every real token but 6
     assert seen["sel"][0, 0].nonzero().flatten().tolist() == [4, 5, 7, 8, 9, 10, 11]
     assert seen["sel"][1, 0].nonzero().flatten().tolist() == [0, 1, 7, 8, 9, 10, 11]
+
+
+def test_key_plan_top_of_a_shortlist_equals_top_over_all_candidates(model):
+    """``KeyPlan.top_of`` (a re-rank among a wider top, FASA's ``rerank``) takes what :meth:`top`
+    takes with the new scores when the shortlist holds every candidate, per-row counts included
+    (padded rows hold 3 and 7 candidates: a budget of 5 takes 3 and 5), also given the counts on
+    the host; it refuses a shortlist narrower than the budget and scores of another shape."""
+    seen = {}
+
+    class Probe(Method):
+        def select(self, call):
+            if call.layer_idx == 0 and call.kind == "prefill":
+                plan = KeyPlan(call, n_sink=2, window=3)
+                g = torch.Generator().manual_seed(0)
+                first = torch.randn(call.batch, 2, plan.hi - plan.lo, generator=g)
+                again = torch.randn(call.batch, 2, plan.hi - plan.lo, generator=g)
+                wide, wide_valid = plan.top(first, 9)  # every candidate of each row
+                full = again.gather(-1, wide - plan.lo)  # the new scores of the shortlist
+                seen["top"] = plan.top(again, 5)
+                seen["top_of"] = plan.top_of(wide, wide_valid, full, 5)
+                seen["host"] = plan.top_of(wide, wide_valid, full, torch.full((call.batch, 1), 5), host=[5, 5])
+                seen["narrow"] = (plan.top(first, 2), full)
+                seen["plan"] = plan
+            return None
+
+    ids, mask = tiny_inputs(2, 12, pad=4)
+    with torch.no_grad(), ts.sparsify(model, Probe()):
+        model(ids, attention_mask=mask)
+    (top, valid), (of, of_valid), (host, host_valid) = seen["top"], seen["top_of"], seen["host"]
+    assert valid[:, 0, :].tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    for got, got_valid in ((of, of_valid), (host, host_valid)):
+        assert torch.equal(got_valid, valid) and torch.equal(got[valid], top[valid])
+    (narrow, _), full = seen["narrow"]
+    with pytest.raises(ValueError, match="shortlist of 2"):
+        seen["plan"].top_of(narrow, None, full[..., :2], 5)
+    with pytest.raises(ValueError, match="scores"):
+        seen["plan"].top_of(narrow, None, full, 2)

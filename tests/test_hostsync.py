@@ -3,7 +3,8 @@
 The detector (:mod:`tokensparse.engine.hostsync`) is checked first: each kind of synchronisation it
 claims to catch is built and must be recorded (and harmless operations must not be), so the decode
 checks below can fail. Then the decode steps of the fixed-budget decode methods (TokenSelect, Quest,
-Landmark in one and two levels, TidalDecode, StreamingLLM at a fixed budget) and dense decode on the
+Landmark in one and two levels, TidalDecode, FASA with and without its re-rank, Recycled Attention
+(fixed stride), RazorAttention's compensated cache, H2O and TOVA at a fixed budget, StreamingLLM at a fixed budget) and dense decode on the
 engine's cache are run on a tiny model, after an untracked prefill, under :func:`accelerator_paths`
 (the branches an accelerator takes: CPU-only fast paths off) and must record nothing beyond
 :data:`ALLOWED`, each entry of which says why it stays. The CPU fast paths are checked to give the same logits and to be
@@ -243,6 +244,15 @@ DECODE = {
     "landmark_bf16_means": lambda: M("landmark")(budget=12, block=2, summary_dtype="bfloat16"),
     "tidal_decode": lambda: M("tidal_decode")(budget=12, selection_layers=[1]),
     "tidal_decode_share": lambda: M("tidal_decode")(budget=0.3, selection_layers=[1]),
+    "fasa": lambda: M("fasa")(budget=10, chunks=2, fcs="low", dense_layers=1),
+    "fasa_share_rerank": lambda: M("fasa")(budget=0.3, chunks=1, fcs="low", dense_layers=0, rerank=2),
+    "recycled_attention": lambda: M("recycled_attention")(budget=16, stride=2, n_sink=2, n_local=2, pool_kernel=3),
+    "recycled_attention_share": lambda: M("recycled_attention")(budget=0.4, stride=3, n_sink=1, n_local=1),
+    "razor_attention": lambda: M("razor_attention")(window=4, n_sink=2, retrieval_heads=[1]),
+    "h2o": lambda: M("h2o")(budget=16, window=4),
+    "h2o_share": lambda: M("h2o")(budget=0.5, window=0.3),
+    "tova": lambda: M("tova")(budget=16),
+    "tova_share": lambda: M("tova")(budget=0.6),
     "streaming_llm": lambda: M("streaming_llm")(budget=20, n_sink=2),
     "streaming_llm_share": lambda: M("streaming_llm")(budget=0.5, n_sink=2),
 }
@@ -402,3 +412,17 @@ def test_a_right_padded_decode_step_is_still_refused(model):
             with accelerator_paths() if accelerator else contextlib.nullcontext():
                 with pytest.raises(error, match="right padding"):
                     model(ids[:, -1:], attention_mask=step, cache=cache)
+
+
+def test_recycled_attention_query_drift_reads_one_decision_per_layer():
+    """Recycled Attention's drift trigger (``similarity``) decides on the host whether a step is
+    full: at most two reads per layer and step (all rows drifted? any?), nothing else while no row
+    drifts (here: a threshold no query falls under). A step where only some rows drift reads more
+    (the rows then hold sets of different steps: documented in the method)."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    method = M("recycled_attention")(budget=16, stride=4, similarity=-0.5, n_sink=2, n_local=2)
+    logs, _, stats = _decode(model, method, 2, 3, steps=4, accelerator=True)
+    assert stats["recycle_steps"] == 3 * 3 and stats["full_steps"] == 3
+    for log in logs:
+        left = _unexplained(log, ALLOWED + [("methods/recycled_attention.py", 2 * 3, "drift: full step or not")])
+        assert not left, log.report()

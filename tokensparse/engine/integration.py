@@ -74,7 +74,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     with logit_softcap(softcap) if softcap else contextlib.nullcontext():
         if call.is_sliding:
             # methods assume global attention; a sliding layer's window already bounds its cost
-            session.stats["sliding_dense_calls"] += 1
+            session.count("sliding_dense_calls")
             out = call.dense()
         else:
             out = session.method.forward(call)

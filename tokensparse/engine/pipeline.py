@@ -81,9 +81,13 @@ class KeyPlan:
     to :meth:`covers` and :meth:`host_counts`, a per-row list of ints; to :meth:`top` as ``host``
     next to its device twin) takes the host path; a tensor alone reads the device (one sync per
     decision), as before.
+
+    ``host_real``: each row's real keys as ints where the caller knows them and the call does not
+    (an evicting cache's :attr:`~tokensparse.engine.cache.EvictingLayer.host_valid`: rows may have
+    holes, which the counts here do not mind); default :attr:`AttentionCall.host_real`.
     """
 
-    def __init__(self, call, n_sink: int = 0, window: int = 0):
+    def __init__(self, call, n_sink: int = 0, window: int = 0, host_real: list[int] | tuple[int, ...] | None = None):
         self.call = call
         length = call.k_len
         self.n_sink = int(n_sink)
@@ -91,7 +95,7 @@ class KeyPlan:
         self.hi = length - min(self.window, length)
         valid = call.key_valid
         self.padded = valid is not None
-        real = call.host_real
+        real = self.host_real = call.host_real if host_real is None else list(host_real)
         #: candidates per row on the host (``None``: unknown without reading the device)
         self.host_cand: list[int] | None = None
         if not self.padded:
@@ -169,26 +173,50 @@ class KeyPlan:
         device twin (a tensor); an ``int`` ``n_top`` needs none. With host counts the width ``k``
         and whether every row takes it are decided without reading the device (else one sync each).
         """
-        counts = self.host_counts(host if host is not None else n_top)
         if scores.shape[-1] != self.hi - self.lo:
             raise ValueError(f"KeyPlan: scores cover {scores.shape[-1]} keys, the candidates [{self.lo}, {self.hi})")
-        per_row = None
-        if counts is not None:
-            k = max(counts, default=0)
-            uniform = all(n == k for n in counts)
-        else:
-            per_row = self.counts(n_top)
-            k = int(per_row.max()) if per_row.numel() else 0
+        k, per_row = self._width(n_top, host)
         if k == 0:
             return torch.empty(*scores.shape[:2], 0, dtype=torch.long, device=scores.device), None
         if self.cand_mask is not None:
             scores = scores.masked_fill(~self.cand_mask[:, None, :], float("-inf"))
-        if per_row is not None:
-            uniform = bool((per_row == k).all())
-        elif not uniform:
-            per_row = self.counts(n_top)
-        top, valid = select_topk(scores, k, None if uniform else per_row[:, :, None])
+        top, valid = select_topk(scores, k, per_row)
         return top + self.lo, valid
+
+    def top_of(self, cand: torch.Tensor, cand_valid: torch.Tensor | None, scores: torch.Tensor,
+               n_top: torch.Tensor | int, host: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`top` of ``n_top`` among a shortlist: ``cand (B, H, m)`` physical positions (sorted,
+        e.g. a wider :meth:`top`), ``cand_valid`` their validity (``None``: all valid), ``scores (B,
+        H, m)`` their new ranking (higher = keep). Each row takes as many as :meth:`top` would
+        (``n_top`` clamped to its candidates, which the shortlist must hold); ties go to the earlier
+        position. Returns sorted positions and their validity (``None`` when every row took ``k``)."""
+        if scores.shape != cand.shape:
+            raise ValueError(f"KeyPlan.top_of: scores {tuple(scores.shape)} for a shortlist {tuple(cand.shape)}")
+        k, per_row = self._width(n_top, host)
+        if k > cand.shape[-1]:
+            raise ValueError(f"KeyPlan.top_of: {k} keys asked of a shortlist of {cand.shape[-1]}")
+        if k == 0:
+            return cand[..., :0], None
+        if cand_valid is not None:
+            scores = scores.masked_fill(~cand_valid, float("-inf"))
+        pick, valid = select_topk(scores, k, per_row)
+        return cand.gather(-1, pick), valid  # sorted: ``cand`` and ``pick`` both are
+
+    def _width(self, n_top, host) -> tuple[int, torch.Tensor | None]:
+        """What :meth:`top` takes: the width ``k`` (the most any row takes) and, when rows take
+        different counts, the per-row counts ``(B, 1 | H, 1)`` for :func:`select_topk` (else
+        ``None``). From the host counts when known (no device read), else one sync each."""
+        counts = self.host_counts(host if host is not None else n_top)
+        if counts is not None:
+            k = max(counts, default=0)
+            if all(n == k for n in counts):
+                return k, None
+            return k, self.counts(n_top)[:, :, None]
+        per_row = self.counts(n_top)
+        k = int(per_row.max()) if per_row.numel() else 0
+        if k == 0:
+            return 0, None
+        return k, None if bool((per_row == k).all()) else per_row[:, :, None]
 
     def selection(self, top: torch.Tensor | None, top_valid: torch.Tensor | None = None, kind: str = "keys",
                   heads: int = 1, complete: bool = False, taken: list[int] | None = None) -> Selection:
@@ -196,7 +224,8 @@ class KeyPlan:
         the always-kept keys, as a :class:`Selection` of ``kind``. ``top=None``: none taken
         (``heads`` then gives the selection's head count). ``taken``: the valid entries of each
         row of ``top`` on the host (its :meth:`host_counts`), which lets a padded call size its
-        selection without reading the device."""
+        selection without reading the device (and, for ``"keep"``, tells the evicting cache what
+        each row then holds)."""
         call = self.call
         dev = call.query.device
         if top is None:
@@ -209,23 +238,27 @@ class KeyPlan:
         keep = self._always[:, None, :].expand(call.batch, top.shape[1], call.k_len).clone()
         if top.shape[-1]:
             keep |= mask_from_indices(top, call.k_len, top_valid)
-        real = call.host_real
+        real = self.host_real
         if real is None or taken is None or self.host_cand is None:
             idx, valid = indices_from_mask(keep)  # widths from the device (one sync each)
             return Selection(kind, idx, None if bool(valid.all()) else valid, complete=complete)
         widths = [r - c + t for r, c, t in zip(real, self.host_cand, taken)]  # always-kept + taken, per row
         idx, valid = indices_from_mask(keep, max(widths))
-        return Selection(kind, idx, None if len(set(widths)) == 1 else valid, complete=complete)
+        kept = tuple(widths) if kind == "keep" else None  # every head of a row keeps as many (an evicting cache's count)
+        return Selection(kind, idx, None if len(set(widths)) == 1 else valid, complete=complete, kept_rows=kept)
 
-    def select(self, scores: torch.Tensor | None, n_top: torch.Tensor | int, kind: str = "keys") -> Selection:
-        """:meth:`top` then :meth:`selection`; ``scores`` may be ``None`` when ``n_top`` is 0."""
-        complete = self.covers(n_top)
+    def select(self, scores: torch.Tensor | None, n_top: torch.Tensor | int, kind: str = "keys",
+               host: list[int] | None = None) -> Selection:
+        """:meth:`top` then :meth:`selection`; ``scores`` may be ``None`` when ``n_top`` is 0.
+        ``host``: the per-row ``n_top`` as ints (see :meth:`top`)."""
+        counts = self.host_counts(host if host is not None else n_top)
+        complete = self.covers(host if host is not None else n_top)
         if scores is None:
-            if bool((self.counts(n_top) > 0).any()):
+            if any(counts) if counts is not None else bool((self.counts(n_top) > 0).any()):
                 raise ValueError("KeyPlan.select: scores are needed to take candidates")
             return self.selection(None, None, kind, complete=complete)
-        top, valid = self.top(scores, n_top)
-        return self.selection(top, valid, kind, heads=scores.shape[1], complete=complete, taken=self.host_counts(n_top))
+        top, valid = self.top(scores, n_top, host)
+        return self.selection(top, valid, kind, heads=scores.shape[1], complete=complete, taken=counts)
 
 
 def fixed_budget(call, budget: int | float, name: str, minimum: int = 1) -> torch.Tensor:

@@ -81,8 +81,8 @@ from ..engine.calibration import Profile, find_kind_profile
 from ..engine.config import param
 from ..engine.method import Method, Phase
 from ..engine.observers import Observer, observe_prompt
-from ..engine.pipeline import KeyPlan, everything
-from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, resolve_budget_rows, select_topk
+from ..engine.pipeline import KeyPlan, everything, row_budgets
+from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, select_topk
 
 KIND = "fasa_fc"
 KIND_VERSION = 1
@@ -277,8 +277,8 @@ class FASA(Method):
         q = call.query[:, :, -1].reshape(b, hkv, g, d)
         qd = q.gather(-1, dims.to(q.device)[None, :, None, :].expand(b, hkv, g, dims.shape[-1]))  # (B, Hkv, G, m)
         logits = (qd.to(kd.dtype) @ kd.transpose(-1, -2)).float() * call.scale  # (B, Hkv, G, Lk)
-        call.session.stats["fasa_scored_dims"] += dims.shape[-1] * call.k_len
-        call.session.stats["fasa_key_dims"] += d * call.k_len
+        call.session.count("fasa_scored_dims", dims.shape[-1] * call.k_len)
+        call.session.count("fasa_key_dims", d * call.k_len)
         keep = None if call.key_valid is None else call.key_valid[:, None, :]
         return self._group_weights(logits, keep)
 
@@ -297,27 +297,24 @@ class FASA(Method):
         if call.require_cache(self.name) is None:
             return None
         plan = KeyPlan(call, window=1)  # the current token is always attended
-        n_top = resolve_budget_rows(self.budget, call.n_real) - 1
-        if plan.covers(n_top):
+        n_top, host = row_budgets(call, self.budget, -1)  # host counts where known: no device read
+        if plan.covers(n_top if host is None else host):
             return everything(call, "keys")
         scores = plan.pooled(self.key_scores(call)[..., plan.lo : plan.hi], self.pool_kernel).contiguous()
-        top = self._reranked(call, plan, scores, n_top) if self.rerank > 1 else plan.top(scores, n_top)
-        return plan.selection(*top, kind="keys")
+        top = self._reranked(call, plan, scores, n_top, host) if self.rerank > 1 else plan.top(scores, n_top, host)
+        return plan.selection(*top, kind="keys", taken=plan.host_counts(n_top if host is None else host))
 
-    def _reranked(self, call, plan: KeyPlan, scores: torch.Tensor, n_top: torch.Tensor):
+    def _reranked(self, call, plan: KeyPlan, scores: torch.Tensor, n_top, host: list[int] | None):
         """:meth:`KeyPlan.top` of ``n_top`` after a re-rank: the best ``rerank · n_top`` candidates by
         ``scores`` are ranked again by the group-combined softmax of their exact ``q·k`` (over those
         candidates), ties to the earlier position as there."""
-        wide, wide_valid = plan.top(scores, n_top * self.rerank)  # (B, Hkv, k2), ascending positions
+        wide_host = None if host is None else [n * self.rerank for n in host]
+        wide, wide_valid = plan.top(scores, n_top * self.rerank, wide_host)  # (B, Hkv, k2), ascending positions
         b, hq, _, d = call.query.shape
         hkv, g = call.n_kv_heads, call.group
         keys = call.key.gather(2, wide[..., None].expand(*wide.shape, d))  # (B, Hkv, k2, D)
         q = call.query[:, :, -1].reshape(b, hkv, g, d)
         logits = (q.to(keys.dtype) @ keys.transpose(-1, -2)).float() * call.scale  # (B, Hkv, G, k2)
         w = self._group_weights(logits, wide_valid)  # (B, Hkv, k2)
-        call.session.stats["fasa_rescored_dims"] += d * wide.shape[-1]
-        counts = plan.counts(n_top)  # (B, 1): what plan.top(scores, n_top) would take per row
-        k = int(counts.max()) if counts.numel() else 0
-        uniform = bool((counts == k).all())
-        pick, valid = select_topk(w, k, None if uniform else counts[:, :, None])
-        return wide.gather(-1, pick), valid  # ascending: ``wide`` and ``pick`` both are
+        call.session.count("fasa_rescored_dims", d * wide.shape[-1])
+        return plan.top_of(wide, wide_valid, w, n_top, host)

@@ -32,6 +32,7 @@ official ``utils_real_drop`` path does for a prompt.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ import torch
 from ..engine.cache import RowState
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pipeline import everything, fixed_budget
+from ..engine.pipeline import everything, fixed_budget, fixed_budget_host
 from ..engine.selection import (
     Selection,
     aggregate_gqa,
@@ -77,24 +78,51 @@ class H2O(Method):
         return cls(budget=12, window=4)
 
     def select(self, call) -> Selection:
+        """Accumulate this call's attention mass, then keep the window and the heavy hitters.
+
+        A decode step never waits for the device when the cache knows on the host how many real rows
+        each sequence holds (``EvictingLayer.host_valid``; every KV head keeps the same number here)
+        and the budget's host copy survived (:func:`fixed_budget_host`): the decision and the widths
+        are then ints. Otherwise the counts are read from the device."""
         cache = call.evicting
         acc = cache.state("h2o.scores", RowState)  # (B, Hkv, n) accumulated attention of each row
         query_valid = None if call.key_valid is None else call.key_valid[:, -call.q_len :]
         mass = attention_mass(call.query, call.key, call.scale, call.mask, query_valid)
         acc.values.add_(aggregate_gqa(mass, call.n_kv_heads, "sum"))
-        keep = fixed_budget(call, self.budget, "h2o.keep", minimum=2)  # (B, 1)
-        window = keep * self.window if isinstance(self.window, float) else torch.full_like(keep, self.window)
-        window = window.long().clamp(1, None).minimum(keep - 1)
+        name = "h2o.keep"
+        keep = fixed_budget(call, self.budget, name, minimum=2)  # (B, 1)
+        budgets, held = fixed_budget_host(call, name), cache.host_valid
+        if budgets is not None and held is not None:
+            if all(v <= b for v, b in zip(held, budgets)):
+                return everything(call, "keep")
+            # every head holds v > window rows: it keeps the window and exactly min(v, b) - window others
+            kept = tuple(min(v, b) for v, b in zip(held, budgets))
+            n_heavy_max = max(b - self._window(b) for b in budgets)
+        else:
+            kept = n_heavy_max = None
+        # (double, then floor: the same number as the host's ``_window`` for a share)
+        window = (keep.double() * self.window).floor().long() if isinstance(self.window, float) else torch.full_like(keep, self.window)
+        window = window.clamp(1, None).minimum(keep - 1)
         valid = cache.valid_rows()  # (B, Hkv, n)
         n_valid = valid.sum(-1)  # (B, Hkv)
-        if bool((n_valid <= keep).all()):
+        if kept is None and bool((n_valid <= keep).all()):
             return everything(call, "keep")
         rank = valid.long().cumsum(-1)  # arrival order of the real rows of each KV head
         recent = valid & (rank > (n_valid - window)[..., None])
         heavy = acc.values.masked_fill(~valid | recent, float("-inf"))
         n_heavy = keep - window  # (B, 1)
-        top, ok = select_topk(heavy, int(n_heavy.max()), n_heavy[:, :, None])
+        if n_heavy_max is None:
+            n_heavy_max = int(n_heavy.max())
+        top, ok = select_topk(heavy, n_heavy_max, n_heavy[:, :, None])
         ok = ok & heavy.gather(-1, top).isfinite()  # a head with fewer candidates than its share
         take = recent | mask_from_indices(top, heavy.shape[-1], ok)
-        idx, kept = indices_from_mask(take)
-        return Selection.keep(idx, None if bool(kept.all()) else kept)
+        if kept is not None:
+            idx, ok = indices_from_mask(take, max(kept))
+            return Selection.keep(idx, None if len(set(kept)) == 1 else ok, kept_rows=kept)
+        idx, ok = indices_from_mask(take)
+        return Selection.keep(idx, None if bool(ok.all()) else ok)
+
+    def _window(self, budget: int) -> int:
+        """The recent rows kept of ``budget`` rows, on the host."""
+        w = math.floor(budget * self.window) if isinstance(self.window, float) else self.window
+        return min(max(w, 1), budget - 1)

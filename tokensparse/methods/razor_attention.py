@@ -235,9 +235,7 @@ class RazorAttention(Method):
         if ev is None or not ev.evicted:
             return None
         cnt = synthetic_count(ev.slots)  # (B, Hkv, n): N on a compensation row, else 0
-        has = cnt > 0
-        if not bool(has.any()):
-            return None
+        has = cnt > 0  # (not read on the host: a head without a compensation row gets a bias of 0)
         pos = has.long().argmax(-1)  # (B, Hkv): each KV head's compensation row (0 where it has none)
         n = cnt.gather(-1, pos[..., None])[..., 0]  # (B, Hkv)
         hkv, g = call.n_kv_heads, call.group

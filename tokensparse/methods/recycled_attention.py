@@ -26,6 +26,9 @@ stride: int = 16
 similarity: float | None = None
     Also take a full step when the cosine similarity of this layer's query with the query of its
     last full step falls below this (per layer and per sequence); ``None``: the fixed stride only.
+    The trigger is a host decision, so each decode step reads the device (at most two reads per
+    layer; more on a step where only some rows drift). With the fixed stride a step reads nothing
+    (tests/test_hostsync.py).
 n_sink: int = 0
     First tokens always attended (a toolkit option; the paper has none).
 n_local: int = 0
@@ -61,7 +64,7 @@ import torch.nn.functional as F
 from ..engine.cache import CacheState
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pipeline import KeyPlan, everything, execute, record_dense
+from ..engine.pipeline import KeyPlan, everything, execute, record_dense, row_budgets
 from ..engine.selection import (
     GQA_REDUCTIONS,
     Selection,
@@ -69,7 +72,6 @@ from ..engine.selection import (
     indices_from_mask,
     mask_from_indices,
     pool1d,
-    resolve_budget_rows,
 )
 
 
@@ -81,7 +83,11 @@ class RecycledSet(CacheState):
     entries), ``hi (B,)`` the physical end of the candidates at the full step (every row from
     ``hi`` on is attended), ``lo`` the sinks (an unpadded call's prefix), ``fingerprint (B, Hq·D)``
     the full step's query, ``steps`` decode steps since the full step. A budget that covers the
-    whole context is an empty ``top`` with ``hi = 0`` (every row attended)."""
+    whole context is an empty ``top`` with ``hi = 0`` (every row attended).
+
+    Host twins, so that a recycle step never reads the device: ``covered`` (the budget covered the
+    context), ``hi_host`` (``hi`` when every row shares it, else ``None``) and ``taken`` (the valid
+    entries of each row of ``top``, ``None`` when unknown on the host)."""
 
     def __init__(self):
         self.clear()
@@ -89,6 +95,12 @@ class RecycledSet(CacheState):
     def clear(self) -> None:
         self.top = self.valid = self.hi = self.fingerprint = None
         self.lo, self.steps = 0, 0
+        self.covered, self.hi_host, self.taken = False, None, None
+
+    def map_batch(self, fn) -> None:
+        super().map_batch(fn)
+        same = self.taken is not None and len(set(self.taken)) == 1 and self.hi is not None
+        self.taken = [self.taken[0]] * self.hi.shape[0] if same else None  # rows reordered or repeated
 
     def on_write(self, layer, start, end):
         pass
@@ -139,17 +151,16 @@ class RecycledAttention(Method):
                 st.clear()
             return call.dense()
         st = layer.state(_STATE, RecycledSet)
-        stats = call.session.stats
         full = self._full_rows(call, st)  # (B,) bool, or True / False for every row
         if full is False:
-            stats["recycle_steps"] += 1
+            call.session.count("recycle_steps")
             st.steps += 1
             with call.session.selecting():
                 sel = self._recycled(call, st)
             return execute(call, sel, impl="fast")
         out, probs = call.dense_with_probs()
         record_dense(call)
-        stats["full_steps"] += 1
+        call.session.count("full_steps")
         old = None if full is True else (st.top, st.valid, st.hi, st.fingerprint)
         recycled = None if full is True else execute(call, self._recycled(call, st), impl="fast")
         with call.session.selecting():
@@ -157,7 +168,7 @@ class RecycledAttention(Method):
         if full is True:
             return out
         # rows whose query did not drift keep their set and recycle; the others take the full step
-        stats["partial_full_steps"] += 1
+        call.session.count("partial_full_steps")
         self._merge(st, full, *old)
         return torch.where(full[:, None, None, None], out, recycled)
 
@@ -175,16 +186,18 @@ class RecycledAttention(Method):
     def _refresh(self, call, st: RecycledSet, probs: torch.Tensor) -> None:
         """A full step: rank the candidates by this pass's probabilities, keep the top per KV head."""
         plan = KeyPlan(call, n_sink=self.n_sink, window=self.n_local)
-        n_top = resolve_budget_rows(self.budget, call.n_real) - self.n_sink - self.n_local
+        n_top, host = row_budgets(call, self.budget, -self.n_sink - self.n_local)  # host counts where known
         st.clear()
         dev = call.query.device
         st.fingerprint = call.query[:, :, -1].flatten(1).float()
-        if plan.covers(n_top):  # every key: an empty set and every row from 0 on
+        if plan.covers(n_top if host is None else host):  # every key: an empty set and every row from 0 on
             st.top = torch.empty(call.batch, call.n_kv_heads, 0, dtype=torch.long, device=dev)
             st.hi = torch.zeros(call.batch, dtype=torch.long, device=dev)
+            st.covered, st.hi_host = True, 0
             return
         st.hi = torch.full((call.batch,), plan.hi, dtype=torch.long, device=dev)
-        st.lo = plan.lo
+        st.lo, st.hi_host = plan.lo, plan.hi
+        st.taken = plan.host_counts(n_top if host is None else host)
         p = probs[:, :, -1]  # (B, Hq, Lk)
         if self.gqa_reduce == "first":
             weights = p.view(call.batch, call.n_kv_heads, call.group, -1)[:, :, 0]
@@ -192,7 +205,7 @@ class RecycledAttention(Method):
             weights = aggregate_gqa(p, call.n_kv_heads, self.gqa_reduce)
         if self.pool_kernel > 1:  # neighbours of a key the step attends to (the rest of a span) rank with it
             weights = pool1d(weights, self.pool_kernel, "max")
-        st.top, st.valid = plan.top(weights[..., plan.lo : plan.hi], n_top)
+        st.top, st.valid = plan.top(weights[..., plan.lo : plan.hi], n_top, host)
 
     @staticmethod
     def _merge(st: RecycledSet, full, top, valid, hi, fp) -> None:
@@ -215,12 +228,18 @@ class RecycledAttention(Method):
         st.hi = torch.where(full, st.hi, hi)
         st.fingerprint = torch.where(full[:, None], st.fingerprint, fp)
         st.steps = 0
+        st.covered, st.hi_host, st.taken = False, None, None  # rows now differ: read from the device
 
     def _recycled(self, call, st: RecycledSet) -> Selection:
         """The recycled set plus every row written since the full step (and the sinks)."""
         n = call.k_len
+        if st.covered:  # the budget covered the context at the full step
+            return everything(call, "keys")
+        if st.hi_host is not None:  # one full step for every row: sinks + rows since then kept, as a plan sees it
+            plan = KeyPlan(call, n_sink=self.n_sink, window=n - st.hi_host)
+            return plan.selection(st.top, st.valid, "keys", taken=st.taken)
         hi = st.hi
-        if not bool(hi.any()):  # the budget covered the context at the full step
+        if not bool(hi.any()):  # every row's budget covered the context at its full step
             return everything(call, "keys")
         same_hi = bool((hi == hi[0]).all())
         if call.key_valid is None and same_hi and st.valid is None:

@@ -101,7 +101,11 @@ runs. The paper's local value pruning (V rows of tiny probability skipped) is no
 Progressive quantisation covers K only (Q and V stay full precision) and re-fetches the fp32
 rows, not 4 more bits; every row is computed both ways and the right one kept, so it shows the
 accuracy, never a speed-up. Chunks on a filled cache read the kept set plus their own tokens,
-count every query and prune after; they are not quantised and skip no head.
+count every query and prune after; they are not quantised and skip no head. A decode step reads
+the device (the kept set's width, whether to prune, the counters): the cascade intersects each
+layer's set with the one the previous pruning layer kept in the same pass, so widths are
+data-dependent; the one decode method left off the no-synchronisation rule (docs/ARCHITECTURE.md,
+"Host synchronisation").
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import torch
 
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pipeline import KeyPlan, everything, fixed_budget
+from ..engine.pipeline import KeyPlan, everything, fixed_budget, fixed_budget_host
 from ..engine.selection import Selection, grouped_logits
 
 
@@ -53,14 +53,23 @@ class TOVA(Method):
         return cls(budget=12)
 
     def select(self, call) -> Selection:
-        keep = fixed_budget(call, self.budget, "tova.keep", minimum=1)
-        plan = KeyPlan(call, window=1)  # the current token stays
-        n_top = keep - plan.n_always
-        if plan.covers(n_top):
+        name = "tova.keep"
+        keep = fixed_budget(call, self.budget, name, minimum=1)
+        # the counts on the host where the cache knows them (a decode step then never reads the device)
+        budgets, held = fixed_budget_host(call, name), call.evicting.host_valid
+        plan = KeyPlan(call, window=1, host_real=held)  # the current token stays
+        host = None
+        if budgets is not None and held is not None:
+            host = [b - min(v, 1) for b, v in zip(budgets, held)]  # the budget less the current token
+        if host is not None and len(set(host)) == 1:
+            n_top = host[0]
+        else:
+            n_top = keep - plan.n_always
+        if plan.covers(n_top if host is None else host):
             return everything(call, "keep")
         logits = grouped_logits(call.query[:, :, -1:], call.key, call.scale)[:, :, 0]  # (B, Hq, Lk)
         if call.mask is not None:  # padding and empty rows of the last query
             logits = logits.masked_fill(~call.mask[:, :, -1].repeat_interleave(
                 call.n_q_heads // call.mask.shape[1], dim=1), torch.finfo(torch.float32).min)
         scores = logits.softmax(-1).mean(1, keepdim=True)  # (B, 1, Lk): one set for the layer
-        return plan.select(scores[..., plan.lo : plan.hi], n_top, "keep")
+        return plan.select(scores[..., plan.lo : plan.hi], n_top, "keep", host)
