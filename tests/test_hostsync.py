@@ -4,7 +4,7 @@ The detector (:mod:`tokensparse.engine.hostsync`) is checked first: each kind of
 claims to catch is built and must be recorded (and harmless operations must not be), so the decode
 checks below can fail. Then the decode steps of the fixed-budget decode methods (TokenSelect, Quest,
 Landmark in one and two levels, TidalDecode, FASA with and without its re-rank, Recycled Attention
-(fixed stride), RazorAttention's compensated cache, H2O and TOVA at a fixed budget, StreamingLLM at a fixed budget) and dense decode on the
+(fixed stride), RazorAttention's compensated cache, SpAtten's cascade, H2O and TOVA at a fixed budget, StreamingLLM at a fixed budget) and dense decode on the
 engine's cache are run on a tiny model, after an untracked prefill, under :func:`accelerator_paths`
 (the branches an accelerator takes: CPU-only fast paths off) and must record nothing beyond
 :data:`ALLOWED`, each entry of which says why it stays. The CPU fast paths are checked to give the same logits and to be
@@ -253,6 +253,9 @@ DECODE = {
     "h2o_share": lambda: M("h2o")(budget=0.5, window=0.3),
     "tova": lambda: M("tova")(budget=16),
     "tova_share": lambda: M("tova")(budget=0.6),
+    "spatten": lambda: M("spatten")(budget=10, budget_first=20, dense_layers=1, n_local=2, prompt_window=4),
+    "spatten_share_heads": lambda: M("spatten")(budget=0.3, budget_first=0.6, dense_layers=0, n_local=2,
+                                                prompt_window=4, head_prune=0.5, quant="int4"),
     "streaming_llm": lambda: M("streaming_llm")(budget=20, n_sink=2),
     "streaming_llm_share": lambda: M("streaming_llm")(budget=0.5, n_sink=2),
 }

@@ -217,6 +217,10 @@ CASES = [
     dict(budget=6, budget_first=10, dense_layers=1, n_local=2, prompt_window=8, quant=None, head_prune=0.5),
     dict(budget=5, budget_first=12, dense_layers=0, n_local=1, prompt_window=5, quant=None, pool_kernel=3),
     dict(budget=0.2, budget_first=0.4, dense_layers=2, n_local=2, prompt_window=5, quant="int8", pool_kernel=4),
+    # the local window wider than the budget (a layer keeps more than its budget); the first layer
+    # keeping everything (its set complete: dense) while the deeper ones prune
+    dict(budget=3, budget_first=6, dense_layers=0, n_local=5, prompt_window=4, quant=None),
+    dict(budget=0.3, budget_first=1.0, dense_layers=0, n_local=2, prompt_window=4, quant=None),
 ]
 
 
@@ -366,3 +370,32 @@ def test_bad_configs_are_refused_and_a_stock_cache_names_the_fix(model):
     with torch.no_grad(), ts.sparsify(model, S(dense_layers=0)):
         with pytest.raises(CacheRequiredError):
             model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=range(len(CASES)))
+def test_host_bounds_hold_each_layers_kept_set(model, cfg):
+    """Each pruning layer's host bound (``AliveRows.bound``, which sizes decode steps without reading
+    the device) is at least the real tokens its set keeps, and equals the real tokens exactly when
+    its set holds all of them (the step then runs dense), after every decode step of a padded
+    batch; budgets down to one token below the set make the "exactly" part bite."""
+    from tokensparse.methods.spatten import _ALIVE
+
+    method = S(**cfg)
+    ids, mask = tiny_inputs(2, 30, pad=5, seed=4)
+    checked = 0
+    with torch.no_grad(), ts.sparsify(model, method) as s:
+        cache = s.new_cache()
+        out = model(ids, attention_mask=mask, cache=cache)
+        for _ in range(7):
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = model(tok, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache)
+            for i in range(method.dense_layers, N_LAYERS):
+                st = cache.layers[i].states[_ALIVE]
+                held = (st.values[:, 0] & mask.bool()).sum(-1).tolist()
+                real = mask.sum(-1).tolist()
+                assert st.bound is not None
+                for b, h, r in zip(st.bound, held, real):
+                    assert b >= h and (b == r) == (h == r), (i, st.bound, held, real)
+                    checked += 1
+    assert checked == 7 * 2 * (N_LAYERS - method.dense_layers)

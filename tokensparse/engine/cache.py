@@ -183,16 +183,19 @@ class RowState(CacheState):
 
 
 def row_buffer(old: torch.Tensor | None, layer: "PreallocLayer", n_keep: int, tail: tuple = (),
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+               dtype: torch.dtype | None = None, rows_last: bool = False) -> torch.Tensor:
     """A ``(B, Hkv, capacity, *tail)`` buffer for per-row state of ``layer`` (one entry per cache
     row): ``old`` while it still fits the layer's batch, heads and capacity, else a new one that
-    keeps ``old``'s first ``n_keep`` rows (a grown cache keeps its rows)."""
+    keeps ``old``'s first ``n_keep`` rows (a grown cache keeps its rows). ``rows_last``: laid out
+    ``(B, Hkv, *tail, capacity)`` instead (e.g. transposed keys, a matmul's right operand)."""
     b, h, cap = layer._kbuf.shape[:3]
-    if old is not None and old.shape[:2] == (b, h) and old.shape[2] >= cap:
+    axis = -1 if rows_last else 2
+    if old is not None and old.shape[:2] == (b, h) and old.shape[axis] >= cap:
         return old
-    new = torch.empty(b, h, cap, *tail, dtype=dtype or layer._kbuf.dtype, device=layer.device)
+    shape = (b, h, *tail, cap) if rows_last else (b, h, cap, *tail)
+    new = torch.empty(shape, dtype=dtype or layer._kbuf.dtype, device=layer.device)
     if old is not None and old.shape[:2] == (b, h):
-        new[:, :, :n_keep] = old[:, :, :n_keep]
+        new.narrow(axis, 0, n_keep).copy_(old.narrow(axis, 0, n_keep))
     return new
 
 

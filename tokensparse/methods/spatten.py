@@ -102,10 +102,9 @@ Progressive quantisation covers K only (Q and V stay full precision) and re-fetc
 rows, not 4 more bits; every row is computed both ways and the right one kept, so it shows the
 accuracy, never a speed-up. Chunks on a filled cache read the kept set plus their own tokens,
 count every query and prune after; they are not quantised and skip no head. A decode step reads
-the device (the kept set's width, whether to prune, the counters): the cascade intersects each
-layer's set with the one the previous pruning layer kept in the same pass, so widths are
-data-dependent; the one decode method left off the no-synchronisation rule (docs/ARCHITECTURE.md,
-"Host synchronisation").
+nothing from the device: the cascade's kept sets have data-dependent sizes, so each layer keeps a
+host bound of its set (:class:`AliveRows`) that sizes the step (docs/ARCHITECTURE.md, "Host
+synchronisation").
 """
 
 from __future__ import annotations
@@ -126,6 +125,7 @@ from ..engine.selection import (
     indices_from_mask,
     mask_from_indices,
     pool1d,
+    resolve_budget,
     resolve_budget_rows,
     select_topk,
 )
@@ -134,11 +134,38 @@ from ..engine.shadow import shadow_of
 QUANT = ("int8", "int4")
 
 _IMPORTANCE, _ALIVE, _HEADS = "spatten.importance", "spatten.alive", "spatten.heads"
-_CARRY_SCORE, _CARRY_ALIVE = "spatten.score", "spatten.alive"
+_CARRY_SCORE, _CARRY_ALIVE, _CARRY_BOUND = "spatten.score", "spatten.alive", "spatten.bound"
 
 
-def _alive_rows() -> RowState:
-    return RowState(1.0, torch.bool)  # a new row is alive in every layer
+class AliveRows(RowState):
+    """One layer's kept set (``(B, Hkv, n)`` bool, the same in every KV head; a new row is alive)
+    with a host bound: ``bound[r]``, at least the real rows sequence ``r`` still reads here (set
+    at the prompt to its real tokens, +1 per written row, lowered to the layer's budget when it
+    prunes). It is exact while the layer (and every pruning layer before it) never pruned, so
+    ``bound == real`` says the set is complete; ``None`` where unknown (read from the device once).
+    A decode step sizes its choice from it without reading the device."""
+
+    def __init__(self):
+        super().__init__(1.0, torch.bool)
+        self.bound: list[int] | None = None
+
+    def on_write(self, layer, start, end):
+        super().on_write(layer, start, end)
+        if self.bound is not None:
+            self.bound = [b + end - start for b in self.bound]
+
+    def on_keep(self, layer, idx, valid):
+        super().on_keep(layer, idx, valid)
+        self.bound = None
+
+    def on_crop(self, layer):
+        super().on_crop(layer)
+        self.bound = None  # fewer real rows: the bound would no longer tell a complete set
+
+    def map_batch(self, fn) -> None:
+        super().map_batch(fn)
+        same = self.bound is not None and len(set(self.bound)) == 1
+        self.bound = [self.bound[0]] * self.buf.shape[0] if same else None  # rows moved: unknown unless equal
 
 
 class HeadState(CacheState):
@@ -150,6 +177,7 @@ class HeadState(CacheState):
 
     def clear(self) -> None:
         self.magnitude = self.pruned = self.last = None
+        self.full = False  # every row skips its share of heads (from the first decode step on)
 
     def on_crop(self, layer) -> None:
         pass  # magnitudes only rank the heads; a rollback keeps them
@@ -212,24 +240,33 @@ class SpAtten(Method):
             return last
         return first + torch.div((last - first) * (call.layer_idx - self.dense_layers), span, rounding_mode="floor")
 
+    def layer_budget_host(self, call, real: list[int]) -> list[int]:
+        """:meth:`layer_budget` on the host for rows of ``real`` tokens."""
+        span = call.session.num_layers - 1 - self.dense_layers
+        out = []
+        for r in real:
+            first, last = resolve_budget(self.budget_first, r), resolve_budget(self.budget, r)
+            out.append(last if span <= 0 else first + (last - first) * (call.layer_idx - self.dense_layers) // span)
+        return out
+
     # ---- one call ---------------------------------------------------------------------------------
     def forward(self, call) -> torch.Tensor:
         if call.layer_idx < self.dense_layers:  # plain dense attention: no scoring, quantisation or pruning
             if call.kind == "decode":
-                call.session.stats["spatten_read_keys"] += int(call.n_real.sum())
-                call.session.stats["spatten_keys"] += int(call.n_real.sum())
+                call.session.count("spatten_read_keys", call.n_real.sum())
+                call.session.count("spatten_keys", call.n_real.sum())
             return call.dense()
         layer = call.require_cache(self.name)
         if layer is None:  # no cache (use_cache=False): nothing to prune across steps
             return call.dense()
         importance = layer.state(_IMPORTANCE, RowState)  # (B, Hkv, n): attention received at this layer
-        alive = layer.state(_ALIVE, _alive_rows)  # (B, Hkv, n), the same for every KV head
+        alive = layer.state(_ALIVE, AliveRows)  # (B, Hkv, n), the same for every KV head
         heads = layer.state(_HEADS, HeadState)
         if call.kind == "prefill":
-            return self._prefill(call, importance, heads)
+            return self._prefill(call, importance, alive, heads)
         return self._step(call, importance, alive, heads)
 
-    def _prefill(self, call, importance: RowState, heads: HeadState) -> torch.Tensor:
+    def _prefill(self, call, importance: RowState, alive: AliveRows, heads: HeadState) -> torch.Tensor:
         """Dense; the last ``prompt_window`` queries seed the importance, every query the head magnitudes."""
         out = call.dense()
         w = call.q_len if self.prompt_window is None else min(self.prompt_window, call.q_len)
@@ -241,13 +278,23 @@ class SpAtten(Method):
                 importance.values.add_(aggregate_gqa(mass, call.n_kv_heads, "sum"))
         heads.clear()
         heads.add(out, call.key_valid, None)
+        real = call.host_real
+        alive.bound = None if real is None else list(real)  # every real token is alive after the prompt
         return out
 
-    def _step(self, call, importance: RowState, alive: RowState, heads: HeadState) -> torch.Tensor:
-        """A decode step or a chunk: attend to the kept set, score, prune heads and tokens."""
-        stats = call.session.stats
+    def _step(self, call, importance: RowState, alive: AliveRows, heads: HeadState) -> torch.Tensor:
+        """A decode step or a chunk: attend to the kept set, score, prune heads and tokens.
+
+        A decode step whose rows are known on the host (``call.host_real``) sizes everything from
+        the host bounds (:class:`AliveRows`): the kept set's width (an upper bound: rows that read
+        fewer have filler entries), whether it is complete, whether any row can prune and the
+        top-k's width. It reads nothing from the device."""
         lq, n = call.q_len, call.k_len
         decode = lq == 1
+        real = call.host_real if decode else None
+        if real is not None and alive.bound is None:  # unknown (rows moved): read once
+            alive.bound = (alive.values[:, 0] & call.key_valid if call.key_valid is not None
+                           else alive.values[:, 0]).sum(-1).tolist()
         with call.session.selecting():
             read = alive.values[:, 0].clone()  # (B, n)
             upstream = call.carry.get(_CARRY_ALIVE)  # what the previous pruning layer kept in this pass
@@ -256,10 +303,19 @@ class SpAtten(Method):
             read[:, n - lq :] = True  # the call's own tokens
             if call.key_valid is not None:
                 read &= call.key_valid
-            idx, valid = indices_from_mask(read[:, None, :])  # (B, 1, k): one set for every KV head
-            n_read = read.sum(-1, keepdim=True)
-            complete = bool((n_read >= call.n_real).all())
-            selection = Selection.keys(idx, None if bool(valid.all()) else valid, complete=complete)
+            n_read = read.sum(-1)  # (B,)
+            bound, up = None, call.carry.get(_CARRY_BOUND)
+            if real is not None and (upstream is None or up is not None):  # (an upstream set needs its bound)
+                bound = [min(a, r) for a, r in zip(alive.bound, real)]
+                if upstream is not None:
+                    bound = [min(a, u) for a, u in zip(bound, up)]
+                idx, valid = indices_from_mask(read[:, None, :], max(bound))  # (B, 1, k): one set for every KV head
+                complete = all(b >= r for b, r in zip(bound, real))  # exact: see AliveRows
+            else:
+                idx, valid = indices_from_mask(read[:, None, :])
+                complete = bool((n_read[:, None] >= call.n_real).all())
+                valid = None if bool(valid.all()) else valid
+            selection = Selection.keys(idx, valid, complete=complete)
             skipped = self._skipped_heads(call, heads) if decode and self.head_prune > 0 else None
         out = execute(call, selection)  # exact attention over the kept set (the re-fetched precision)
         allowed = read[:, None, None, :] & causal_mask(lq, n, read.device)[None, None]  # (B, 1, Lq, n)
@@ -269,11 +325,11 @@ class SpAtten(Method):
         if decode and self.quant is not None:
             out, mass = self._progressive(call, allowed, out, mass, skipped)
         if decode:
-            stats["spatten_read_keys"] += int(n_read.sum())
-            stats["spatten_keys"] += int(call.n_real.sum())
-            stats["spatten_head_rows"] += call.batch * call.n_q_heads
+            call.session.count("spatten_read_keys", n_read.sum())
+            call.session.count("spatten_keys", call.n_real.sum())
+            call.session.count("spatten_head_rows", call.batch * call.n_q_heads)
         if skipped is not None:
-            stats["spatten_head_rows_skipped"] += int(skipped.sum())
+            call.session.count("spatten_head_rows_skipped", skipped.sum())
             s = skipped[:, :, None, None]
             last = heads.last[:, :, None, :].to(out.dtype)
             out = out.masked_fill(s, 0) if self.head_output == "zero" else torch.where(s, last, out)
@@ -285,9 +341,18 @@ class SpAtten(Method):
             if _CARRY_SCORE in call.carry:
                 score = score + call.carry[_CARRY_SCORE]
             call.carry[_CARRY_SCORE] = score  # the pruning layers so far
-            keep = self._prune_tokens(call, read, score)
+            budget = None if bound is None else self.layer_budget_host(call, real)
+            keep = self._prune_tokens(call, read, score, budget, bound)
             alive.values.copy_(keep[:, None, :].expand_as(alive.values))
             call.carry[_CARRY_ALIVE] = keep
+            if bound is not None:  # what this layer now holds, at most (the local window stays whatever
+                # the budget; exact while it never pruned, below the real tokens once it did)
+                alive.bound = [min(b, max(k, self.n_local)) for b, k in zip(bound, budget)]
+            elif decode:
+                alive.bound = None
+            else:  # a chunk: read the kept counts (a prompt-time read), so decode steps can size
+                alive.bound = keep.sum(-1).tolist()
+            call.carry[_CARRY_BOUND] = alive.bound if bound is not None else None
         return out
 
     def _skipped_heads(self, call, heads: HeadState) -> torch.Tensor | None:
@@ -297,13 +362,11 @@ class SpAtten(Method):
         n_skip = int(self.head_prune * hq)
         if n_skip == 0 or heads.magnitude is None:
             return None
-        if heads.pruned is None:
-            heads.pruned = torch.zeros(call.batch, hq, dtype=torch.bool, device=call.query.device)
-        short = n_skip - heads.pruned.long().sum(-1, keepdim=True)  # (B, 1)
-        if bool((short > 0).any()):
-            smallest = (-heads.magnitude).masked_fill(heads.pruned, float("-inf"))
-            top, ok = select_topk(smallest, int(short.max()), short.clamp_min(0))
-            heads.pruned = heads.pruned | mask_from_indices(top, hq, ok)
+        if not heads.full:  # the first step since the prompt: no head skipped yet, every row skips n_skip
+            smallest = -heads.magnitude
+            top, _ = select_topk(smallest, n_skip)
+            heads.pruned = mask_from_indices(top, hq)
+            heads.full = True
         return heads.pruned
 
     def _progressive(self, call, allowed, out, mass, skipped):
@@ -317,27 +380,34 @@ class SpAtten(Method):
         out_low, p_low = reference_attention(call.query, k_low, call.value, allowed, call.scale, return_probs=True)
         refetch = p_low.amax(-1) < self.threshold  # (B, Hq, 1)
         ran = torch.ones_like(refetch) if skipped is None else ~skipped[..., None]
-        stats = call.session.stats
-        stats["spatten_quant_rows"] += int(ran.sum())
-        stats["spatten_refetch_rows"] += int((refetch & ran).sum())
+        call.session.count("spatten_quant_rows", ran.sum())
+        call.session.count("spatten_refetch_rows", (refetch & ran).sum())
         by_kv = (refetch & ran).view(call.batch, call.n_kv_heads, call.group).any(-1)
-        stats["spatten_refetch_kv"] += int(by_kv.sum())
+        call.session.count("spatten_refetch_kv", by_kv.sum())
         out = torch.where(refetch[..., None], out, out_low)
         mass = torch.where(refetch, mass, p_low[:, :, 0])
         return out, mass
 
-    def _prune_tokens(self, call, read: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    def _prune_tokens(self, call, read: torch.Tensor, score: torch.Tensor, budget: list[int] | None = None,
+                      bound: list[int] | None = None) -> torch.Tensor:
         """``(B, n)`` bool: of the tokens read, the last ``n_local`` real ones and the top of ``score``
-        up to this layer's budget."""
+        up to this layer's budget. ``budget`` / ``bound``: that budget and the read rows' bound per
+        row on the host (the decision and the top-k's width then come from them)."""
         local = read & (call.key_rank > call.n_real - self.n_local)
         cand = read & ~local
         n_cand = cand.long().sum(-1, keepdim=True)
         take = (self.layer_budget(call) - local.long().sum(-1, keepdim=True)).clamp_min(0).minimum(n_cand)
-        if bool((take >= n_cand).all()):
-            return read
+        if budget is not None:
+            if all(k >= b for k, b in zip(budget, bound)):  # no row reads more than it may keep
+                return read
+            width = min(max(budget), read.shape[-1])  # take <= budget
+        else:
+            if bool((take >= n_cand).all()):
+                return read
+            width = int(take.max())
         if self.pool_kernel > 1:  # a span's tokens rank with its best one (beyond the paper)
             score = pool1d(score.masked_fill(~read, 0.0), self.pool_kernel, "max")
-        top, ok = select_topk(score.masked_fill(~cand, float("-inf")), int(take.max()), take)
+        top, ok = select_topk(score.masked_fill(~cand, float("-inf")), width, take)
         keep = local | mask_from_indices(top, read.shape[-1], ok)
-        call.session.stats["spatten_pruned"] += int((read & ~keep).sum())
+        call.session.count("spatten_pruned", (read & ~keep).sum())
         return keep
