@@ -4,7 +4,8 @@ The detector (:mod:`tokensparse.engine.hostsync`) is checked first: each kind of
 claims to catch is built and must be recorded (and harmless operations must not be), so the decode
 checks below can fail. Then the decode steps of the fixed-budget decode methods (TokenSelect, Quest,
 Landmark in one and two levels, TidalDecode, FASA with and without its re-rank, Recycled Attention
-(fixed stride), RazorAttention's compensated cache, SpAtten's cascade, H2O and TOVA at a fixed budget, StreamingLLM at a fixed budget) and dense decode on the
+(fixed stride), RazorAttention's compensated cache, SpAtten's cascade, and the evictions of H2O,
+TOVA and StreamingLLM at a fixed budget) and dense decode on the
 engine's cache are run on a tiny model, after an untracked prefill, under :func:`accelerator_paths`
 (the branches an accelerator takes: CPU-only fast paths off) and must record nothing beyond
 :data:`ALLOWED`, each entry of which says why it stays. The CPU fast paths are checked to give the same logits and to be

@@ -244,7 +244,7 @@ class KeyPlan:
             return Selection(kind, idx, None if bool(valid.all()) else valid, complete=complete)
         widths = [r - c + t for r, c, t in zip(real, self.host_cand, taken)]  # always-kept + taken, per row
         idx, valid = indices_from_mask(keep, max(widths))
-        kept = tuple(widths) if kind == "keep" else None  # every head of a row keeps as many (an evicting cache's count)
+        kept = tuple(widths) if kind == "keep" else None  # every head of a row keeps that many: the cache's count
         return Selection(kind, idx, None if len(set(widths)) == 1 else valid, complete=complete, kept_rows=kept)
 
     def select(self, scores: torch.Tensor | None, n_top: torch.Tensor | int, kind: str = "keys",
@@ -254,7 +254,8 @@ class KeyPlan:
         counts = self.host_counts(host if host is not None else n_top)
         complete = self.covers(host if host is not None else n_top)
         if scores is None:
-            if any(counts) if counts is not None else bool((self.counts(n_top) > 0).any()):
+            taking = any(counts) if counts is not None else bool((self.counts(n_top) > 0).any())
+            if taking:
                 raise ValueError("KeyPlan.select: scores are needed to take candidates")
             return self.selection(None, None, kind, complete=complete)
         top, valid = self.top(scores, n_top, host)

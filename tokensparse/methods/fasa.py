@@ -164,7 +164,8 @@ class KeyDims(CacheState):
         self.buf = row_buffer(self.buf, layer, self.n, (m,), rows_last=True)
         dims = self.dims.to(layer.device)
         rows = layer.keys[:, :, start:end]  # (B, Hkv, r, D)
-        self.buf[:, :, :, start:end] = rows.gather(-1, dims[None, :, None, :].expand(b, h, end - start, m)).transpose(-1, -2)
+        picked = rows.gather(-1, dims[None, :, None, :].expand(b, h, end - start, m))  # (B, Hkv, r, m)
+        self.buf[:, :, :, start:end] = picked.transpose(-1, -2)
         self.n = end
 
     def on_crop(self, layer):

@@ -100,8 +100,10 @@ class H2O(Method):
             n_heavy_max = max(b - self._window(b) for b in budgets)
         else:
             kept = n_heavy_max = None
-        # (double, then floor: the same number as the host's ``_window`` for a share)
-        window = (keep.double() * self.window).floor().long() if isinstance(self.window, float) else torch.full_like(keep, self.window)
+        if isinstance(self.window, float):  # (double, then floor: the same number as the host's ``_window``)
+            window = (keep.double() * self.window).floor().long()
+        else:
+            window = torch.full_like(keep, self.window)
         window = window.clamp(1, None).minimum(keep - 1)
         valid = cache.valid_rows()  # (B, Hkv, n)
         n_valid = valid.sum(-1)  # (B, Hkv)
