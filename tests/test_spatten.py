@@ -399,3 +399,34 @@ def test_host_bounds_hold_each_layers_kept_set(model, cfg):
                     assert b >= h and (b == r) == (h == r), (i, st.bound, held, real)
                     checked += 1
     assert checked == 7 * 2 * (N_LAYERS - method.dense_layers)
+
+
+def test_host_bounds_survive_beam_reordering(model):
+    """Beam search reorders and repeats the cache's rows: each pruning layer's host bound still
+    holds its kept set afterwards (exact iff complete), and the beams decode as without bounds
+    (the same sequences as when every step reads its sizes from the device)."""
+    from tokensparse.methods.spatten import _ALIVE, AliveRows
+
+    method = S(budget=4, budget_first=10, dense_layers=0, n_local=2, prompt_window=4)
+    ids, mask = tiny_inputs(1, 24, seed=5)
+    kw = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), ts.sparsify(model, method) as s:
+        cache = s.new_cache()
+        out = model.generate(ids, cache=cache, **kw)
+        real = out.shape[1] - 1  # the last token is not written yet
+        for i in range(N_LAYERS):
+            st = cache.layers[i].states[_ALIVE]
+            held = st.values[:, 0].sum(-1).tolist()
+            assert st.bound is not None and len(st.bound) == len(held)
+            for b, h in zip(st.bound, held):
+                assert b >= h and (b == real) == (h == real), (i, st.bound, held)
+    # the device-sized path: no host bound is ever set (the prompt leaves it unknown, every step reads)
+    original = AliveRows.on_write
+    try:
+        AliveRows.on_write = lambda self, layer, start, end: (original(self, layer, start, end),
+                                                              setattr(self, "bound", None))
+        with torch.no_grad(), ts.sparsify(model, method) as s:
+            again = model.generate(ids, cache=s.new_cache(), **kw)
+    finally:
+        AliveRows.on_write = original
+    assert torch.equal(out, again)
