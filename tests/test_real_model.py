@@ -126,6 +126,12 @@ SPARSE_REAL = {
     "token_sparse": {"layers": list(range(20, 30)), "coverage": 0.05, "window": 16, "min_tokens": 32},
     "fast_v": {"layer": 8, "keep": 0.5, "tail": 16, "pool_kernel": 7},
     "razor_attention": {"window": 32},
+    # decode-time selection and eviction (their decode steps size themselves on the host)
+    "fasa": {"budget": 96},
+    "recycled_attention": {"budget": 96, "stride": 3},
+    "h2o": {"budget": 96},
+    "tova": {"budget": 96},
+    "spatten": {"budget": 48, "budget_first": 160},
 }
 
 
