@@ -176,6 +176,43 @@ def test_select_topk_without_its_cpu_fast_path_takes_the_same_keys():
         assert len(log) == 0, log.report()
 
 
+def test_select_topk_long_rows_take_the_same_keys_as_the_accelerator_path(monkeypatch):
+    """Rows long enough for the CPU's block shortlist (``PREFILTER_MIN_LEN``): the same set as the
+    order keys with and without per-row counts, fp32 and bf16, ties, -inf runs and NaN."""
+    from tokensparse.engine import selection
+
+    answered = []
+    real = selection._topk_prefiltered
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        answered.append(out is not None)
+        return out
+
+    monkeypatch.setattr(selection, "_topk_prefiltered", spy)
+    g = torch.Generator().manual_seed(2)
+    length = 2 * selection.PREFILTER_MIN_LEN + 37  # long enough with and without counts
+    for trial in range(12):
+        if trial % 3 == 0:  # few distinct values: the k-th ties across many blocks
+            scores = torch.randint(0, 5, (2, 3, length), generator=g).float()
+        else:
+            scores = torch.randn(2, 3, length, generator=g)
+        if trial % 4 == 1:
+            scores[1, :, : length // 2] = float("-inf")  # fewer finite scores than most of k
+        if trial % 6 == 5:
+            scores[0, 2, 11] = float("nan")
+        if trial % 5 == 2:
+            scores = scores.bfloat16()
+        k = [1, 7, 300, 511, length // 8, length - 1][trial % 6]
+        counts = None if trial % 2 else torch.randint(0, k + 1, (2, 3, 1), generator=g)
+        fast, fast_valid = select_topk(scores, k, counts)
+        with accelerator_paths():
+            keys, keys_valid = select_topk(scores, k, counts)
+        assert torch.equal(fast, keys), trial
+        assert (fast_valid is None) == (keys_valid is None) and (fast_valid is None or torch.equal(fast_valid, keys_valid))
+    assert sum(answered) >= 6, answered  # the shortlist answered (not only declined)
+
+
 def test_select_topk_cpu_path_resolves_ties_itself():
     """The CPU path answers tied k-th values without the keys (earliest tied positions), and
     leaves NaN to them."""
@@ -228,7 +265,7 @@ ALLOWED = [
 #: branch-free code or device-side assertions on an accelerator
 CPU_FAST_PATHS = {
     "tokensparse/engine/integration.py": "_mark_padding: is this call's token real (right padding; device_check)",
-    "tokensparse/engine/selection.py": "select_topk: a plain float top-k, ties at the k-th value resolved by position (nonzero)",
+    "tokensparse/engine/selection.py": "select_topk: float top-ks (a block-maxima shortlist on long rows), ties at the k-th value resolved by position (nonzero)",
     "tokensparse/engine/cache.py": "_check_rows: keep() indices in range (device_check: asserted on CUDA)",
     "tokensparse/engine/session.py": "count: a device count read at once (summed on the device elsewhere)",
 }

@@ -1194,6 +1194,44 @@ def test_select_topk_matches_reference(data):
                 assert valid[i, j].tolist() == [True] * n + [False] * (k - n)
 
 
+@settings(max_examples=300, **SETTINGS)
+@given(data=st.data())
+def test_select_topk_block_shortlist_matches_reference(data):
+    """The CPU shortlist path (block maxima, then a top-k among the scores at or above the
+    smallest of their best ``k``) with small blocks, so short rows exercise it: the reference's
+    set, padding and validity, or ``None`` only where it must decline (too few blocks, NaN)."""
+    from tokensparse.engine.selection import _topk_prefiltered
+
+    scores = data.draw(score_tensors(min_len=1)).float()
+    b, h, length = scores.shape
+    block = data.draw(st.integers(1, 4), label="block")
+    k = data.draw(st.integers(0, length), label="k")
+    counts = None
+    if data.draw(st.booleans(), label="counts"):
+        flat = data.draw(st.lists(st.integers(0, k), min_size=b * h, max_size=b * h), label="n")
+        counts = torch.tensor(flat, dtype=torch.long).view(b, h, 1)
+    if data.draw(st.booleans(), label="nan") and length:
+        scores[0, 0, data.draw(st.integers(0, length - 1))] = float("nan")
+    got = _topk_prefiltered(scores, k, counts, block=block)
+    if k == 0 or length // block < k or bool(scores.isnan().any()):
+        # declines when it must; NaN outside every shortlist may still be answered
+        if got is None:
+            return
+        assert not (k == 0 or length // block < k)
+    assert got is not None
+    idx, valid = got
+    assert (valid is None) == (counts is None)
+    for i in range(b):
+        for j in range(h):
+            n = k if counts is None else int(counts[i, j, 0])
+            row = scores[i, j].tolist()
+            assert not any(math.isnan(v) for v in row) or n == 0
+            want = _reference_topk(row, n) + [length - 1] * (k - n)
+            assert idx[i, j].tolist() == want, (row, k, n, block)
+            if valid is not None:
+                assert valid[i, j].tolist() == [True] * n + [False] * (k - n)
+
+
 @settings(max_examples=150, **SETTINGS)
 @given(scores=score_tensors(), k=st.integers(0, 16))
 def test_topk_sorted_matches_reference(scores, k):

@@ -233,6 +233,61 @@ def _topk_by_threshold(scores: torch.Tensor, k: int) -> torch.Tensor | None:
     return pos.view(vals.shape)
 
 
+#: :func:`_topk_prefiltered` runs where rows with per-row counts are at least this long (twice as
+#: long without counts: one plain float top-k is then the path it must beat), and over at most
+#: this many rows (it loops over them in Python). Below, its fixed per-row cost loses
+#: (``docs/results/decode_suite/topk_shortlist.md``: 1-thread AMD EPYC, k = 1023)
+PREFILTER_MIN_LEN = 16384
+PREFILTER_MAX_ROWS = 64
+
+
+def _topk_prefiltered(scores: torch.Tensor, k: int, counts: torch.Tensor | None = None,
+                      block: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """:func:`select_topk`'s answer (same set, same ties, same padding) from a shortlist: a CPU path.
+
+    The row's first ``n · block`` scores fall into ``n`` disjoint groups of ``block`` (strided:
+    group ``i`` holds positions ``i, i + n, ...``, a reduction over contiguous rows); their ``n``
+    maxima are distinct scores, so the smallest of their best ``k`` is no larger than the row's
+    ``k``-th best score: every score at or above it is a candidate, and nothing of the top-``k``
+    (nor a score tied with its ``k``-th) is outside. A row's candidates (~1.1 ``k`` for Gaussian
+    scores with groups of 8) are compacted and ranked by :func:`_topk_by_threshold`, whose ties go
+    to the earliest candidate, i.e. the earliest position. ``block`` defaults to ``L // (4k)``
+    capped at 8 (at least ``4k`` groups, so the floor is a tight one); below 4 the shortlist is
+    too long to pay and the function declines. Timings against one top-k over the row:
+    ``docs/results/decode_suite/topk_shortlist.md``. ``None`` (the caller goes on) where it
+    declines or a row holds NaN. Reads the device."""
+    length = scores.shape[-1]
+    lead = scores.shape[:-1]
+    if block is None:
+        block = min(8, length // max(4 * k, 1))
+        if block < 4:
+            return None
+    n_blocks = length // block
+    if k == 0 or n_blocks < k or scores.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    rows = scores.reshape(-1, length)
+    maxima = rows[:, : n_blocks * block].view(-1, block, n_blocks).amax(1)
+    floor = maxima.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # <= each row's k-th best
+    if bool(floor.isnan().any()):
+        return None
+    take = [k] * rows.shape[0] if counts is None else \
+        counts.to(dtype=torch.long).expand(*lead, 1).clamp(0, k).reshape(-1).tolist()
+    above = rows >= floor
+    out = torch.full((rows.shape[0], k), length - 1, dtype=torch.long)
+    for r, n in enumerate(take):
+        if n == 0:
+            continue
+        pos = above[r].nonzero().squeeze(-1)  # ascending
+        best = _topk_by_threshold(rows[r].index_select(0, pos)[None], n)
+        if best is None:  # NaN among the candidates
+            return None
+        out[r, :n] = pos.index_select(0, best[0])
+    idx = out.view(*lead, k)
+    if counts is None:
+        return idx, None
+    return idx, torch.arange(k) < torch.tensor(take).view(*lead, 1)
+
+
 def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     """Distinct int64 keys ordered as (score, then earlier position): ``(..., L)``.
 
@@ -245,6 +300,23 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # sorts like the float values
     rev_pos = torch.arange(length - 1, -1, -1, device=scores.device, dtype=torch.int64)
     return (ordered.to(torch.int64) << 32) | rev_pos
+
+
+def _cpu_topk(scores: torch.Tensor, k: int, counts: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """:func:`select_topk` on a CPU without the order keys: the block-maxima shortlist for long
+    rows (:func:`_topk_prefiltered`), else (no ``counts``) one float top-k and its ties
+    (:func:`_topk_by_threshold`). ``None``: the keys decide (NaN, or per-row counts on short rows)."""
+    length = scores.shape[-1]
+    rows = scores.numel() // max(length, 1)
+    if length >= PREFILTER_MIN_LEN * (1 if counts is not None else 2) and rows <= PREFILTER_MAX_ROWS:
+        fast = _topk_prefiltered(scores, k, counts)
+        if fast is not None:
+            return fast
+    if counts is None:
+        fast = _topk_by_threshold(scores, k)
+        return None if fast is None else (fast, None)
+    return None
 
 
 def select_topk(
@@ -277,14 +349,14 @@ def select_topk(
         n = counts.to(device=dev, dtype=torch.long).expand(*lead, 1).clamp(0, k)
         taken = torch.arange(k, device=dev) < n
         return torch.where(taken, best, length).sort(-1).values.clamp_max(length - 1), taken
+    # CPU fast paths (the keys cost ~3x a top-k; ``_cpu_topk``): the same set from float top-ks,
+    # ties at the k-th value resolved by position. They read the device, so an accelerator always
+    # takes the keys
+    if host_read_is_free(scores):
+        fast = _cpu_topk(scores, k, counts)
+        if fast is not None:
+            return fast
     if counts is None:
-        # CPU fast path (the keys cost ~3x a top-k): a plain float top-k gives the k-th value;
-        # every score above it is taken and, when that value ties, its earliest positions fill
-        # the rest (the keys' order). It reads the device, so an accelerator always takes the keys
-        if host_read_is_free(scores):
-            fast = _topk_by_threshold(scores, k)
-            if fast is not None:
-                return fast, None
         top = _order_keys(scores).topk(k, dim=-1, sorted=False).values
         return ((length - 1) - (top & low)).sort(-1).values, None
     top = _order_keys(scores).topk(k, dim=-1, sorted=True).values  # best first
