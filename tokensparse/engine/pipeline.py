@@ -284,6 +284,45 @@ def fixed_budget_host(call, name: str) -> tuple[int, ...] | None:
     return call.evicting.seq_host.get(name)
 
 
+class HostEviction:
+    """An eviction decided on the host: each sequence's budget (:func:`fixed_budget_host`) and the
+    real rows its cache holds (``EvictingLayer.host_valid``), as ints. Build it with
+    :func:`host_eviction`; a method that keeps the same number of rows in every KV head of a
+    sequence then sizes its choice without reading the device."""
+
+    def __init__(self, budgets: tuple[int, ...], held: tuple[int, ...]):
+        self.budgets, self.held = tuple(budgets), tuple(held)
+
+    @property
+    def fits(self) -> bool:
+        """Every sequence holds no more rows than its budget: nothing to evict."""
+        return all(v <= b for v, b in zip(self.held, self.budgets))
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        """The rows each sequence holds after the eviction (``min(held, budget)``)."""
+        return tuple(min(v, b) for v, b in zip(self.held, self.budgets))
+
+
+def host_eviction(call, name: str) -> HostEviction | None:
+    """:class:`HostEviction` of budget ``name`` (call :func:`fixed_budget` first), or ``None`` when
+    the cache lost either host record (a batch reorder of unequal rows, a pruned pass): the caller
+    then reads the counts from the device."""
+    budgets, held = fixed_budget_host(call, name), call.evicting.host_valid
+    if budgets is None or held is None:
+        return None
+    return HostEviction(budgets, held)
+
+
+def uniform_or(host: list[int] | tuple[int, ...] | None, on_device):
+    """``host[0]`` when the host counts are known and every row has the same (an ``int``: nothing
+    to build on the device), else ``on_device()`` (their device twin, or the device value when
+    ``host`` is ``None``)."""
+    if host is not None and len(set(host)) == 1:
+        return host[0]
+    return on_device()
+
+
 def row_budgets(call, budget: int | float, offset: int = 0) -> tuple[torch.Tensor | int, list[int] | None]:
     """``resolve_budget_rows(budget, call.n_real) + offset`` for a :class:`KeyPlan`: ``(value,
     host)``. ``host`` lists the per-row counts as ints when the call knows its rows on the host
@@ -292,9 +331,7 @@ def row_budgets(call, budget: int | float, offset: int = 0) -> tuple[torch.Tenso
     tensor (the device twin of ``host``)."""
     real = call.host_real
     host = None if real is None else [resolve_budget(budget, r) + offset for r in real]
-    if host is not None and len(set(host)) == 1:
-        return host[0], host
-    return resolve_budget_rows(budget, call.n_real) + offset, host
+    return uniform_or(host, lambda: resolve_budget_rows(budget, call.n_real) + offset), host
 
 
 def everything(call, kind: str) -> Selection:

@@ -40,7 +40,7 @@ import torch
 from ..engine.cache import RowState
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pipeline import everything, fixed_budget, fixed_budget_host
+from ..engine.pipeline import everything, fixed_budget, host_eviction
 from ..engine.selection import (
     Selection,
     aggregate_gqa,
@@ -82,7 +82,7 @@ class H2O(Method):
 
         A decode step never waits for the device when the cache knows on the host how many real rows
         each sequence holds (``EvictingLayer.host_valid``; every KV head keeps the same number here)
-        and the budget's host copy survived (:func:`fixed_budget_host`): the decision and the widths
+        and the budget's host copy survived (:func:`host_eviction`): the decision and the widths
         are then ints. Otherwise the counts are read from the device."""
         cache = call.evicting
         acc = cache.state("h2o.scores", RowState)  # (B, Hkv, n) accumulated attention of each row
@@ -91,13 +91,13 @@ class H2O(Method):
         acc.values.add_(aggregate_gqa(mass, call.n_kv_heads, "sum"))
         name = "h2o.keep"
         keep = fixed_budget(call, self.budget, name, minimum=2)  # (B, 1)
-        budgets, held = fixed_budget_host(call, name), cache.host_valid
-        if budgets is not None and held is not None:
-            if all(v <= b for v, b in zip(held, budgets)):
+        host = host_eviction(call, name)
+        if host is not None:
+            if host.fits:
                 return everything(call, "keep")
             # every head holds v > window rows: it keeps the window and exactly min(v, b) - window others
-            kept = tuple(min(v, b) for v, b in zip(held, budgets))
-            n_heavy_max = max(b - self._window(b) for b in budgets)
+            kept = host.kept
+            n_heavy_max = max(b - self._window(b) for b in host.budgets)
         else:
             kept = n_heavy_max = None
         if isinstance(self.window, float):  # (double, then floor: the same number as the host's ``_window``)

@@ -30,7 +30,7 @@ import torch
 
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pipeline import everything, fixed_budget, fixed_budget_host
+from ..engine.pipeline import everything, fixed_budget, host_eviction
 from ..engine.selection import Selection, indices_from_mask
 
 
@@ -66,7 +66,7 @@ class StreamingLLM(Method):
 
         A decode step never waits for the device when the cache knows on the host how many real
         rows each sequence holds (``EvictingLayer.host_valid``; every KV head the same, as this
-        policy keeps them) and the budget's host copy survived (:func:`fixed_budget_host`): the
+        policy keeps them) and the budget's host copy survived (:func:`host_eviction`): the
         decision and the widths are then ints. With no empty row and one budget for every sequence
         the rows are even known by position (the first ``n_sink`` and the last ``budget - n_sink``);
         otherwise they are ranked from the slots on the device. Without the host records (a batch
@@ -74,13 +74,13 @@ class StreamingLLM(Method):
         cache = call.evicting  # present: the engine refuses a stock cache for an eviction method
         name = "streaming_llm.keep"
         keep = fixed_budget(call, self.budget, name, self.n_sink + 1)[:, :, None]  # (B, 1, 1)
-        budgets, held = fixed_budget_host(call, name), cache.host_valid
-        if budgets is not None and held is not None:
-            if all(v <= b for v, b in zip(held, budgets)):
+        host = host_eviction(call, name)
+        if host is not None:
+            if host.fits:
                 return everything(call, "keep")
-            kept = tuple(min(v, b) for v, b in zip(held, budgets))
-            if not cache.has_empty_rows and len(set(budgets)) == 1:  # every row and head holds n real rows
-                n, budget = cache.n, budgets[0]
+            kept = host.kept
+            if not cache.has_empty_rows and len(set(host.budgets)) == 1:  # every row and head holds n real rows
+                n, budget = cache.n, host.budgets[0]
                 dev = keep.device
                 idx = torch.cat([torch.arange(self.n_sink, device=dev),
                                  torch.arange(n - (budget - self.n_sink), n, device=dev)])

@@ -29,7 +29,7 @@ import torch
 
 from ..engine.config import param
 from ..engine.method import Method, Phase
-from ..engine.pipeline import KeyPlan, everything, fixed_budget, fixed_budget_host
+from ..engine.pipeline import KeyPlan, everything, fixed_budget, host_eviction, uniform_or
 from ..engine.selection import Selection, grouped_logits
 
 
@@ -56,15 +56,10 @@ class TOVA(Method):
         name = "tova.keep"
         keep = fixed_budget(call, self.budget, name, minimum=1)
         # the counts on the host where the cache knows them (a decode step then never reads the device)
-        budgets, held = fixed_budget_host(call, name), call.evicting.host_valid
-        plan = KeyPlan(call, window=1, host_real=held)  # the current token stays
-        host = None
-        if budgets is not None and held is not None:
-            host = [b - min(v, 1) for b, v in zip(budgets, held)]  # the budget less the current token
-        if host is not None and len(set(host)) == 1:
-            n_top = host[0]
-        else:
-            n_top = keep - plan.n_always
+        rows = host_eviction(call, name)
+        plan = KeyPlan(call, window=1, host_real=call.evicting.host_valid)  # the current token stays
+        host = None if rows is None else [b - min(v, 1) for b, v in zip(rows.budgets, rows.held)]  # less the current token
+        n_top = uniform_or(host, lambda: keep - plan.n_always)
         if plan.covers(n_top if host is None else host):
             return everything(call, "keep")
         logits = grouped_logits(call.query[:, :, -1:], call.key, call.scale)[:, :, 0]  # (B, Hq, Lk)
