@@ -99,6 +99,13 @@ class BruteForceTop(Observer):
                 w = {j: max(float(w[c]) for c in real if abs(c - j) <= r) for j in real}
                 budget = self.m.budget if isinstance(self.m.budget, int) else round((len(real) + 1) * self.m.budget)
                 order = sorted(real, key=lambda j: (-w[j], j))[: self.m.rerank * (budget - 1)]
+                if self.m.head_top:  # each query head's own best first (their union), then by w
+                    c = min(budget - 1, len(real))
+                    own = min(int(self.m.head_top * c), c // g)
+                    union = set()
+                    for j in range(g):
+                        union |= set(sorted(real, key=lambda x: (-float(logits[j, x]), x))[:own])
+                    order = sorted(union) + [x for x in order if x not in union]
                 if self.m.rerank > 1:  # the exact q·k over the partial top, softmax per query head
                     full = torch.stack([q[i, h * g + j] @ k[i, h][order].T * call.scale for j in range(g)])
                     exact = dict(zip(order, full.softmax(-1).amax(0).tolist()))
@@ -114,7 +121,25 @@ class BruteForceTop(Observer):
                                                            ("rotate_half", 1, 0, 2, 9), ("adjacent", 1, 6, 2, 9),
                                                            ("rotate_half", 1, 6, 2, 0.3)])
 def test_attended_keys_are_the_brute_force_top(model, layout, pool, pad, rerank, budget):
-    m = FASA(budget=budget, chunks=2, layout=layout, fcs="low", dense_layers=0, pool_kernel=pool, rerank=rerank)
+    _check_brute_force_top(model, FASA(budget=budget, chunks=2, layout=layout, fcs="low", dense_layers=0,
+                                       pool_kernel=pool, rerank=rerank), layout, pad, budget, rerank)
+
+
+@pytest.mark.parametrize("head_top,pool,pad,budget", [(1 / 3, 1, 0, 9), (0.2, 1, 0, 9), (1.0, 5, 0, 9),
+                                                      (0.34, 1, 6, 0.3), (1 / 3, 5, 6, 9)])
+def test_head_tops_are_the_brute_force_union(model, head_top, pool, pad, budget):
+    """``head_top``: each query head's own best keys by its partial logits first, the rest of the
+    budget by the group-combined softmax (unpadded and left-padded, a token or a share budget)."""
+    m = FASA(budget=budget, chunks=2, fcs="low", dense_layers=0, pool_kernel=pool, head_top=head_top)
+    _check_brute_force_top(model, m, "rotate_half", pad, budget, 1)
+
+
+def test_head_top_refuses_rerank():
+    with pytest.raises(ValueError, match="head_top and rerank"):
+        FASA(head_top=0.3, rerank=2)
+
+
+def _check_brute_force_top(model, m, layout, pad, budget, rerank):
     d = model.config.hidden_size // model.config.num_attention_heads
     fc = fc_dims(torch.arange(d // 2)[:, None], d, layout)
     idx = (fc % (d // 2)).double().mean(-1)

@@ -57,6 +57,15 @@ rerank: int = 1
     scorer. Measured on SmolLM2 (docs/results/decode_suite/README.md, "FASA with an exact
     re-rank"): 2 loses the same answers as the default held out at 4K/8K (more log-likelihood
     kept) and decodes slower than dense at 8K.
+head_top: float = 0.0
+    Beyond the per-KV-head combination: each query head first keeps its own ``⌊head_top · (budget
+    - 1)⌋`` best keys by its partial logits (at most ``⌊(budget - 1) / G⌋``; the union over the
+    group, so at most ``G · head_top`` of the budget), and the rest of the budget goes by the
+    group-combined scores as before. At ``1 / G`` the whole budget is the union of each query
+    head's own top, the nearest a per-KV-head selection gets to the paper's per-query-head top-k.
+    0: off. A ranking rule only: a head's share does not depend on how its partial logits scale
+    against its group's (the ``max`` of softmaxes lets a head with peaked partial scores take most
+    of the budget). Not used when FASA is another method's scorer, nor with ``rerank``.
 profile: str | None = None
     An explicit profile file.
 
@@ -82,7 +91,7 @@ from ..engine.config import param
 from ..engine.method import Method, Phase
 from ..engine.observers import Observer, observe_prompt
 from ..engine.pipeline import KeyPlan, everything, row_budgets
-from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, select_topk
+from ..engine.selection import GQA_REDUCTIONS, Selection, aggregate_gqa, mask_from_indices, select_topk
 
 KIND = "fasa_fc"
 KIND_VERSION = 1
@@ -208,11 +217,14 @@ class FASA(Method):
     gqa_reduce: str = param("max", "choice", choices=GQA_REDUCTIONS)
     pool_kernel: int = param(1, "int", ge=1, added=True)
     rerank: int = param(1, "int", ge=1, added=True)
+    head_top: float = param(0.0, "float", ge=0.0, le=1.0, added=True)
     profile: str | None = param(None, "path", optional=True)
 
     def validate(self) -> None:
         if isinstance(self.budget, int) and self.budget < 2:
             raise ValueError(f"fasa: budget ({self.budget}) must hold the current token and at least one other")
+        if self.head_top and self.rerank > 1:
+            raise ValueError("fasa: head_top and rerank are two rankings of the same budget; use one of them")
 
     @classmethod
     def at_full_budget(cls) -> "FASA":
@@ -274,6 +286,14 @@ class FASA(Method):
     # ---- decode ------------------------------------------------------------------------------------
     def key_scores(self, call) -> torch.Tensor | None:
         """``(B, Hkv, Lk)``: the group-combined softmax of the partial (FC) logits, ``-inf`` on padding."""
+        logits = self._partial_logits(call)
+        if logits is None:
+            return None
+        keep = None if call.key_valid is None else call.key_valid[:, None, :]
+        return self._group_weights(logits, keep)
+
+    def _partial_logits(self, call) -> torch.Tensor | None:
+        """``(B, Hkv, G, Lk)`` fp32: each query head's logits over the FC dimensions of the keys."""
         layer = call.require_cache(self.name)
         if layer is None:
             return None
@@ -287,8 +307,7 @@ class FASA(Method):
         logits = (qd.to(kd_t.dtype) @ kd_t).float() * call.scale  # (B, Hkv, G, Lk)
         call.session.count("fasa_scored_dims", dims.shape[-1] * call.k_len)
         call.session.count("fasa_key_dims", d * call.k_len)
-        keep = None if call.key_valid is None else call.key_valid[:, None, :]
-        return self._group_weights(logits, keep)
+        return logits
 
     def _group_weights(self, logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """``logits (B, Hkv, G, L)`` → ``(B, Hkv, L)``: each query head's softmax, combined over its
@@ -308,9 +327,40 @@ class FASA(Method):
         n_top, host = row_budgets(call, self.budget, -1)  # host counts where known: no device read
         if plan.covers(n_top if host is None else host):
             return everything(call, "keys")
-        scores = plan.pooled(self.key_scores(call)[..., plan.lo : plan.hi], self.pool_kernel).contiguous()
+        logits = self._partial_logits(call)
+        keep = None if call.key_valid is None else call.key_valid[:, None, :]
+        scores = plan.pooled(self._group_weights(logits, keep)[..., plan.lo : plan.hi], self.pool_kernel).contiguous()
+        if self.head_top:
+            scores = self._with_head_tops(call, plan, logits[..., plan.lo : plan.hi], scores, n_top, host)
         top = self._reranked(call, plan, scores, n_top, host) if self.rerank > 1 else plan.top(scores, n_top, host)
         return plan.selection(*top, kind="keys", taken=plan.host_counts(n_top if host is None else host))
+
+    def _with_head_tops(self, call, plan: KeyPlan, logits: torch.Tensor, scores: torch.Tensor, n_top,
+                        host: list[int] | None) -> torch.Tensor:
+        """``scores (B, Hkv, n)`` with ``+inf`` on each query head's own best ``⌊head_top · n_top⌋``
+        candidates by its partial ``logits (B, Hkv, G, n)``: :meth:`KeyPlan.top` then takes their
+        union first (at most ``G · head_top · n_top <= n_top`` keys per row, ties to the earlier
+        position), and fills the rest of its budget by ``scores``."""
+        b, hkv, g, n = logits.shape
+        if plan.cand_mask is not None:
+            logits = logits.masked_fill(~plan.cand_mask[:, None, None, :], float("-inf"))
+        per_row = plan.host_counts(n_top if host is None else host)  # each row's take, clamped to its candidates
+
+        def own_on_device():  # the same per-row counts computed on the device (double, as Python's float)
+            take = plan.counts(n_top)  # (B, 1): FASA's budget is per row
+            return torch.minimum((take.double() * self.head_top).floor().long(), take // g).view(b, 1, 1)
+
+        if per_row is not None:  # widths from the host: no read
+            own = [min(int(self.head_top * c), c // g) for c in per_row]
+            width, counts = max(own), (None if len(set(own)) == 1 else own_on_device())
+        else:  # counts known on the device only: one read for the width
+            counts = own_on_device()
+            width = int(counts.max())
+        if width == 0:
+            return scores
+        top, valid = select_topk(logits.reshape(b, hkv * g, n), width, counts)  # (B, Hq, width)
+        marked = mask_from_indices(top, n, valid).view(b, hkv, g, n).any(2)
+        return scores.masked_fill(marked, float("inf"))
 
     def _reranked(self, call, plan: KeyPlan, scores: torch.Tensor, n_top, host: list[int] | None):
         """:meth:`KeyPlan.top` of ``n_top`` after a re-rank: the best ``rerank · n_top`` candidates by
