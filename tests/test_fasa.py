@@ -90,10 +90,15 @@ class BruteForceTop(Observer):
             for h in range(hkv):
                 dims = self.dims[h]
                 logits = torch.stack([q[i, h * g + j, dims] @ k[i, h][:, dims].T * call.scale for j in range(g)])
+                if self.m.head_scale == "zscore":  # each head over its real keys: (l - mean) / std
+                    on = torch.ones(n, dtype=torch.bool) if call.key_valid is None else call.key_valid[i]
+                    mean = logits[:, on].mean(-1, keepdim=True)
+                    sd = (logits[:, on] - mean).square().mean(-1, keepdim=True).sqrt()
+                    logits = (logits - mean) / sd
                 if call.key_valid is not None:
                     logits = logits.masked_fill(~call.key_valid[i], float("-inf"))
-                p = logits.softmax(-1)
-                w = p.amax(0)
+                p = logits if self.m.head_scale == "zscore" else logits.softmax(-1)
+                w = {"max": lambda: p.amax(0), "mean": lambda: p.mean(0), "sum": lambda: p.sum(0)}[self.m.gqa_reduce]()
                 real = [j for j in range(n - 1) if call.key_valid is None or bool(call.key_valid[i, j])]
                 r = self.m.pool_kernel // 2  # max over the real candidates within r positions
                 w = {j: max(float(w[c]) for c in real if abs(c - j) <= r) for j in real}
@@ -137,6 +142,16 @@ def test_head_tops_are_the_brute_force_union(model, head_top, pool, pad, budget)
 def test_head_top_refuses_rerank():
     with pytest.raises(ValueError, match="head_top and rerank"):
         FASA(head_top=0.3, rerank=2)
+    with pytest.raises(ValueError, match="zscore"):
+        FASA(head_scale="zscore", rerank=2)
+
+
+@pytest.mark.parametrize("reduce,pool,pad,budget", [("max", 1, 0, 9), ("max", 1, 6, 0.3), ("mean", 5, 6, 9)])
+def test_zscored_heads_are_the_brute_force_top(model, reduce, pool, pad, budget):
+    """``head_scale="zscore"``: each head's partial logits standardised over its real keys, then
+    combined by ``gqa_reduce`` (unpadded and left-padded)."""
+    m = FASA(budget=budget, chunks=2, fcs="low", dense_layers=0, pool_kernel=pool, gqa_reduce=reduce, head_scale="zscore")
+    _check_brute_force_top(model, m, "rotate_half", pad, budget, 1)
 
 
 def _check_brute_force_top(model, m, layout, pad, budget, rerank):

@@ -285,6 +285,7 @@ DECODE = {
     "fasa": lambda: M("fasa")(budget=10, chunks=2, fcs="low", dense_layers=1),
     "fasa_share_rerank": lambda: M("fasa")(budget=0.3, chunks=1, fcs="low", dense_layers=0, rerank=2),
     "fasa_share_head_top": lambda: M("fasa")(budget=0.3, chunks=1, fcs="low", dense_layers=0, head_top=0.34),
+    "fasa_share_zscore": lambda: M("fasa")(budget=0.3, chunks=1, fcs="low", dense_layers=0, head_scale="zscore"),
     "recycled_attention": lambda: M("recycled_attention")(budget=16, stride=2, n_sink=2, n_local=2, pool_kernel=3),
     "recycled_attention_share": lambda: M("recycled_attention")(budget=0.4, stride=3, n_sink=1, n_local=1),
     "razor_attention": lambda: M("razor_attention")(window=4, n_sink=2, retrieval_heads=[1]),
