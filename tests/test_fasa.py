@@ -142,16 +142,16 @@ def test_head_tops_are_the_brute_force_union(model, head_top, pool, pad, budget)
 def test_head_top_refuses_rerank():
     with pytest.raises(ValueError, match="head_top and rerank"):
         FASA(head_top=0.3, rerank=2)
-    with pytest.raises(ValueError, match="zscore"):
-        FASA(head_scale="zscore", rerank=2)
 
 
-@pytest.mark.parametrize("reduce,pool,pad,budget", [("max", 1, 0, 9), ("max", 1, 6, 0.3), ("mean", 5, 6, 9)])
-def test_zscored_heads_are_the_brute_force_top(model, reduce, pool, pad, budget):
+@pytest.mark.parametrize("reduce,pool,pad,budget,rerank", [("max", 1, 0, 9, 1), ("max", 1, 6, 0.3, 1), ("mean", 5, 6, 9, 1),
+                                                            ("max", 1, 6, 9, 2)])
+def test_zscored_heads_are_the_brute_force_top(model, reduce, pool, pad, budget, rerank):
     """``head_scale="zscore"``: each head's partial logits standardised over its real keys, then
-    combined by ``gqa_reduce`` (unpadded and left-padded)."""
-    m = FASA(budget=budget, chunks=2, fcs="low", dense_layers=0, pool_kernel=pool, gqa_reduce=reduce, head_scale="zscore")
-    _check_brute_force_top(model, m, "rotate_half", pad, budget, 1)
+    combined by ``gqa_reduce`` (unpadded and left-padded; a re-rank still combines softmaxes)."""
+    m = FASA(budget=budget, chunks=2, fcs="low", dense_layers=0, pool_kernel=pool, gqa_reduce=reduce,
+             head_scale="zscore", rerank=rerank)
+    _check_brute_force_top(model, m, "rotate_half", pad, budget, rerank)
 
 
 def _check_brute_force_top(model, m, layout, pad, budget, rerank):

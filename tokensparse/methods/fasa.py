@@ -74,7 +74,8 @@ head_scale: str = "softmax"
     group: ``softmax`` (the probabilities), or ``zscore`` (beyond the paper: each head's logits less
     their mean over the real keys, over their standard deviation). A z-score ranks a key by how far
     it stands out in its own head, so the group's max approximates the union of each head's own
-    top (``head_top``) at the cost of one softmax, without nine top-ks. Not with ``rerank``.
+    top (``head_top``) at the cost of one softmax, without nine top-ks. It ranks the partial
+    scores only: a re-rank (``rerank``) combines the exact scores' softmaxes.
 profile: str | None = None
     An explicit profile file.
 
@@ -235,8 +236,6 @@ class FASA(Method):
             raise ValueError(f"fasa: budget ({self.budget}) must hold the current token and at least one other")
         if self.head_top and self.rerank > 1:
             raise ValueError("fasa: head_top and rerank are two rankings of the same budget; use one of them")
-        if self.head_scale != "softmax" and self.rerank > 1:
-            raise ValueError("fasa: head_scale='zscore' ranks the partial scores; the re-rank uses the softmax")
 
     @classmethod
     def at_full_budget(cls) -> "FASA":
@@ -321,11 +320,11 @@ class FASA(Method):
         call.session.count("fasa_key_dims", d * call.k_len)
         return logits
 
-    def _group_weights(self, logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """``logits (B, Hkv, G, L)`` → ``(B, Hkv, L)``: each query head's softmax (or z-score, see
-        ``head_scale``), combined over its group by ``gqa_reduce``; ``-inf`` where ``keep (B, 1 |
-        Hkv, L)`` is False (a row with nothing kept has NaN before that)."""
-        if self.head_scale == "zscore":
+    def _group_weights(self, logits: torch.Tensor, keep: torch.Tensor | None, scale: str | None = None) -> torch.Tensor:
+        """``logits (B, Hkv, G, L)`` → ``(B, Hkv, L)``: each query head's softmax or z-score
+        (``scale``, default ``head_scale``), combined over its group by ``gqa_reduce``; ``-inf``
+        where ``keep (B, 1 | Hkv, L)`` is False (a row with nothing kept has NaN before that)."""
+        if (scale or self.head_scale) == "zscore":
             per_head = _zscore(logits, None if keep is None else keep[:, :, None, :])
         else:
             if keep is not None:
@@ -389,7 +388,7 @@ class FASA(Method):
         keys = call.key.gather(2, wide[..., None].expand(*wide.shape, d))  # (B, Hkv, k2, D)
         q = call.query[:, :, -1].reshape(b, hkv, g, d)
         logits = (q.to(keys.dtype) @ keys.transpose(-1, -2)).float() * call.scale  # (B, Hkv, G, k2)
-        w = self._group_weights(logits, wide_valid)  # (B, Hkv, k2)
+        w = self._group_weights(logits, wide_valid, "softmax")  # (B, Hkv, k2)
         call.session.count("fasa_rescored_dims", d * wide.shape[-1])
         return plan.top_of(wide, wide_valid, w, n_top, host)
 
