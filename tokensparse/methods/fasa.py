@@ -30,7 +30,8 @@ chunks: int = 8
     FCs per KV head (the paper: 16 of 64 at head dim 128, i.e. a quarter of the dimensions; 8 of
     32 is a quarter at SmolLM2's head dim 64). On SmolLM2 the ranking, not the budget, is what
     loses answers: at 25 % of a 2K context all 32 FCs (the exact top-k) answer as dense does, 8
-    lose 19 points, 16 lose 5.5; held out at 4K/8K 16 FCs lose the same answers as 8
+    lose 19 points, 16 lose 5.5 (heads combined by their softmaxes, the earlier ``head_scale``);
+    held out at 4K/8K 16 FCs lose the same answers as 8
     (docs/results/decode_suite/README.md, "FASA").
 layout: str = "rotate_half"
     How dimensions pair into FCs: ``rotate_half`` or ``adjacent`` (see above).
@@ -42,7 +43,8 @@ fcs: str = "profile"
 dense_layers: int = 1
     The first layers run dense.
 gqa_reduce: str = "max"
-    How a KV head's query group combines its softmax over the partial scores.
+    How a KV head's query group combines its heads' partial scores (on the scale ``head_scale`` puts
+    them).
 pool_kernel: int = 1
     Beyond the paper: max-pool the partial scores over this many neighbouring keys before the
     top-k, so the rest of a span being read ranks with its best key (see Recycled Attention's
@@ -67,21 +69,26 @@ head_top: float = 0.0
     against its group's (the ``max`` of softmaxes lets a head with peaked partial scores take most
     of the budget). Not used when FASA is another method's scorer, nor with ``rerank``. Measured
     on SmolLM2 (docs/results/decode_suite/README.md, "FASA: each query head's own top first"):
-    0.34 loses 7.6 points at 25 % of 2K and 6.0 at 4K against 19.0 and 11.9 for the default, but
+    0.34 loses 7.6 points at 25 % of 2K and 6.0 at 4K against 19.0 and 11.9 with the softmaxes, but
     decodes no faster than dense at 8K on one CPU thread (nine top-ks per layer instead of three).
-head_scale: str = "softmax"
+head_scale: str = "zscore"
     How each query head's partial logits are put on one scale before ``gqa_reduce`` combines the
-    group: ``softmax`` (the probabilities), or ``zscore`` (beyond the paper: each head's logits less
-    their mean over the real keys, over their standard deviation). A z-score ranks a key by how far
-    it stands out in its own head, so the group's max approximates the union of each head's own
-    top (``head_top``) at the cost of one softmax, without nine top-ks. It ranks the partial
+    group: ``zscore`` (beyond the paper: each head's logits less their mean over the real keys, over
+    their standard deviation) or ``softmax`` (the probabilities; the default until 2026-12-07). A
+    z-score ranks a key by how far it stands out in its own head, so the group's max approximates
+    the union of each head's own top (``head_top``) at the cost of one softmax, without nine
+    top-ks; the softmax lets a head whose partial scores are peaked take most of the budget.
+    Measured on SmolLM2 (docs/results/decode_suite/README.md, "FASA: z-scored heads"): against
+    the softmax it loses 13.3 points at 25 % of 2K (not 19.0), 1.2 at 4K (1 win, 2 losses: within
+    dense's noise, not 11.9) and the same one answer at 8K with 1 nat more answer log-likelihood
+    kept, for the same cost (the default since 2026-12-07). It ranks the partial
     scores only: a re-rank (``rerank``) combines the exact scores' softmaxes.
 profile: str | None = None
     An explicit profile file.
 
 Deviations: the official code repeats K/V to the query heads and selects per query head; here one
 FC set and one key set per KV head (the group's mean agreement chooses the FCs, the group's
-partial scores are combined by ``gqa_reduce`` after a per-head softmax), so the cache holds
+partial scores are combined by ``gqa_reduce`` after standardising each head, ``head_scale``), so the cache holds
 ``Hkv`` heads and each selected row is read once per KV head. The profile is measured on the last
 queries of one prefill (teacher-forced text) rather than on generated decode steps. The official
 budget slices are 128…4096; the profile here stores 64, 256 and 1024 (short contexts of a small
@@ -228,7 +235,7 @@ class FASA(Method):
     pool_kernel: int = param(1, "int", ge=1, added=True)
     rerank: int = param(1, "int", ge=1, added=True)
     head_top: float = param(0.0, "float", ge=0.0, le=1.0, added=True)
-    head_scale: str = param("softmax", "choice", choices=("softmax", "zscore"), added=True)
+    head_scale: str = param("zscore", "choice", choices=("softmax", "zscore"))  # in every row key (its default changed)
     profile: str | None = param(None, "path", optional=True)
 
     def validate(self) -> None:
