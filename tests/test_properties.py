@@ -1213,11 +1213,9 @@ def test_select_topk_block_shortlist_matches_reference(data):
     if data.draw(st.booleans(), label="nan") and length:
         scores[0, 0, data.draw(st.integers(0, length - 1))] = float("nan")
     got = _topk_prefiltered(scores, k, counts, block=block)
-    if k == 0 or length // block < k or bool(scores.isnan().any()):
-        # declines when it must; NaN outside every shortlist may still be answered
-        if got is None:
-            return
-        assert not (k == 0 or length // block < k)
+    if k == 0 or length // block < k or bool(scores.isnan().any()):  # declines where it must (any NaN: the keys)
+        assert got is None
+        return
     assert got is not None
     idx, valid = got
     assert (valid is None) == (counts is None)
@@ -1225,7 +1223,6 @@ def test_select_topk_block_shortlist_matches_reference(data):
         for j in range(h):
             n = k if counts is None else int(counts[i, j, 0])
             row = scores[i, j].tolist()
-            assert not any(math.isnan(v) for v in row) or n == 0
             want = _reference_topk(row, n) + [length - 1] * (k - n)
             assert idx[i, j].tolist() == want, (row, k, n, block)
             if valid is not None:

@@ -246,8 +246,8 @@ def _topk_prefiltered(scores: torch.Tensor, k: int, counts: torch.Tensor | None 
     """:func:`select_topk`'s answer (same set, same ties, same padding) from a shortlist: a CPU path.
 
     The row's first ``n · block`` scores fall into ``n`` disjoint groups of ``block`` (strided:
-    group ``i`` holds positions ``i, i + n, ...``, a reduction over contiguous rows); their ``n``
-    maxima are distinct scores, so the smallest of their best ``k`` is no larger than the row's
+    group ``i`` holds positions ``i, i + n, ...``, a reduction over contiguous rows), the rest into
+    groups of one; their maxima are distinct scores, so the smallest of their best ``k`` is no larger than the row's
     ``k``-th best score: every score at or above it is a candidate, and nothing of the top-``k``
     (nor a score tied with its ``k``-th) is outside. A row's candidates (~1.1 ``k`` for Gaussian
     scores with groups of 8) are compacted and ranked by :func:`_topk_by_threshold`, whose ties go
@@ -267,6 +267,8 @@ def _topk_prefiltered(scores: torch.Tensor, k: int, counts: torch.Tensor | None 
         return None
     rows = scores.reshape(-1, length)
     maxima = rows[:, : n_blocks * block].view(-1, block, n_blocks).amax(1)
+    if length > n_blocks * block:  # the remainder joins as groups of one (so a NaN there is seen too)
+        maxima = torch.cat([maxima, rows[:, n_blocks * block :]], -1)
     floor = maxima.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # <= each row's k-th best
     if bool(floor.isnan().any()):
         return None
