@@ -7,20 +7,13 @@ x 3 query heads) at 8K and 32K keys, the two scales interleaved, median and rang
     .venv/bin/python docs/results/decode_suite/fasa_head_scale_cost.py
 """
 import statistics
-import time
 
 import torch
+from topk_shortlist import per_call_ms  # the sibling script's timer (its import sets 1 thread too)
 
 import tokensparse as ts
 
 torch.set_num_threads(1)
-
-
-def per_call_ms(fn, calls=50):
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return 1000 * (time.perf_counter() - t0) / calls
 
 
 def main():
@@ -34,8 +27,8 @@ def main():
         logits = torch.randn(1, 3, 3, n, generator=g) * 2
         a, b = [], []
         for _ in range(9):
-            a.append(per_call_ms(lambda: soft._group_weights(logits, None)))
-            b.append(per_call_ms(lambda: z._group_weights(logits, None)))
+            a.append(per_call_ms(lambda: soft._group_weights(logits, None), 50))
+            b.append(per_call_ms(lambda: z._group_weights(logits, None), 50))
         ma, mb = statistics.median(a), statistics.median(b)
         print(f"| {n} | {ma:.3f} ({min(a):.3f}-{max(a):.3f}) | {mb:.3f} ({min(b):.3f}-{max(b):.3f}) | {mb / ma:.2f} |")
 
