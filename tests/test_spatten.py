@@ -210,17 +210,17 @@ class Replay:
 
 
 CASES = [
-    dict(budget=6, budget_first=14, dense_layers=0, n_local=2, prompt_window=4, quant=None),
-    dict(budget=0.2, budget_first=0.6, dense_layers=1, n_local=3, prompt_window=None, quant=None),
-    dict(budget=5, budget_first=9, dense_layers=1, n_local=1, prompt_window=0, quant="int8", threshold=0.3),
-    dict(budget=4, budget_first=12, dense_layers=0, n_local=2, prompt_window=6, quant="int4", threshold=0.5),
-    dict(budget=6, budget_first=10, dense_layers=1, n_local=2, prompt_window=8, quant=None, head_prune=0.5),
+    dict(budget=6, budget_first=14, dense_layers=0, n_local=2, prompt_window=4, quant=None, pool_kernel=1),
+    dict(budget=0.2, budget_first=0.6, dense_layers=1, n_local=3, prompt_window=None, quant=None, pool_kernel=1),
+    dict(budget=5, budget_first=9, dense_layers=1, n_local=1, prompt_window=0, quant="int8", threshold=0.3, pool_kernel=1),
+    dict(budget=4, budget_first=12, dense_layers=0, n_local=2, prompt_window=6, quant="int4", threshold=0.5, pool_kernel=1),
+    dict(budget=6, budget_first=10, dense_layers=1, n_local=2, prompt_window=8, quant=None, head_prune=0.5, pool_kernel=1),
     dict(budget=5, budget_first=12, dense_layers=0, n_local=1, prompt_window=5, quant=None, pool_kernel=3),
     dict(budget=0.2, budget_first=0.4, dense_layers=2, n_local=2, prompt_window=5, quant="int8", pool_kernel=4),
     # the local window wider than the budget (a layer keeps more than its budget); the first layer
     # keeping everything (its set complete: dense) while the deeper ones prune
-    dict(budget=3, budget_first=6, dense_layers=0, n_local=5, prompt_window=4, quant=None),
-    dict(budget=0.3, budget_first=1.0, dense_layers=0, n_local=2, prompt_window=4, quant=None),
+    dict(budget=3, budget_first=6, dense_layers=0, n_local=5, prompt_window=4, quant=None, pool_kernel=1),
+    dict(budget=0.3, budget_first=1.0, dense_layers=0, n_local=2, prompt_window=4, quant=None, pool_kernel=1),
 ]
 
 
