@@ -303,7 +303,8 @@ class FASA(Method):
 
     # ---- decode ------------------------------------------------------------------------------------
     def key_scores(self, call) -> torch.Tensor | None:
-        """``(B, Hkv, Lk)``: the group-combined softmax of the partial (FC) logits, ``-inf`` on padding."""
+        """``(B, Hkv, Lk)``: the partial (FC) logits, each query head put on one scale (``head_scale``)
+        and combined over its group (``gqa_reduce``), ``-inf`` on padding."""
         logits = self._partial_logits(call)
         if logits is None:
             return None
