@@ -139,3 +139,30 @@ def test_missing_profile_warns_and_records_the_uniform_budgets(tmp_path):
     with pytest.raises(Exception, match="missing.json"):  # an explicit profile that is not there
         with ts.sparsify(model, TCA(profile=str(tmp_path / "missing.json"))):
             pass
+
+
+def test_floor_mu_keeps_every_head_at_or_above_its_candidate(tmp_path):
+    """``floor_mu``: each head's calibrated candidate is the cheapest qualifying one at or above
+    the floor's candidate (an AdaKV-style floor); it is refused without a profile to floor."""
+    from tokensparse.methods.tca import N_CANDIDATES, floor_candidate
+
+    assert floor_candidate(None, 64) == 0
+    assert floor_candidate(-5.0, 64) == 0
+    assert floor_candidate(100.0, 64) == N_CANDIDATES  # above every centre: every token
+    mus = torch.linspace(-1.0, 7.0, N_CANDIDATES).tolist()
+    assert floor_candidate(4.0, 64) == min(i for i, m in enumerate(mus) if m >= 4.0)
+    model = tiny_model("llama", max_position_embeddings=2048)
+    ids, _ = tiny_inputs(1, 700, seed=3)
+    prof = calibrate(model, TCA, ids, source="random ids")
+    path = prof.save(tmp_path / "tca.json")
+    measured = prof.payload["pool_kernels"]["7"]
+    free, _ = choose(measured, 0.5)
+    floor = floor_candidate(4.0, 64)
+    floored, share = choose(measured, 0.5, floor)
+    assert bool((floored >= floor).all()) and bool((floored >= torch.minimum(free, torch.tensor(floor))).all())
+    assert torch.equal(torch.where(free >= floor, free, floored), floored)  # heads above the floor keep their choice
+    with torch.no_grad(), ts.sparsify(model, TCA(profile=str(path), tau=0.5, floor_mu=4.0)) as s:
+        pass
+    assert torch.equal(s.state["tca_p"], torch.tensor(prof.payload["candidates"], dtype=torch.float64)[floored])
+    with pytest.raises(ValueError, match="floor_mu"):
+        TCA(budgets="uniform", floor_mu=4.0)
