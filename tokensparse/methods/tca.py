@@ -127,11 +127,16 @@ def log_gaussian(block: int, mu: float, sigma: float) -> torch.Tensor:
     return w / w.sum()
 
 
+def candidate_centres(block: int) -> list[float]:
+    """The centres of the log-Gaussian calibration candidates: ``N_CANDIDATES`` evenly spaced over
+    ``[−1, log2 block + 1]``."""
+    return torch.linspace(-1.0, math.log2(block) + 1.0, N_CANDIDATES).tolist()
+
+
 def candidate_configs(block: int) -> torch.Tensor:
-    """The calibration candidates ``(N_CANDIDATES + 1, |K|)``: log-Gaussian centres evenly spaced
-    over ``[−1, log2 block + 1]``, then "every token" (all mass on ``k = block``)."""
-    mus = torch.linspace(-1.0, math.log2(block) + 1.0, N_CANDIDATES).tolist()
-    rows = [log_gaussian(block, mu, SIGMA) for mu in mus]
+    """The calibration candidates ``(N_CANDIDATES + 1, |K|)``: one log-Gaussian per
+    :func:`candidate_centres`, then "every token" (all mass on ``k = block``)."""
+    rows = [log_gaussian(block, mu, SIGMA) for mu in candidate_centres(block)]
     every = torch.zeros(len(counts_set(block)), dtype=torch.float64)
     every[-1] = 1.0
     return torch.stack(rows + [every])
@@ -344,8 +349,7 @@ def floor_candidate(floor_mu: float | None, block: int) -> int:
     ``floor_mu`` (``N_CANDIDATES``, every token, above the last centre); 0 for ``None``."""
     if floor_mu is None:
         return 0
-    mus = torch.linspace(-1.0, math.log2(block) + 1.0, N_CANDIDATES).tolist()
-    return next((i for i, m in enumerate(mus) if m >= floor_mu - 1e-9), N_CANDIDATES)
+    return next((i for i, m in enumerate(candidate_centres(block)) if m >= floor_mu - 1e-9), N_CANDIDATES)
 
 
 def choose(measured: dict, tau: float, floor: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
