@@ -374,3 +374,34 @@ def test_flex_counts_and_indices_list_each_rows_blocks_in_order_then_repeat_head
                 assert num[b, h, i] == len(want)
                 assert idx[b, h, i, : len(want)].tolist() == want
                 assert idx[b, h, i, len(want):].eq(0).all()
+
+
+@pytest.mark.parametrize("length", [65, 71, 72])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_sdpa_attends_a_partial_last_query_block_on_its_real_rows_only(length, heads, monkeypatch):
+    """A dense tail (the last query blocks read every key, as DHSA's and BiFormer's instruction
+    tails do) over a prompt whose last query block is partial: that block runs as one kernel call
+    on its real rows and keys (not ``bs`` rows, most of them filler), equal to the reference."""
+    from tokensparse.engine import blocks
+
+    shapes = []
+    real = blocks._flash_cpu
+    monkeypatch.setattr(blocks, "_flash_cpu", lambda q, k, v, *a, **kw: shapes.append((q.shape[-2], k.shape[-2])) or real(q, k, v, *a, **kw))
+    q, k, v = qkv(b=2, hq=6, hkv=2, lq=length, lk=length)
+    nb, bs = -(-length // 8), 8
+    sets = torch.zeros(2, heads, nb, nb, dtype=torch.bool)
+    i = torch.arange(nb)
+    sets[..., 0] = True
+    sets[:, :, i, i] = True
+    sets[:, :, i[1:], i[1:] - 1] = True
+    sets[:, :, -2:] = True  # the dense tail
+    sel = blocks_from_sets(sets, bs, bs)
+    ref, ref_lse = block_attend(q, k, v, sel, 0.3, impl="reference", return_lse=True)
+    out, lse = block_attend(q, k, v, sel, 0.3, impl="sdpa", return_lse=True)
+    assert close(out, ref) and lse_close(lse, ref_lse)
+    rows = length - (nb - 1) * bs  # real rows of the last query block
+    g = 6 // (heads if heads > 1 else 2)  # query heads folded per selection head
+    assert (g * rows, length) in shapes  # the last block: its real rows, every real key
+    assert all(kl <= nb * bs for _, kl in shapes)
+    if rows < bs:
+        assert (g * bs, nb * bs) not in shapes  # no call over the filler rows and keys

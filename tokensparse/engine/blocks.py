@@ -377,15 +377,22 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     causal = torch.zeros(gh * bs, bs, dtype=q.dtype, device=dev)
     causal.masked_fill_(torch.arange(bs, device=dev)[None, :] > local[:, None], float("-inf"))
     q6 = qp.view(b, h, gh, nb, bs, d)
-    out = torch.zeros(b, nb, h, gh * bs, dv, dtype=q.dtype, device=dev)
+    # the output in the caller's (B, L, Hq, Dv) order: returned as a (B, Hq, L, Dv) view, so the
+    # attention interface's transpose back is free (a permuting copy of the whole output otherwise)
+    out = torch.empty(b, nb, bs, h, gh, dv, dtype=q.dtype, device=dev)
     lse = torch.full((b, nb, h, gh * bs), float("-inf"), device=dev)
     widths = earlier.sum(-1)  # (B, H, nb)
     if not (bool((widths == widths[:1, :1]).all()) and bool((diag == diag[:1, :1]).all())):
         # rows or heads differ in what they read: one unit per (row, head, query block), no filler
+        out.zero_()
         _sdpa_units(q6, kp, vp, earlier, diag, widths, heads, causal, scale, out, lse)
         groups = []
     else:
         groups = width_groups(earlier, keep_empty=True)
+        if pad:  # the last query block holds bs - pad real rows: attended alone, without its filler rows
+            _sdpa_last_block(q6, kp, vp, earlier, diag, heads, bs - pad, scale, out, lse)
+            groups = [(w, g[g != nb - 1]) for w, g in groups]
+            groups = [(w, g) for w, g in groups if len(g)]
     for width, group in groups:
         step = max(1, SDPA_CHUNK_BYTES // (b * h * (width + 1) * bs * max(d, dv) * qp.element_size()))
         shared = torch.cat([causal.new_zeros(gh * bs, width * bs), causal], -1)[None, None]  # (1, 1, G·bs, (w+1)·bs)
@@ -403,12 +410,47 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
                 mask = shared + drop.view(b * m, h, 1, (width + 1) * bs)
             o, l = _flash_cpu(qe, ke, ve, scale, mask=mask)
             none = ~a_valid.any(-1).transpose(1, 2)  # (B, m, H): read nothing (the kernel reports garbage there)
-            out[:, blocks] = o.view(b, m, h, gh * bs, dv).masked_fill(none[..., None, None], 0)
+            o = o.view(b, m, h, gh, bs, dv).masked_fill(none[..., None, None, None], 0)
+            out[:, blocks] = o.permute(0, 1, 4, 2, 3, 5)
             lse[:, blocks] = l.float().view(b, m, h, gh * bs).masked_fill(none[..., None], float("-inf"))
-    out = out.view(b, nb, h, gh, bs, dv).permute(0, 2, 3, 1, 4, 5).reshape(b, hq, nb * bs, dv)[:, :, :lq]
+    out = out.view(b, nb * bs, hq, dv)[:, :lq].transpose(1, 2)
     if not return_lse:
         return out
     return out, lse.view(b, nb, h, gh, bs).permute(0, 2, 3, 1, 4).reshape(b, hq, nb * bs)[:, :, :lq]
+
+
+def _sdpa_last_block(q6, kp, vp, earlier, diag, heads, rows, scale, out, lse):
+    """:func:`_sdpa`'s last query block when it is partial (``rows`` real query rows of ``bs``):
+    one kernel call on its real rows and real keys only. A dense instruction tail makes that block
+    read every key: attending its filler rows as well cost up to ``bs / rows`` times the work.
+    Every row and head reads the same number of blocks here (the folded-heads path). Writes
+    ``out (B, nb, bs, H, G, Dv)`` and ``lse (B, nb, H, G·bs)`` in place (its filler rows are
+    sliced off by the caller)."""
+    b, h, gh, nb, bs, d = q6.shape
+    dv, dev, last = vp.shape[-1], q6.device, nb - 1
+    width, own = int(earlier[0, 0, last].sum()), bool(diag[0, 0, last])
+    if width + own == 0:  # reads nothing: zero output, lse stays -inf
+        out[:, last] = 0
+        return
+    ks, vs = [], []
+    if width:
+        e_idx = indices_from_mask(earlier[:, :, last : last + 1], width)[0]  # (B, H, 1, width)
+        ks.append(_gather_blocks(kp, e_idx, heads, bs))  # (B, H, width·bs, D)
+        vs.append(_gather_blocks(vp, e_idx, heads, bs))
+    mask = None
+    if own:  # its own real keys, last; the causal triangle over them
+        lo = last * bs
+        ks.append(kp[:, heads, lo : lo + rows])
+        vs.append(vp[:, heads, lo : lo + rows])
+        local = torch.arange(gh * rows, device=dev) % rows
+        tri = torch.zeros(gh * rows, rows, dtype=q6.dtype, device=dev)
+        tri.masked_fill_(torch.arange(rows, device=dev)[None, :] > local[:, None], float("-inf"))
+        mask = torch.cat([tri.new_zeros(gh * rows, width * bs), tri], -1)[None, None]
+    ke, ve = (x[0] if len(x) == 1 else torch.cat(x, 2) for x in (ks, vs))
+    qe = q6[:, :, :, last, :rows].reshape(b, h, gh * rows, d)
+    o, l = _flash_cpu(qe, ke.contiguous(), ve.contiguous(), scale, mask=mask)
+    out[:, last, :rows] = o.view(b, h, gh, rows, dv).permute(0, 3, 1, 2, 4)
+    lse.view(b, nb, h, gh, bs)[:, last, :, :, :rows] = l.float().view(b, h, gh, rows)
 
 
 def _sdpa_units(q6, kp, vp, earlier, diag, widths, heads, causal, scale, out, lse):
@@ -416,8 +458,8 @@ def _sdpa_units(q6, kp, vp, earlier, diag, widths, heads, causal, scale, out, ls
     mass threshold per head): the units ``(row, selection head, query block)`` are grouped by
     (earlier blocks read, own block read) and each chunk of a group is one kernel call whose batch
     is its units (one head each), so no unit is padded to a wider one and no per-unit mask is
-    built. Writes ``out (B, nb, H, G·bs, Dv)`` and ``lse`` in place; units that read nothing keep
-    0 and ``-inf``."""
+    built. Writes ``out (B, nb, bs, H, G, Dv)`` and ``lse (B, nb, H, G·bs)`` in place; units that
+    read nothing keep 0 and ``-inf``."""
     b, h, gh, nb, bs, d = q6.shape
     hkv, dv, dev = kp.shape[1], vp.shape[-1], q6.device
     kb = kp.reshape(b * hkv * nb, bs * d)  # one row per key block
@@ -444,7 +486,7 @@ def _sdpa_units(q6, kp, vp, earlier, diag, widths, heads, causal, scale, out, ls
             ve = vb.index_select(0, rows.reshape(-1)).view(m, 1, n * bs, dv)
             qe = q6[ub, uh, :, ui].reshape(m, 1, gh * bs, d)
             o, l = _flash_cpu(qe, ke, ve, scale, mask=mask)
-            out[ub, ui, uh] = o.view(m, gh * bs, dv)
+            out[ub, ui, :, uh] = o.view(m, gh, bs, dv).transpose(1, 2)  # out: (B, nb, bs, H, G, Dv)
             lse[ub, ui, uh] = l.float().view(m, gh * bs)
 
 
