@@ -364,7 +364,7 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     bs, nb, h = bq, idx.shape[2], idx.shape[1]
     dv, dev = v.shape[-1], q.device
     pad = nb * bs - lq
-    qp, kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x for x in (q, k, v))
+    kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x for x in (k, v))
     sets = _blockset(idx, valid, nb)  # (B, H, nb, nb)
     if h == 1:
         sets, h = sets.expand(b, hkv, nb, nb), hkv
@@ -376,7 +376,6 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     local = torch.arange(gh * bs, device=dev) % bs  # each folded query row's position in its block
     causal = torch.zeros(gh * bs, bs, dtype=q.dtype, device=dev)
     causal.masked_fill_(torch.arange(bs, device=dev)[None, :] > local[:, None], float("-inf"))
-    q6 = qp.view(b, h, gh, nb, bs, d)
     # the output in the caller's (B, L, Hq, Dv) order: returned as a (B, Hq, L, Dv) view, so the
     # attention interface's transpose back is free (a permuting copy of the whole output otherwise)
     out = torch.empty(b, nb, bs, h, gh, dv, dtype=q.dtype, device=dev)
@@ -385,16 +384,21 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     if not (bool((widths == widths[:1, :1]).all()) and bool((diag == diag[:1, :1]).all())):
         # rows or heads differ in what they read: one unit per (row, head, query block), no filler
         out.zero_()
+        q6 = (torch.nn.functional.pad(q, (0, 0, 0, pad)) if pad else q).view(b, h, gh, nb, bs, d)
         _sdpa_units(q6, kp, vp, earlier, diag, widths, heads, causal, scale, out, lse)
         groups = []
     else:
         groups = width_groups(earlier, keep_empty=True)
         if pad:  # the last query block holds bs - pad real rows: attended alone, without its filler rows
-            _sdpa_last_block(q6, kp, vp, earlier, diag, heads, bs - pad, scale, out, lse)
+            _sdpa_last_block(q, kp, vp, earlier, diag, heads, gh, bs, scale, out, lse)
             groups = [(w, g[g != nb - 1]) for w, g in groups]
             groups = [(w, g) for w, g in groups if len(g)]
+        full = nb - (1 if pad else 0)
+        # the full query blocks' rows block-major, (B, full, H, G, bs, D), in one copy: a chunk of
+        # consecutive blocks (the usual group) is then a slice, its heads already folded
+        qblk = q[:, :, : full * bs].view(b, h, gh, full, bs, d).permute(0, 3, 1, 2, 4, 5).contiguous()
     for width, group in groups:
-        step = max(1, SDPA_CHUNK_BYTES // (b * h * (width + 1) * bs * max(d, dv) * qp.element_size()))
+        step = max(1, SDPA_CHUNK_BYTES // (b * h * (width + 1) * bs * max(d, dv) * q.element_size()))
         shared = torch.cat([causal.new_zeros(gh * bs, width * bs), causal], -1)[None, None]  # (1, 1, G·bs, (w+1)·bs)
         for blocks in group.split(step):
             m = len(blocks)
@@ -402,7 +406,9 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
             a_idx = torch.cat([e_idx, blocks.expand(b, h, m)[..., None]], -1)  # the diagonal block last
             a_valid = torch.cat([e_valid, diag[:, :, blocks, None]], -1)
             ke, ve = _gather_blocks(kp, a_idx, heads, bs), _gather_blocks(vp, a_idx, heads, bs)
-            qe = q6[:, :, :, blocks].permute(0, 3, 1, 2, 4, 5).reshape(b * m, h, gh * bs, d)
+            first = int(blocks[0])
+            span = slice(first, first + m) if int(blocks[-1]) == first + m - 1 else blocks  # consecutive: a view
+            qe = qblk[:, span].reshape(b * m, h, gh * bs, d)
             mask = shared
             if not bool(a_valid.all()):
                 drop = torch.zeros(b, m, h, 1, width + 1, bs, dtype=q.dtype, device=dev)
@@ -410,24 +416,28 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
                 mask = shared + drop.view(b * m, h, 1, (width + 1) * bs)
             o, l = _flash_cpu(qe, ke, ve, scale, mask=mask)
             none = ~a_valid.any(-1).transpose(1, 2)  # (B, m, H): read nothing (the kernel reports garbage there)
-            o = o.view(b, m, h, gh, bs, dv).masked_fill(none[..., None, None, None], 0)
-            out[:, blocks] = o.permute(0, 1, 4, 2, 3, 5)
-            lse[:, blocks] = l.float().view(b, m, h, gh * bs).masked_fill(none[..., None], float("-inf"))
+            o, l = o.view(b, m, h, gh, bs, dv), l.float().view(b, m, h, gh * bs)
+            if bool(none.any()):  # (a copy of the chunk's output: only when some unit read nothing)
+                o, l = o.masked_fill(none[..., None, None, None], 0), l.masked_fill(none[..., None], float("-inf"))
+            out[:, span] = o.permute(0, 1, 4, 2, 3, 5)
+            lse[:, span] = l
     out = out.view(b, nb * bs, hq, dv)[:, :lq].transpose(1, 2)
     if not return_lse:
         return out
     return out, lse.view(b, nb, h, gh, bs).permute(0, 2, 3, 1, 4).reshape(b, hq, nb * bs)[:, :, :lq]
 
 
-def _sdpa_last_block(q6, kp, vp, earlier, diag, heads, rows, scale, out, lse):
+def _sdpa_last_block(q, kp, vp, earlier, diag, heads, gh, bs, scale, out, lse):
     """:func:`_sdpa`'s last query block when it is partial (``rows`` real query rows of ``bs``):
-    one kernel call on its real rows and real keys only. A dense instruction tail makes that block
+    one kernel call on its real rows (of ``q (B, Hq, Lq, D)``) and real keys only. A dense instruction tail makes that block
     read every key: attending its filler rows as well cost up to ``bs / rows`` times the work.
     Every row and head reads the same number of blocks here (the folded-heads path). Writes
     ``out (B, nb, bs, H, G, Dv)`` and ``lse (B, nb, H, G·bs)`` in place (its filler rows are
     sliced off by the caller)."""
-    b, h, gh, nb, bs, d = q6.shape
-    dv, dev, last = vp.shape[-1], q6.device, nb - 1
+    b, hq, lq, d = q.shape
+    h, nb = earlier.shape[1], earlier.shape[2]
+    dv, dev, last = vp.shape[-1], q.device, nb - 1
+    rows = lq - last * bs
     width, own = int(earlier[0, 0, last].sum()), bool(diag[0, 0, last])
     if width + own == 0:  # reads nothing: zero output, lse stays -inf
         out[:, last] = 0
@@ -443,11 +453,11 @@ def _sdpa_last_block(q6, kp, vp, earlier, diag, heads, rows, scale, out, lse):
         ks.append(kp[:, heads, lo : lo + rows])
         vs.append(vp[:, heads, lo : lo + rows])
         local = torch.arange(gh * rows, device=dev) % rows
-        tri = torch.zeros(gh * rows, rows, dtype=q6.dtype, device=dev)
+        tri = torch.zeros(gh * rows, rows, dtype=q.dtype, device=dev)
         tri.masked_fill_(torch.arange(rows, device=dev)[None, :] > local[:, None], float("-inf"))
         mask = torch.cat([tri.new_zeros(gh * rows, width * bs), tri], -1)[None, None]
     ke, ve = (x[0] if len(x) == 1 else torch.cat(x, 2) for x in (ks, vs))
-    qe = q6[:, :, :, last, :rows].reshape(b, h, gh * rows, d)
+    qe = q[:, :, last * bs :].reshape(b, h, gh * rows, d)
     o, l = _flash_cpu(qe, ke.contiguous(), ve.contiguous(), scale, mask=mask)
     out[:, last, :rows] = o.view(b, h, gh, rows, dv).permute(0, 3, 1, 2, 4)
     lse.view(b, nb, h, gh, bs)[:, last, :, :, :rows] = l.float().view(b, h, gh, rows)
