@@ -353,7 +353,10 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     order, in every dtype. With the diagonal last, one additive mask shared by every query block
     (zeros, then the causal triangle) does causality; only a chunk with filler entries (a row or
     head that reads fewer blocks than its group, or a query block that skips its own block) builds
-    a mask per query block.
+    a mask per query block. A partial last query block (``Lq`` not a multiple of the block) runs
+    alone on its real rows and keys (:func:`_sdpa_last_block`). The output is written in the
+    ``(B, Lq, Hq, D)`` order the attention interface returns and handed back as a ``(B, Hq, Lq, D)``
+    view of it (docs/results/sdpa_executor/: these layouts took ~12 % of a DHSA layer at 8K).
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
