@@ -393,7 +393,7 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     else:
         groups = width_groups(earlier, keep_empty=True)
         if pad:  # the last query block holds bs - pad real rows: attended alone, without its filler rows
-            _sdpa_last_block(q, kp, vp, earlier, diag, heads, gh, bs, scale, out, lse)
+            _sdpa_last_block(q, kp, vp, earlier, diag, heads, causal, scale, out, lse)
             groups = [(w, g[g != nb - 1]) for w, g in groups]
             groups = [(w, g) for w, g in groups if len(g)]
         full = nb - (1 if pad else 0)
@@ -402,7 +402,7 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
         qblk = q[:, :, : full * bs].view(b, h, gh, full, bs, d).permute(0, 3, 1, 2, 4, 5).contiguous()
     for width, group in groups:
         step = max(1, SDPA_CHUNK_BYTES // (b * h * (width + 1) * bs * max(d, dv) * q.element_size()))
-        shared = torch.cat([causal.new_zeros(gh * bs, width * bs), causal], -1)[None, None]  # (1, 1, G·bs, (w+1)·bs)
+        shared = _after_earlier(causal, width * bs)  # (1, 1, G·bs, (w+1)·bs)
         for blocks in group.split(step):
             m = len(blocks)
             e_idx, e_valid = indices_from_mask(earlier[:, :, blocks], width)  # (B, H, m, width)
@@ -430,16 +430,22 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     return out, lse.view(b, nb, h, gh, bs).permute(0, 2, 3, 1, 4).reshape(b, hq, nb * bs)[:, :, :lq]
 
 
-def _sdpa_last_block(q, kp, vp, earlier, diag, heads, gh, bs, scale, out, lse):
-    """:func:`_sdpa`'s last query block when it is partial (``rows`` real query rows of ``bs``):
-    one kernel call on its real rows (of ``q (B, Hq, Lq, D)``) and real keys only. A dense instruction tail makes that block
-    read every key: attending its filler rows as well cost up to ``bs / rows`` times the work.
-    Every row and head reads the same number of blocks here (the folded-heads path). Writes
-    ``out (B, nb, bs, H, G, Dv)`` and ``lse (B, nb, H, G·bs)`` in place (its filler rows are
-    sliced off by the caller)."""
+def _after_earlier(tri: torch.Tensor, n_earlier: int) -> torch.Tensor:
+    """The additive mask ``(1, 1, rows, n_earlier + cols)`` of a query block whose own keys come
+    last: zeros over its ``n_earlier`` earlier keys, then the causal triangle ``tri (rows, cols)``."""
+    return torch.cat([tri.new_zeros(tri.shape[0], n_earlier), tri], -1)[None, None]
+
+
+def _sdpa_last_block(q, kp, vp, earlier, diag, heads, causal, scale, out, lse):
+    """:func:`_sdpa`'s last query block when it is partial: one kernel call on its real rows of
+    ``q (B, Hq, Lq, D)`` and its real keys only. A dense instruction tail makes that block read
+    every key: attending its filler rows as well cost up to ``bs / rows`` times the work. Every
+    row and head reads the same number of blocks here (the folded-heads path); ``causal``
+    ``(G·bs, bs)`` is :func:`_sdpa`'s triangle. Writes ``out (B, nb, bs, H, G, Dv)`` and ``lse
+    (B, nb, H, G·bs)`` in place (its filler rows are sliced off by the caller)."""
     b, hq, lq, d = q.shape
-    h, nb = earlier.shape[1], earlier.shape[2]
-    dv, dev, last = vp.shape[-1], q.device, nb - 1
+    h, nb, bs = earlier.shape[1], earlier.shape[2], causal.shape[1]
+    gh, dv, last = hq // h, vp.shape[-1], nb - 1
     rows = lq - last * bs
     width, own = int(earlier[0, 0, last].sum()), bool(diag[0, 0, last])
     if width + own == 0:  # reads nothing: zero output, lse stays -inf
@@ -455,10 +461,7 @@ def _sdpa_last_block(q, kp, vp, earlier, diag, heads, gh, bs, scale, out, lse):
         lo = last * bs
         ks.append(kp[:, heads, lo : lo + rows])
         vs.append(vp[:, heads, lo : lo + rows])
-        local = torch.arange(gh * rows, device=dev) % rows
-        tri = torch.zeros(gh * rows, rows, dtype=q.dtype, device=dev)
-        tri.masked_fill_(torch.arange(rows, device=dev)[None, :] > local[:, None], float("-inf"))
-        mask = torch.cat([tri.new_zeros(gh * rows, width * bs), tri], -1)[None, None]
+        mask = _after_earlier(causal.view(gh, bs, bs)[:, :rows, :rows].reshape(gh * rows, rows), width * bs)
     ke, ve = (x[0] if len(x) == 1 else torch.cat(x, 2) for x in (ks, vs))
     qe = q[:, :, last * bs :].reshape(b, h, gh * rows, d)
     o, l = _flash_cpu(qe, ke.contiguous(), ve.contiguous(), scale, mask=mask)
@@ -487,7 +490,7 @@ def _sdpa_units(q6, kp, vp, earlier, diag, widths, heads, causal, scale, out, ls
         step = max(1, SDPA_CHUNK_BYTES // (n * bs * max(d, dv) * kp.element_size()))
         mask = None
         if own:
-            mask = torch.cat([causal.new_zeros(gh * bs, width * bs), causal], -1)[None, None]
+            mask = _after_earlier(causal, width * bs)
         for chunk in units.split(step):
             m = chunk.shape[0]
             ub, uh, ui = chunk.unbind(1)
