@@ -166,3 +166,6 @@ def test_floor_mu_keeps_every_head_at_or_above_its_candidate(tmp_path):
     assert torch.equal(s.state["tca_p"], torch.tensor(prof.payload["candidates"], dtype=torch.float64)[floored])
     with pytest.raises(ValueError, match="floor_mu"):
         TCA(budgets="uniform", floor_mu=4.0)
+    with pytest.raises(ValueError, match="no tca_budgets profile"), torch.no_grad():  # nothing to floor
+        with ts.sparsify(model, TCA(floor_mu=4.0)):
+            pass

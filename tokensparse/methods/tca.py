@@ -74,7 +74,8 @@ floor_mu: float | None = None
     Beyond the paper (``budgets="profile"`` only): every head keeps at least the calibration
     candidate centred at ``floor_mu`` (the first of the 14 log-Gaussian candidates whose centre is
     at least it), as AdaKV floors its per-head budgets; the profile then only raises a head above
-    it. ``None``: no floor (the paper). Measured on the v2 suite's 2K half
+    it; without a profile for the model it is an error (there is nothing to floor). ``None``: no
+    floor (the paper). Measured on the v2 suite's 2K half
     (docs/results/prefill_family/tca.md): the KJV profile floored at the candidate centred at 3.92
     keeps 52 % of the KV and loses 41.0 points, where one uniform configuration (``mu=4``) keeps 40 %
     and loses 26.7: the profile's per-head budgets do not help on SmolLM2.
@@ -300,6 +301,10 @@ class TCA(Method):
         cfg = session.model.config.get_text_config(decoder=True)
         n, hkv = session.num_layers, cfg.num_key_value_heads
         path = self.profile or (find_kind_profile(session.model, KIND) if self.budgets == "profile" else None)
+        if self.budgets == "profile" and path is None and self.floor_mu is not None:
+            raise ValueError(f"tca: floor_mu ({self.floor_mu}) floors calibrated budgets, and this model has no "
+                             "tca_budgets profile; run `tokensparse calibrate --method tca`, pass profile=, or leave "
+                             "floor_mu unset (the uniform configuration is budgets='uniform' with mu)")
         if self.budgets == "profile" and path is None:
             warnings.warn("tca: no tca_budgets profile for this model; every head uses the uniform configuration "
                           f"(mu={self.mu}, sigma={self.sigma}). Run `tokensparse calibrate --method tca` to measure "
