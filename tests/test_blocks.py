@@ -405,3 +405,17 @@ def test_sdpa_attends_a_partial_last_query_block_on_its_real_rows_only(length, h
     assert all(kl <= nb * bs for _, kl in shapes)
     if rows < bs:
         assert (g * bs, nb * bs) not in shapes  # no call over the filler rows and keys
+
+
+def test_sdpa_on_a_cache_view_equals_the_contiguous_keys():
+    """Keys and values that are a prefix of a longer buffer (the engine's cache) give exactly the
+    output of the same keys made contiguous, at a length that is a whole number of blocks."""
+    q, k, v = qkv(b=1, lq=64, lk=64)
+    kbuf, vbuf = torch.randn(1, 2, 75, 16), torch.randn(1, 2, 75, 16)
+    kbuf[:, :, :64], vbuf[:, :, :64] = k, v
+    kview, vview = kbuf[:, :, :64], vbuf[:, :, :64]
+    assert not kview.is_contiguous()
+    for sel in (random_blocks(1, 2, 64, 64, 8, 8, p=0.5, seed=5), everything_blocks(1, 1, 64, 64, 8, 8)):  # units, groups
+        out, lse = block_attend(q, kview, vview, sel, 0.3, impl="sdpa", return_lse=True)
+        ref, ref_lse = block_attend(q, k, v, sel, 0.3, impl="sdpa", return_lse=True)
+        assert torch.equal(out, ref) and torch.equal(lse, ref_lse)

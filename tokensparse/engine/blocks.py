@@ -367,7 +367,9 @@ def _sdpa(q, k, v, idx, valid, bq, bk, scale, bias, return_lse):
     bs, nb, h = bq, idx.shape[2], idx.shape[1]
     dv, dev = v.shape[-1], q.device
     pad = nb * bs - lq
-    kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x for x in (k, v))
+    # keys and values addressable as rows of whole blocks, copied at most once here: a cache view
+    # (a prefix of a longer buffer) would otherwise be copied whole by every chunk's block gather
+    kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x.contiguous() for x in (k, v))
     sets = _blockset(idx, valid, nb)  # (B, H, nb, nb)
     if h == 1:
         sets, h = sets.expand(b, hkv, nb, nb), hkv
