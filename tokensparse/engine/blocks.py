@@ -466,7 +466,7 @@ def _sdpa_last_block(q, kp, vp, earlier, diag, heads, causal, scale, out, lse):
         mask = _after_earlier(causal.view(gh, bs, bs)[:, :rows, :rows].reshape(gh * rows, rows), width * bs)
     ke, ve = (x[0] if len(x) == 1 else torch.cat(x, 2) for x in (ks, vs))
     qe = q[:, :, last * bs :].reshape(b, h, gh * rows, d)
-    o, l = _flash_cpu(qe, ke.contiguous(), ve.contiguous(), scale, mask=mask)
+    o, l = _flash_cpu(qe, ke, ve, scale, mask=mask)
     out[:, last, :rows] = o.view(b, h, gh, rows, dv).permute(0, 3, 1, 2, 4)
     lse.view(b, nb, h, gh, bs)[:, last, :, :, :rows] = l.float().view(b, h, gh, rows)
 

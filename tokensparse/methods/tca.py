@@ -301,11 +301,11 @@ class TCA(Method):
         cfg = session.model.config.get_text_config(decoder=True)
         n, hkv = session.num_layers, cfg.num_key_value_heads
         path = self.profile or (find_kind_profile(session.model, KIND) if self.budgets == "profile" else None)
-        if self.budgets == "profile" and path is None and self.floor_mu is not None:
-            raise ValueError(f"tca: floor_mu ({self.floor_mu}) floors calibrated budgets, and this model has no "
-                             "tca_budgets profile; run `tokensparse calibrate --method tca`, pass profile=, or leave "
-                             "floor_mu unset (the uniform configuration is budgets='uniform' with mu)")
         if self.budgets == "profile" and path is None:
+            if self.floor_mu is not None:
+                raise ValueError(f"tca: floor_mu ({self.floor_mu}) floors calibrated budgets, and this model has no "
+                                 "tca_budgets profile; run `tokensparse calibrate --method tca`, pass profile=, or "
+                                 "leave floor_mu unset (the uniform configuration is budgets='uniform' with mu)")
             warnings.warn("tca: no tca_budgets profile for this model; every head uses the uniform configuration "
                           f"(mu={self.mu}, sigma={self.sigma}). Run `tokensparse calibrate --method tca` to measure "
                           "per-head budgets.", stacklevel=4)
